@@ -1,0 +1,296 @@
+"""Hugging Face checkpoint loading: config.json, safetensors (single or sharded), tokenizer.json.
+
+`from_pretrained(path, dtype)` builds the module for the checkpoint's `model_type` (looked
+up in `MODEL_TYPES`, where each architecture registers itself) without random init, then
+maps every parameter from its HF tensor. A missing, unexpected or mis-shaped tensor, an
+unreadable file or an unsupported model_type raises `CheckpointError` naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint cannot be loaded; the message names the file, tensor or field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelType:
+  """How one architecture is built and named in HF checkpoints.
+
+  config_from_hf: config.json dict -> our frozen config.
+  build: (config, dtype, param_dtype, rngs) -> nnx.Module.
+  hf_name: our parameter path (tuple of str/int) -> (HF tensor name, transpose?) ; None = not in checkpoints.
+  optional: HF tensor names that may be absent or unused (e.g. a tied lm_head).
+  prepare_tensor: optional hook (hf_name, array, tensors) -> array, e.g. dequantize FP8 weights.
+  """
+  config_from_hf: Callable[[Mapping[str, Any]], Any]
+  build: Callable[..., nnx.Module]
+  hf_name: Callable[[tuple], tuple[str, bool] | None]
+  ignored: Callable[[str], bool] = lambda name: False
+  prepare_tensor: Callable[..., np.ndarray] | None = None
+
+
+MODEL_TYPES: dict[str, ModelType] = {}
+
+
+def register_model_type(name: str, model_type: ModelType) -> None:
+  MODEL_TYPES[name] = model_type
+
+
+def resolve_dtype(dtype: Any) -> Any:
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}") from None
+  if dt not in [jnp.dtype(d) for d in DTYPES.values()]:
+    raise ValueError(f"unsupported dtype {dt}; expected one of {sorted(DTYPES)}")
+  return dt.type
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+  path = os.fspath(path)
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.isdir(path):
+    raise CheckpointError(f"checkpoint directory not found: {path}")
+  if not os.path.exists(cfg_path):
+    raise CheckpointError(f"{path}: no config.json")
+  try:
+    with open(cfg_path) as f:
+      cfg = json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{cfg_path}: not valid JSON: {e}") from None
+  if not isinstance(cfg, dict) or "model_type" not in cfg:
+    raise CheckpointError(f"{cfg_path}: no model_type field")
+  return cfg
+
+
+def model_type_of(cfg: Mapping[str, Any]) -> ModelType:
+  _register_builtin()
+  name = cfg.get("model_type")
+  if name not in MODEL_TYPES:
+    raise CheckpointError(f"unsupported model_type {name!r}; supported: {sorted(MODEL_TYPES)}")
+  return MODEL_TYPES[name]
+
+
+def build_model(cfg: Mapping[str, Any], dtype=jnp.float32, param_dtype=None, *, abstract: bool = False,
+                rngs: nnx.Rngs | None = None) -> nnx.Module:
+  """The module for a config.json dict; `abstract` skips allocating parameters (for loading)."""
+  mt = model_type_of(cfg)
+  try:
+    config = mt.config_from_hf(cfg)
+  except KeyError as e:
+    raise CheckpointError(f"config.json lacks required field {e.args[0]!r}") from None
+  make = lambda: mt.build(config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=rngs or nnx.Rngs(0))
+  return nnx.eval_shape(make) if abstract else make()
+
+
+def _weight_files(path: str) -> list[str]:
+  index = os.path.join(path, "model.safetensors.index.json")
+  single = os.path.join(path, "model.safetensors")
+  if os.path.exists(index):
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+    if missing:
+      raise CheckpointError(f"{index} names shard(s) that do not exist: {missing}")
+    return [os.path.join(path, f) for f in files]
+  if os.path.exists(single):
+    return [single]
+  raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+class TensorStore:
+  """Lazy access to the tensors of one checkpoint (any number of shards)."""
+
+  def __init__(self, path: str):
+    from safetensors import safe_open
+    self._handles = {}
+    self._where: dict[str, str] = {}
+    for file in _weight_files(path):
+      try:
+        handle = safe_open(file, framework="numpy")
+      except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+      self._handles[file] = handle
+      for name in handle.keys():
+        self._where[name] = file
+
+  def names(self) -> Iterable[str]:
+    return self._where.keys()
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._where
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+  def get(self, name: str) -> np.ndarray:
+    try:
+      return self._handles[self._where[name]].get_tensor(name)
+    except Exception as e:
+      raise CheckpointError(f"{self._where[name]}: cannot read tensor {name!r} ({e})") from None
+
+
+def load_weights(model: nnx.Module, mt: ModelType, store: TensorStore, dtype, param_dtype) -> nnx.Module:
+  graphdef, state = nnx.split(model)
+  flat = dict(nnx.to_flat_state(state))
+  used: set[str] = set()
+  new_values = {}
+  for path, var in flat.items():
+    mapped = mt.hf_name(tuple(path))
+    if mapped is None:
+      raise CheckpointError(f"no checkpoint name for parameter {'.'.join(map(str, path))}")
+    name, transpose = mapped
+    if name not in store:
+      raise CheckpointError(f"checkpoint is missing tensor {name!r} (for parameter {'.'.join(map(str, path))})")
+    array = store.get(name)
+    if mt.prepare_tensor is not None:
+      array = mt.prepare_tensor(name, array, store)
+    if transpose:
+      array = array.T
+    expected = tuple(var.shape) if hasattr(var, "shape") else tuple(var.value.shape)
+    if tuple(array.shape) != expected:
+      raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {expected} "
+                            f"(for parameter {'.'.join(map(str, path))})")
+    used.add(name)
+    target = param_dtype or dtype
+    new_values[path] = jnp.asarray(np.asarray(array, dtype=np.float32) if array.dtype.kind == "f" and
+                                   array.dtype != np.float32 and target == jnp.float32 else array, dtype=target)
+  unexpected = sorted(n for n in store.names() if n not in used and not mt.ignored(n))
+  if unexpected:
+    raise CheckpointError(f"checkpoint has unexpected tensor(s) {unexpected[:8]}"
+                          f"{' ...' if len(unexpected) > 8 else ''}")
+  for path, value in new_values.items():
+    flat[path] = flat[path].replace(value) if hasattr(flat[path], "replace") else value
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = None) -> nnx.Module:
+  """Loads an HF checkpoint directory into our module (float32 unless `dtype` says otherwise)."""
+  path = os.fspath(path)
+  dtype = resolve_dtype(dtype)
+  param_dtype = resolve_dtype(param_dtype) if param_dtype is not None else dtype
+  cfg = read_config(path)
+  mt = model_type_of(cfg)
+  model = build_model(cfg, dtype, param_dtype, abstract=True)
+  return load_weights(model, mt, TensorStore(path), dtype, param_dtype)
+
+
+# -- tokenizer ----------------------------------------------------------------------
+
+class Tokenizer:
+  """A `tokenizers.Tokenizer` plus what tokenizer_config.json adds (special tokens, chat template)."""
+
+  def __init__(self, tokenizer, *, eos_token_ids: tuple[int, ...] = (), bos_token_id: int | None = None,
+               chat_template: str | None = None, add_bos: bool = False):
+    self._tok = tokenizer
+    self.eos_token_ids = tuple(eos_token_ids)
+    self.bos_token_id = bos_token_id
+    self.chat_template = chat_template
+    self.add_bos = add_bos
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size()
+
+  def encode(self, text: str) -> list[int]:
+    ids = self._tok.encode(text, add_special_tokens=False).ids
+    if self.add_bos and self.bos_token_id is not None:
+      ids = [self.bos_token_id] + ids
+    return ids
+
+  def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+  def token_to_id(self, token: str) -> int | None:
+    return self._tok.token_to_id(token)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
+  """tokenizer.json (+ tokenizer_config.json / generation_config.json) or None if absent."""
+  from tokenizers import Tokenizer as HFTokenizer
+  path = os.fspath(path)
+  tok_file = os.path.join(path, "tokenizer.json")
+  if not os.path.exists(tok_file):
+    return None
+  try:
+    tok = HFTokenizer.from_file(tok_file)
+  except Exception as e:
+    raise CheckpointError(f"{tok_file}: cannot load tokenizer ({e})") from None
+  tcfg = {}
+  tcfg_file = os.path.join(path, "tokenizer_config.json")
+  if os.path.exists(tcfg_file):
+    with open(tcfg_file) as f:
+      tcfg = json.load(f)
+
+  def token_id(field):
+    value = tcfg.get(field)
+    if isinstance(value, dict):
+      value = value.get("content")
+    return tok.token_to_id(value) if isinstance(value, str) else None
+
+  cfg = read_config(path) if os.path.exists(os.path.join(path, "config.json")) else {}
+  eos = cfg.get("eos_token_id")
+  eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+  if not eos_ids and token_id("eos_token") is not None:
+    eos_ids = (token_id("eos_token"),)
+  bos = cfg.get("bos_token_id", token_id("bos_token"))
+  return Tokenizer(tok, eos_token_ids=eos_ids, bos_token_id=bos, chat_template=tcfg.get("chat_template"),
+                   add_bos=bool(tcfg.get("add_bos_token", False)))
+
+
+# -- built-in architectures --------------------------------------------------------------
+
+def _llama_hf_name(path: tuple) -> tuple[str, bool] | None:
+  parts = [str(p) for p in path]
+  leaf = parts[-1]
+  if parts[0] == "lm_head":
+    return "lm_head.weight", True
+  if leaf == "embedding":
+    return "model." + ".".join(parts[:-1]) + ".weight", False
+  if leaf == "kernel":
+    return "model." + ".".join(parts[:-1]) + ".weight", True
+  if leaf in ("bias", "weight"):
+    return "model." + ".".join(parts), False
+  return None
+
+
+_registered = False
+
+
+def _register_builtin() -> None:
+  global _registered
+  if _registered:
+    return
+  _registered = True
+  from models import llama
+  for name in llama.LLAMA_FAMILY:
+    register_model_type(name, ModelType(
+        config_from_hf=llama.LlamaConfig.from_hf,
+        build=lambda config, dtype, param_dtype, rngs: llama.LlamaForCausalLM(
+            config, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+        hf_name=_llama_hf_name,
+        # A tied checkpoint may still carry lm_head.weight; rotary caches are not parameters.
+        ignored=lambda n: n == "lm_head.weight" or n.endswith("rotary_emb.inv_freq")))
+  import importlib.util
+  if importlib.util.find_spec("models.deepseek") is not None:
+    import models.deepseek  # noqa: F401  (registers deepseek_v32)

@@ -1,0 +1,5 @@
+"""Built-in sparse-attention algorithms; importing this package registers each one.
+
+Adding an algorithm is adding a file here that calls `sparse_jax.config.register_algorithm`,
+and one import line below.
+"""

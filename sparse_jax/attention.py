@@ -1,0 +1,254 @@
+"""Attention: dense causal attention, and `SparseAttention`, the NNX attention layer.
+
+`SparseAttention` is the attention layer of our own GQA models and a drop-in for any Flax NNX
+decoder: it projects, applies RoPE, writes the paged cache, runs the configured algorithm's
+predictors, and attends (dense or sparse by config). Algorithms are looked up in the registry
+(`sparse_jax.config.get_algorithm`), never chosen by name here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_jax import rope as rope_lib
+from sparse_jax.cache import LayerCache, token_slots, write_tokens
+from sparse_jax.config import BaseSparseAttentionConfig, get_algorithm
+from sparse_jax.selection import dense_units, pool_as_units, to_units, unit_size_for
+
+BACKENDS = ("reference", "pallas")
+_MASK = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """Static choices of one compiled step (hashable; part of the jit cache key).
+
+  backend: "reference" (pure jnp everywhere) or "pallas" (Pallas kernels for decode,
+    compaction and scoring; cuDNN for dense prefill on GPUs).
+  sparse: the sparse-attention config, or None for dense attention.
+  interpret: run Pallas kernels in interpret mode (CPU tests); None = only off-GPU.
+  """
+  backend: str = "reference"
+  sparse: BaseSparseAttentionConfig | None = None
+  interpret: bool | None = None
+
+  def __post_init__(self):
+    if self.backend not in BACKENDS:
+      raise ValueError(f"backend={self.backend!r}; expected one of {BACKENDS}")
+
+  @property
+  def algorithm(self):
+    return None if self.sparse is None else get_algorithm(self.sparse)
+
+  def kernel_kwargs(self) -> dict[str, Any]:
+    return dict(backend=self.backend, interpret=self.interpret)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+  """What an algorithm needs to know about the layer it serves (static)."""
+  q_heads: int
+  kv_heads: int
+  head_dim: int
+  page_size: int
+  scale: float
+  runtime: Runtime = Runtime()
+
+  @property
+  def group_size(self) -> int:
+    return self.q_heads // self.kv_heads
+
+
+# -- dense attention -------------------------------------------------------------
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array | None, scale: float,
+                     *, backend: str = "reference", query_chunk: int = 1024) -> jax.Array:
+  """Causal GQA self-attention of a fresh prompt.
+
+  q: [batch, T, q_heads, D]; k, v: [batch, T, kv_heads, D(v)]; lengths: int32[batch] valid
+  tokens (right padding) or None. Returns [batch, T, q_heads, Dv] in q.dtype. Softmax in float32.
+  """
+  batch, t, q_heads, d = q.shape
+  kv_heads = k.shape[2]
+  if backend == "pallas" and _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) and d == v.shape[-1]:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn",
+                                        key_value_seq_lengths=lengths, query_seq_lengths=lengths)
+  group = q_heads // kv_heads
+  qg = q.reshape(batch, t, kv_heads, group, d)
+  key_pos = jnp.arange(t)
+  key_ok = key_pos[None, :] < (lengths[:, None] if lengths is not None else t)  # [B, T]
+
+  def block(q_blk, q_pos):
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k, preferred_element_type=jnp.float32) * scale
+    mask = (key_pos[None, :] <= q_pos[:, None])[None, None, None] & key_ok[:, None, None, None, :]
+    probs = jax.nn.softmax(jnp.where(mask, logits, _MASK), axis=-1)
+    return jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v)
+
+  if t <= query_chunk:
+    out = block(qg, key_pos)
+  else:
+    n = -(-t // query_chunk)
+    pad = n * query_chunk - t
+    qp = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    qp = jnp.moveaxis(qp.reshape(batch, n, query_chunk, kv_heads, group, d), 1, 0)
+    pos = jnp.arange(n * query_chunk).reshape(n, query_chunk)
+    out = jax.lax.map(lambda args: block(*args), (qp, pos))
+    out = jnp.moveaxis(out, 0, 1).reshape(batch, n * query_chunk, kv_heads, group, -1)[:, :t]
+  return out.reshape(batch, t, q_heads, -1).astype(q.dtype)
+
+
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def paged_decode(q: jax.Array, layer: LayerCache, unit_ids: jax.Array, kv_lens: jax.Array, unit_size: int,
+                 scale: float, runtime: Runtime) -> jax.Array:
+  """Decode attention over the listed gather units of one layer's pools (see pallas_kernels)."""
+  from pallas_kernels.paged_decode import paged_decode_attention
+  return paged_decode_attention(q, pool_as_units(layer.k, unit_size), pool_as_units(layer.v, unit_size),
+                                unit_ids, kv_lens, scale=scale, **runtime.kernel_kwargs())
+
+
+def compact(layer: LayerCache, page_table_rows: jax.Array, indices: jax.Array, counts: jax.Array,
+            runtime: Runtime) -> LayerCache:
+  """Moves each head's kept tokens to the front of its sequence, in place (K and V)."""
+  from pallas_kernels.compaction import compact_pages
+  slots = jnp.arange(page_table_rows.shape[0], dtype=jnp.int32)
+  k, v = compact_pages((layer.k, layer.v), page_table_rows, slots, indices, counts, **runtime.kernel_kwargs())
+  return layer.replace(k=k, v=v)
+
+
+# -- the layer --------------------------------------------------------------------
+
+class RMSNorm(nnx.Module):
+  """RMSNorm as transformers computes it: normalise in float32, scale in the input dtype."""
+
+  def __init__(self, dim: int, eps: float = 1e-6, *, param_dtype=jnp.float32):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+class SparseAttention(nnx.Module):
+  """GQA attention with RoPE, a paged KV cache and pluggable sparse prediction.
+
+  Three calls:
+    `attn(x, positions)`: causal attention over x with no cache (training, tests).
+    `attn.prefill(x, lengths, layer, page_table_rows, runtime)`: a fresh prompt per row; writes
+      K/V pages, then (sparse) predicts the tokens to keep and compacts in place, then updates aux.
+    `attn.decode(x, positions, layer, page_table, lengths, active, runtime)`: one token per slot.
+  """
+
+  def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+               rope: rope_lib.RopeSpec, qkv_bias: bool = False, o_bias: bool = False,
+               qk_norm_eps: float | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+    self.scale = head_dim ** -0.5
+    self.rope = rope
+    self.dtype = dtype
+    linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                               kernel_init=nnx.initializers.normal(0.02))
+    self.q_proj = linear(hidden_size, num_heads * head_dim, use_bias=qkv_bias)
+    self.k_proj = linear(hidden_size, num_kv_heads * head_dim, use_bias=qkv_bias)
+    self.v_proj = linear(hidden_size, num_kv_heads * head_dim, use_bias=qkv_bias)
+    self.o_proj = linear(num_heads * head_dim, hidden_size, use_bias=o_bias)
+    if qk_norm_eps is not None:
+      self.q_norm = RMSNorm(head_dim, qk_norm_eps, param_dtype=param_dtype)
+      self.k_norm = RMSNorm(head_dim, qk_norm_eps, param_dtype=param_dtype)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def spec(self, page_size: int, runtime: Runtime) -> AttentionSpec:
+    return AttentionSpec(q_heads=self.num_heads, kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                         page_size=page_size, scale=self.scale, runtime=runtime)
+
+  def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x: [B, T, hidden], positions: int32[B, T] -> roped q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D]."""
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    cos, sin = rope_lib.cos_sin(self.rope, positions, q.dtype)
+    return rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin), v
+
+  def output(self, attn: jax.Array) -> jax.Array:
+    return self.o_proj(attn.reshape(*attn.shape[:-2], self.num_heads * self.head_dim))
+
+  def __call__(self, x: jax.Array, positions: jax.Array, lengths: jax.Array | None = None,
+               backend: str = "reference") -> jax.Array:
+    q, k, v = self.project(x, positions)
+    return self.output(causal_attention(q, k, v, lengths, self.scale, backend=backend))
+
+  def prefill(self, x: jax.Array, lengths: jax.Array, layer: LayerCache, page_table_rows: jax.Array,
+              runtime: Runtime) -> tuple[jax.Array, LayerCache, jax.Array]:
+    """x: [n, T, hidden] right-padded prompts; lengths: int32[n]; page_table_rows: int32[n, max_pages]
+    (pages already allocated for `lengths` tokens). Returns (out [n, T, hidden], layer, kept
+    counts int32[n] = tokens each row now holds)."""
+    n, t, _ = x.shape
+    chex.assert_shape(lengths, (n,))
+    chex.assert_shape(page_table_rows, (n, None))
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+    q, k, v = self.project(x, pos)
+    out = causal_attention(q, k, v, lengths, self.scale, backend=runtime.backend)
+    page_size, num_pages = layer.k.shape[2], layer.k.shape[1]
+    slots = token_slots(page_table_rows, pos, pos < lengths[:, None], page_size, num_pages).reshape(-1)
+    layer = layer.replace(k=write_tokens(layer.k, slots, k.reshape(n * t, self.num_kv_heads, -1)),
+                          v=write_tokens(layer.v, slots, v.reshape(n * t, self.num_kv_heads, -1)))
+    counts = lengths.astype(jnp.int32)
+    algo = runtime.algorithm
+    if algo is not None:
+      spec = self.spec(page_size, runtime)
+      keep = algo.predict_kv(runtime.sparse, spec, q, k, lengths)
+      stored = t
+      if keep is not None:
+        chex.assert_shape(keep.indices, (n, self.num_kv_heads, None))
+        layer = compact(layer, page_table_rows, keep.indices, keep.counts, runtime)
+        counts = keep.counts
+        stored = keep.indices.shape[-1]
+      layer = algo.update_aux(runtime.sparse, spec, layer, page_table_rows, jnp.zeros_like(counts), counts,
+                              stored)
+    return self.output(out), layer, counts
+
+  def decode(self, x: jax.Array, positions: jax.Array, layer: LayerCache, page_table: jax.Array,
+             lengths: jax.Array, active: jax.Array, runtime: Runtime) -> tuple[jax.Array, LayerCache]:
+    """x: [S, hidden] one token per batch slot; positions: int32[S] RoPE positions;
+    lengths: int32[S] tokens stored before this one; active: bool[S] (inactive slots write and
+    read nothing). Returns (out [S, hidden], layer)."""
+    s = x.shape[0]
+    chex.assert_shape((positions, lengths, active), (s,))
+    q, k, v = self.project(x[:, None], positions[:, None])
+    q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    page_size, num_pages = layer.k.shape[2], layer.k.shape[1]
+    slot = token_slots(page_table, lengths[:, None], active[:, None], page_size, num_pages)[:, 0]
+    layer = layer.replace(k=write_tokens(layer.k, slot, k), v=write_tokens(layer.v, slot, v))
+    new_lengths = lengths + active.astype(jnp.int32)
+    algo = runtime.algorithm
+    selection = None
+    if algo is not None:
+      spec = self.spec(page_size, runtime)
+      layer = algo.update_aux(runtime.sparse, spec, layer, page_table, lengths, new_lengths, 1)
+      selection = algo.predict_attn(runtime.sparse, spec, q, layer, page_table, new_lengths)
+    if selection is None:
+      unit_size = page_size
+      unit_ids, kv_lens = dense_units(page_table, new_lengths, self.num_kv_heads)
+    else:
+      unit_size = unit_size_for(selection.block_size, page_size)
+      unit_ids, kv_lens = to_units(selection, page_table, new_lengths, page_size, unit_size)
+    out = paged_decode(q, layer, unit_ids, kv_lens, unit_size, self.scale, runtime)
+    return self.output(out), layer

@@ -1,0 +1,277 @@
+"""Paged KV cache: the device pytree, the host page allocator, and pure update functions.
+
+Layout (ARCHITECTURE.md): every layer owns a K pool and a V pool of shape
+`[kv_heads, num_pages, page_size, head_dim]`. A page id names the same slot in every layer,
+head and auxiliary pool, so one allocator owns all of them. Per-head pages are contiguous,
+so a KV head can gather its own pages, and after compaction each head keeps its own tokens
+in the same pages.
+
+The pools are a tuple of per-layer arrays rather than one `[layers, ...]` array: a Pallas
+kernel then receives a layer's pool as a whole buffer (a slice of a stacked array would be
+copied before every custom call), and XLA updates each donated buffer in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class CacheExhaustedError(RuntimeError):
+  """Raised when the page pool cannot hold what a request needs."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedKVCache:
+  """Paged KV cache of one model (a registered pytree; donate it to every jitted step).
+
+  k, v: per layer `[kv_heads, num_pages, page_size, head_dim]` (MLA models: the compressed
+    latent in `k` and the rope key in `v`, with kv_heads 1).
+  page_table: int32[batch_slots, max_pages_per_seq]; -1 = no page.
+  lengths: int32[batch_slots] tokens stored per sequence.
+  positions: int32[batch_slots] RoPE position of the next token; larger than `lengths`
+    once compaction dropped tokens.
+  aux: name -> per-layer auxiliary pools indexed by the same page ids
+    (`[heads, num_pages, entries_per_page, ...]`).
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  page_table: jax.Array
+  lengths: jax.Array
+  positions: jax.Array
+  aux: Mapping[str, tuple[jax.Array, ...]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.k)
+
+  @property
+  def page_size(self) -> int:
+    return self.k[0].shape[2]
+
+  @property
+  def num_pages(self) -> int:
+    return self.k[0].shape[1]
+
+  @property
+  def batch_slots(self) -> int:
+    return self.page_table.shape[0]
+
+  @property
+  def max_pages_per_seq(self) -> int:
+    return self.page_table.shape[1]
+
+  def layer(self, i: int) -> "LayerCache":
+    return LayerCache(k=self.k[i], v=self.v[i], aux={name: pools[i] for name, pools in self.aux.items()})
+
+  def with_layer(self, i: int, layer: "LayerCache") -> "PagedKVCache":
+    replace_at = lambda pools, new: pools[:i] + (new,) + pools[i + 1:]
+    aux = {name: replace_at(pools, layer.aux[name]) for name, pools in self.aux.items()}
+    return dataclasses.replace(self, k=replace_at(self.k, layer.k), v=replace_at(self.v, layer.v), aux=aux)
+
+  def replace(self, **changes: Any) -> "PagedKVCache":
+    return dataclasses.replace(self, **changes)
+
+  def nbytes(self) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves((self.k, self.v, self.aux)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+  """The pools of one layer: what an attention layer reads and updates."""
+  k: jax.Array
+  v: jax.Array
+  aux: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
+
+  def replace(self, **changes: Any) -> "LayerCache":
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxPoolSpec:
+  """One auxiliary pool per layer: `[heads, num_pages, *entry_shape]` of `dtype`.
+
+  entry_shape starts with the entries per page, e.g. RocketKV's KT cache is
+  `(page_size // kt_block, 2, head_dim)`.
+  """
+  heads: int
+  entry_shape: tuple[int, ...]
+  dtype: Any
+
+
+def create_cache(*, num_layers: int, kv_heads: int, head_dim: int, num_pages: int, page_size: int,
+                 batch_slots: int, max_pages_per_seq: int, dtype=jnp.bfloat16, v_head_dim: int | None = None,
+                 aux_specs: Mapping[str, AuxPoolSpec] | None = None, sharding=None) -> PagedKVCache:
+  """Allocates a zero-filled cache (zeros, so masked reads of unused slots stay finite)."""
+  for name, value in (("num_layers", num_layers), ("kv_heads", kv_heads), ("head_dim", head_dim),
+                      ("num_pages", num_pages), ("page_size", page_size), ("batch_slots", batch_slots),
+                      ("max_pages_per_seq", max_pages_per_seq)):
+    if value <= 0:
+      raise ValueError(f"{name} must be positive, got {value}")
+  v_head_dim = head_dim if v_head_dim is None else v_head_dim
+  zeros = lambda shape, dt: jnp.zeros(shape, dt, device=sharding) if sharding is not None else jnp.zeros(shape, dt)
+  k = tuple(zeros((kv_heads, num_pages, page_size, head_dim), dtype) for _ in range(num_layers))
+  v = tuple(zeros((kv_heads, num_pages, page_size, v_head_dim), dtype) for _ in range(num_layers))
+  aux = {name: tuple(jnp.zeros((spec.heads, num_pages, *spec.entry_shape), spec.dtype) for _ in range(num_layers))
+         for name, spec in (aux_specs or {}).items()}
+  return PagedKVCache(
+      k=k, v=v,
+      page_table=jnp.full((batch_slots, max_pages_per_seq), -1, jnp.int32),
+      lengths=jnp.zeros((batch_slots,), jnp.int32),
+      positions=jnp.zeros((batch_slots,), jnp.int32),
+      aux=aux)
+
+
+class PageAllocator:
+  """Host-side owner of page ids (outside jit).
+
+  Keeps a numpy mirror of the page table; `table()` is what the next jitted step receives.
+  Every failing call leaves the allocator exactly as it was.
+  """
+
+  def __init__(self, num_pages: int, page_size: int, batch_slots: int, max_pages_per_seq: int):
+    if num_pages <= 0 or page_size <= 0 or batch_slots <= 0 or max_pages_per_seq <= 0:
+      raise ValueError(f"allocator sizes must be positive: num_pages={num_pages}, page_size={page_size}, "
+                       f"batch_slots={batch_slots}, max_pages_per_seq={max_pages_per_seq}")
+    self.num_pages = num_pages
+    self.page_size = page_size
+    self.batch_slots = batch_slots
+    self.max_pages_per_seq = max_pages_per_seq
+    # Pop from the end: hand out low page ids first (easier to read in a debugger).
+    self._free: list[int] = list(range(num_pages - 1, -1, -1))
+    self._pages: list[list[int]] = [[] for _ in range(batch_slots)]
+    self._table = np.full((batch_slots, max_pages_per_seq), -1, np.int32)
+
+  # -- queries ---------------------------------------------------------------
+  @property
+  def free_pages(self) -> int:
+    return len(self._free)
+
+  @property
+  def used_pages(self) -> int:
+    return self.num_pages - len(self._free)
+
+  def pages(self, slot: int) -> list[int]:
+    self._check_slot(slot)
+    return list(self._pages[slot])
+
+  def pages_for(self, num_tokens: int) -> int:
+    return math.ceil(num_tokens / self.page_size)
+
+  def table(self) -> np.ndarray:
+    return self._table.copy()
+
+  def free_slots(self) -> list[int]:
+    return [s for s in range(self.batch_slots) if not self._pages[s]]
+
+  # -- updates ---------------------------------------------------------------
+  def ensure(self, slot: int, num_tokens: int) -> list[int]:
+    """Makes `slot` hold pages for at least `num_tokens` tokens; returns the new page ids."""
+    self._check_slot(slot)
+    if num_tokens < 0:
+      raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    need = self.pages_for(num_tokens)
+    if need > self.max_pages_per_seq:
+      raise CacheExhaustedError(
+          f"slot {slot}: {num_tokens} tokens need {need} pages of {self.page_size} tokens, more than "
+          f"max_pages_per_seq={self.max_pages_per_seq} (max_seq_len={self.max_pages_per_seq * self.page_size})")
+    extra = need - len(self._pages[slot])
+    if extra <= 0:
+      return []
+    if extra > len(self._free):
+      raise CacheExhaustedError(
+          f"KV cache exhausted: slot {slot} needs {extra} more pages for {num_tokens} tokens but only "
+          f"{len(self._free)} of {self.num_pages} pages are free")
+    new = [self._free.pop() for _ in range(extra)]
+    start = len(self._pages[slot])
+    self._pages[slot].extend(new)
+    self._table[slot, start:start + extra] = new
+    return new
+
+  def truncate(self, slot: int, num_tokens: int) -> list[int]:
+    """Keeps the pages holding the first `num_tokens` tokens of `slot`; frees the rest."""
+    self._check_slot(slot)
+    keep = self.pages_for(num_tokens)
+    released = self._pages[slot][keep:]
+    self._pages[slot] = self._pages[slot][:keep]
+    self._table[slot, keep:] = -1
+    self._free.extend(reversed(released))
+    return released
+
+  def release_pages(self, slot: int, logical_pages: list[int]) -> list[int]:
+    """Frees the given logical pages of `slot` and closes the gap (eviction).
+
+    The surviving pages keep their order; the page table row is rewritten.
+    """
+    self._check_slot(slot)
+    drop = set(logical_pages)
+    if any(p < 0 or p >= len(self._pages[slot]) for p in drop):
+      raise ValueError(f"slot {slot}: logical pages {sorted(drop)} out of range 0..{len(self._pages[slot]) - 1}")
+    released = [pid for i, pid in enumerate(self._pages[slot]) if i in drop]
+    self._pages[slot] = [pid for i, pid in enumerate(self._pages[slot]) if i not in drop]
+    self._table[slot, :] = -1
+    self._table[slot, :len(self._pages[slot])] = self._pages[slot]
+    self._free.extend(reversed(released))
+    return released
+
+  def free(self, slot: int) -> list[int]:
+    return self.truncate(slot, 0)
+
+  def _check_slot(self, slot: int) -> None:
+    if not 0 <= slot < self.batch_slots:
+      raise ValueError(f"slot {slot} out of range 0..{self.batch_slots - 1}")
+
+
+# -- pure cache updates (inside jit) -------------------------------------------
+
+def token_slots(page_table_rows: jax.Array, token_pos: jax.Array, valid: jax.Array, page_size: int,
+                num_pages: int) -> jax.Array:
+  """Flat pool slot (page * page_size + offset) of each token; invalid tokens -> out of range.
+
+  page_table_rows: int32[n, max_pages]; token_pos: int32[n, T] logical positions; valid: bool[n, T].
+  Returns int32[n, T] in [0, num_pages * page_size] where num_pages * page_size means "drop".
+  """
+  logical_page = token_pos // page_size
+  max_pages = page_table_rows.shape[1]
+  page = jnp.take_along_axis(page_table_rows, jnp.clip(logical_page, 0, max_pages - 1), axis=1)
+  ok = valid & (page >= 0) & (logical_page < max_pages)
+  return jnp.where(ok, page * page_size + token_pos % page_size, num_pages * page_size)
+
+
+def write_tokens(pool: jax.Array, flat_slots: jax.Array, values: jax.Array) -> jax.Array:
+  """Scatters per-token values into a pool (in place when the pool is donated).
+
+  pool: [heads, num_pages, page_size, *feat]; flat_slots: int32[N] (out of range = dropped);
+  values: [N, heads, *feat].
+  """
+  heads, num_pages, page_size = pool.shape[:3]
+  feat = pool.shape[3:]
+  flat = pool.reshape(heads, num_pages * page_size, *feat)
+  flat = flat.at[:, flat_slots].set(jnp.moveaxis(values, 0, 1).astype(pool.dtype), mode="drop")
+  return flat.reshape(pool.shape)
+
+
+def gather_tokens(pool: jax.Array, page_table_rows: jax.Array, max_tokens: int) -> jax.Array:
+  """Reads the first `max_tokens` logical tokens of some sequences (reference paths, tests).
+
+  pool: [heads, num_pages, page_size, *feat]; page_table_rows: int32[n, max_pages].
+  Returns [n, heads, max_tokens, *feat] (tokens of missing pages read page 0; mask them).
+  """
+  page_size = pool.shape[2]
+  n_pages = math.ceil(max_tokens / page_size)
+  pages = jnp.clip(page_table_rows[:, :n_pages], 0)
+  g = pool[:, pages]  # [heads, n, n_pages, page_size, *feat]
+  g = g.reshape(pool.shape[0], pages.shape[0], n_pages * page_size, *pool.shape[3:])[:, :, :max_tokens]
+  return jnp.moveaxis(g, 1, 0)
+
+
+def check_cache_compatible(cache: PagedKVCache, *, num_layers: int, kv_heads: int) -> None:
+  chex.assert_equal(cache.num_layers, num_layers)
+  chex.assert_equal(cache.k[0].shape[0], kv_heads)

@@ -1,0 +1,226 @@
+"""Configuration: KV cache config, sparse-attention config base class, algorithm registry, YAML.
+
+Configs are frozen dataclasses validated in `__post_init__`; every failure names the field
+and the value. The YAML layout is TensorRT-LLM's `--extra_llm_api_options` file:
+
+    sparse_attention_config:
+      algorithm: rocket
+      prompt_budget: 2048
+    kv_cache_config:
+      enable_block_reuse: false
+    enable_chunked_prefill: false
+
+Unknown keys are rejected by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, ClassVar, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names the field and value."""
+
+
+def _fail(cls_name: str, field: str, value: Any, why: str) -> None:
+  raise ConfigError(f"{cls_name}.{field}={value!r}: {why}")
+
+
+def is_power_of_two(x: int) -> bool:
+  return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
+
+
+def check_positive_int(obj: Any, *fields: str) -> None:
+  for f in fields:
+    value = getattr(obj, f)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      _fail(type(obj).__name__, f, value, "must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class KvCacheConfig:
+  """Paged KV cache settings (TensorRT-LLM's KvCacheConfig names).
+
+  tokens_per_block: tokens per KV page.
+  max_tokens: total tokens the pool holds over all sequences; None sizes the pool from
+    `free_gpu_memory_fraction` of the accelerator's free memory (on the CPU: enough for every
+    batch slot at max_seq_len).
+  enable_block_reuse: share pages of identical prompt prefixes between requests.
+  dtype: "auto" (the model's dtype), "bfloat16", "float16" or "float32".
+  """
+  tokens_per_block: int = 32
+  max_tokens: int | None = None
+  free_gpu_memory_fraction: float = 0.9
+  enable_block_reuse: bool = False
+  dtype: str = "auto"
+
+  def __post_init__(self):
+    if not is_power_of_two(self.tokens_per_block):
+      _fail("KvCacheConfig", "tokens_per_block", self.tokens_per_block, "must be a power of two")
+    if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
+      _fail("KvCacheConfig", "max_tokens", self.max_tokens, "must be a positive integer or None")
+    if not 0.0 < float(self.free_gpu_memory_fraction) <= 1.0:
+      _fail("KvCacheConfig", "free_gpu_memory_fraction", self.free_gpu_memory_fraction, "must be in (0, 1]")
+    if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+      _fail("KvCacheConfig", "dtype", self.dtype, "must be one of auto, bfloat16, float16, float32")
+    if not isinstance(self.enable_block_reuse, bool):
+      _fail("KvCacheConfig", "enable_block_reuse", self.enable_block_reuse, "must be a bool")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseSparseAttentionConfig:
+  """Base of every sparse-attention algorithm config; subclasses register a YAML name."""
+  algorithm: ClassVar[str] = ""
+  #: whether the algorithm rewrites a request's pages after prefill (prompt compression);
+  #: such algorithms cannot share pages between requests (block reuse).
+  compacts_prompt: ClassVar[bool] = False
+  #: whether the algorithm supports chunked prefill.
+  supports_chunked_prefill: ClassVar[bool] = False
+
+  def validate_with(self, kv_cache_config: KvCacheConfig, enable_chunked_prefill: bool) -> None:
+    """Rejects combinations with the cache/scheduler settings, saying why."""
+    if kv_cache_config.enable_block_reuse and self.compacts_prompt:
+      raise ConfigError(
+          f"sparse_attention_config.algorithm={self.algorithm!r} needs kv_cache_config.enable_block_reuse=False: "
+          "it compacts each request's KV pages after prefill, so pages cannot be shared between requests")
+    if enable_chunked_prefill and not self.supports_chunked_prefill:
+      raise ConfigError(
+          f"sparse_attention_config.algorithm={self.algorithm!r} does not support enable_chunked_prefill=True: "
+          "its prompt compression needs the whole prompt's keys and the last window of queries at once")
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  """The pure functions of one algorithm (see sparse_jax/algorithms/README in ARCHITECTURE.md).
+
+  aux_spec(cfg, spec) -> {name: AuxPoolSpec}
+  predict_kv(cfg, spec, q, k, lengths) -> KeepSelection | None          (context phase)
+  update_aux(cfg, spec, layer, page_table, start, end, max_tokens) -> LayerCache
+  predict_attn(cfg, spec, q, layer, page_table, lengths) -> AttnSelection | None  (generation)
+  page_scores(cfg, spec, q, layer, page_table, lengths) -> float32[batch, kv_heads, max_pages] | None
+  """
+  name: str
+  config_cls: type
+  aux_spec: Callable[..., Any]
+  predict_kv: Callable[..., Any]
+  update_aux: Callable[..., Any]
+  predict_attn: Callable[..., Any]
+  page_scores: Callable[..., Any] | None = None
+
+
+_REGISTRY: dict[str, Algorithm] = {}
+
+
+def register_algorithm(algorithm: Algorithm) -> Algorithm:
+  if algorithm.name in _REGISTRY:
+    raise ValueError(f"sparse attention algorithm {algorithm.name!r} is registered twice")
+  if getattr(algorithm.config_cls, "algorithm", None) != algorithm.name:
+    raise ValueError(f"{algorithm.config_cls.__name__}.algorithm must be {algorithm.name!r}")
+  _REGISTRY[algorithm.name] = algorithm
+  return algorithm
+
+
+def registered_algorithms() -> dict[str, Algorithm]:
+  _load_builtin_algorithms()
+  return dict(_REGISTRY)
+
+
+def get_algorithm(name_or_config: str | BaseSparseAttentionConfig) -> Algorithm:
+  _load_builtin_algorithms()
+  name = name_or_config if isinstance(name_or_config, str) else name_or_config.algorithm
+  try:
+    return _REGISTRY[name]
+  except KeyError:
+    raise ConfigError(f"unknown sparse attention algorithm {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+def _load_builtin_algorithms() -> None:
+  import sparse_jax.algorithms  # noqa: F401  (importing registers every built-in algorithm)
+
+
+def _from_mapping(cls: type, data: Mapping[str, Any], where: str):
+  if not isinstance(data, Mapping):
+    raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+  names = {f.name for f in dataclasses.fields(cls) if f.init}
+  unknown = sorted(set(data) - names)
+  if unknown:
+    raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}")
+  return cls(**data)
+
+
+def sparse_config_from_dict(data: Mapping[str, Any], where: str = "sparse_attention_config") -> BaseSparseAttentionConfig:
+  if not isinstance(data, Mapping):
+    raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+  data = dict(data)
+  if "algorithm" not in data:
+    raise ConfigError(f"{where}: missing key 'algorithm' (one of {sorted(registered_algorithms())})")
+  algorithm = get_algorithm(str(data.pop("algorithm")))
+  return _from_mapping(algorithm.config_cls, data, f"{where} (algorithm={algorithm.name!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlmApiOptions:
+  """What an `--extra_llm_api_options` YAML file holds."""
+  sparse_attention_config: BaseSparseAttentionConfig | None = None
+  kv_cache_config: KvCacheConfig = dataclasses.field(default_factory=KvCacheConfig)
+  enable_chunked_prefill: bool = False
+  backend: str | None = None
+  max_batch_size: int | None = None
+  max_seq_len: int | None = None
+  tensor_parallel_size: int | None = None
+
+  def __post_init__(self):
+    if self.sparse_attention_config is not None:
+      self.sparse_attention_config.validate_with(self.kv_cache_config, self.enable_chunked_prefill)
+
+
+_TOP_LEVEL_KEYS = ("sparse_attention_config", "kv_cache_config", "enable_chunked_prefill", "backend",
+                   "max_batch_size", "max_seq_len", "tensor_parallel_size")
+
+
+def load_llm_api_options(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> LlmApiOptions:
+  """Reads a TensorRT-LLM-style options YAML (or an equivalent dict)."""
+  if isinstance(path_or_dict, Mapping):
+    data, where = dict(path_or_dict), "options"
+  else:
+    where = os.fspath(path_or_dict)
+    try:
+      with open(where) as f:
+        data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+      raise ConfigError(f"options file not found: {where}") from None
+    except yaml.YAMLError as e:
+      raise ConfigError(f"{where}: not valid YAML: {e}") from None
+  if not isinstance(data, Mapping):
+    raise ConfigError(f"{where}: top level must be a mapping, got {type(data).__name__}")
+  unknown = sorted(set(data) - set(_TOP_LEVEL_KEYS))
+  if unknown:
+    raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; allowed: {list(_TOP_LEVEL_KEYS)}")
+  sparse = data.get("sparse_attention_config")
+  sparse = None if sparse is None else sparse_config_from_dict(sparse, f"{where}: sparse_attention_config")
+  kv = data.get("kv_cache_config")
+  kv = KvCacheConfig() if kv is None else _from_mapping(KvCacheConfig, kv, f"{where}: kv_cache_config")
+  chunked = data.get("enable_chunked_prefill", False)
+  if not isinstance(chunked, bool):
+    raise ConfigError(f"{where}: enable_chunked_prefill={chunked!r} must be true or false")
+  return LlmApiOptions(sparse_attention_config=sparse, kv_cache_config=kv, enable_chunked_prefill=chunked,
+                       **{k: data[k] for k in ("backend", "max_batch_size", "max_seq_len", "tensor_parallel_size")
+                          if data.get(k) is not None})
+
+
+def load_sparse_attention_config(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> BaseSparseAttentionConfig | None:
+  """The sparse_attention_config of an options YAML (TensorRT-LLM layout) or dict.
+
+  A dict may be either the whole options mapping or the inner sparse_attention_config mapping
+  (recognised by its `algorithm` key).
+  """
+  if isinstance(path_or_dict, Mapping) and "algorithm" in path_or_dict:
+    return sparse_config_from_dict(path_or_dict)
+  return load_llm_api_options(path_or_dict).sparse_attention_config
+
+
+def config_to_dict(cfg: BaseSparseAttentionConfig) -> dict[str, Any]:
+  return {"algorithm": cfg.algorithm, **dataclasses.asdict(cfg)}
