@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_jax.attention import RMSNorm, Runtime, SparseAttention
-from sparse_jax.cache import PagedKVCache
+from sparse_jax.cache import CacheLayout, PagedKVCache
 from sparse_jax.rope import RopeSpec
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
@@ -156,6 +156,16 @@ class LlamaForCausalLM(nnx.Module):
   def v_head_dim(self) -> int:
     return self.config.head_dim
 
+  def cache_layout(self, sparse=None, page_size: int = 32) -> CacheLayout:
+    """K/V pools per layer plus the aux pools the sparse algorithm asks for."""
+    aux = {}
+    if sparse is not None:
+      from sparse_jax.config import get_algorithm
+      attn = self.layers[0].self_attn
+      aux = get_algorithm(sparse).aux_spec(sparse, attn.spec(page_size, Runtime(sparse=sparse)))
+    return CacheLayout(num_layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                       v_head_dim=self.head_dim, aux_specs=aux)
+
   def attention_layers(self) -> list[SparseAttention]:
     return [layer.self_attn for layer in self.layers]
 
@@ -184,7 +194,8 @@ class LlamaForCausalLM(nnx.Module):
     float32[n, vocab], cache with lengths/positions of those slots set)."""
     n, t = tokens.shape
     chex.assert_shape((lengths, slots), (n,))
-    rows = cache.page_table[slots]
+    # Padding rows carry an out-of-range slot: they see no pages, so they write nothing.
+    rows = jnp.take(cache.page_table, slots, axis=0, mode="fill", fill_value=-1)
     h = self.embed_tokens(tokens)
     counts = lengths
     for i, layer in enumerate(self.layers):
@@ -195,8 +206,8 @@ class LlamaForCausalLM(nnx.Module):
         return out
       h = layer(h, attend)
     last = jnp.take_along_axis(h, jnp.clip(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-    cache = cache.replace(lengths=cache.lengths.at[slots].set(counts.astype(jnp.int32)),
-                          positions=cache.positions.at[slots].set(lengths.astype(jnp.int32)))
+    cache = cache.replace(lengths=cache.lengths.at[slots].set(counts.astype(jnp.int32), mode="drop"),
+                          positions=cache.positions.at[slots].set(lengths.astype(jnp.int32), mode="drop"))
     return self.logits(last), cache
 
   def decode(self, tokens: jax.Array, cache: PagedKVCache, active: jax.Array,

@@ -106,6 +106,32 @@ class AuxPoolSpec:
   dtype: Any
 
 
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+  """What a model needs in its cache; models return it from `model.cache_layout(sparse, page_size)`.
+
+  head_dim / v_head_dim: per-token width of the `k` / `v` pools (MLA: latent / rope key).
+  """
+  num_layers: int
+  kv_heads: int
+  head_dim: int
+  v_head_dim: int
+  aux_specs: Mapping[str, AuxPoolSpec] = dataclasses.field(default_factory=dict)
+
+  def bytes_per_token(self, dtype) -> int:
+    itemsize = jnp.dtype(dtype).itemsize
+    per_layer = self.kv_heads * (self.head_dim + self.v_head_dim) * itemsize
+    return self.num_layers * per_layer
+
+
+def create_cache_for(layout: CacheLayout, *, num_pages: int, page_size: int, batch_slots: int,
+                     max_pages_per_seq: int, dtype=jnp.bfloat16) -> "PagedKVCache":
+  return create_cache(num_layers=layout.num_layers, kv_heads=layout.kv_heads, head_dim=layout.head_dim,
+                      v_head_dim=layout.v_head_dim, num_pages=num_pages, page_size=page_size,
+                      batch_slots=batch_slots, max_pages_per_seq=max_pages_per_seq, dtype=dtype,
+                      aux_specs=layout.aux_specs)
+
+
 def create_cache(*, num_layers: int, kv_heads: int, head_dim: int, num_pages: int, page_size: int,
                  batch_slots: int, max_pages_per_seq: int, dtype=jnp.bfloat16, v_head_dim: int | None = None,
                  aux_specs: Mapping[str, AuxPoolSpec] | None = None, sharding=None) -> PagedKVCache:

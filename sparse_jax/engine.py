@@ -1,0 +1,466 @@
+"""The inference engine: a continuous-batching scheduler over jitted prefill and decode steps.
+
+A fixed number of batch slots (static shapes). Requests wait in a bounded FIFO queue; one is
+admitted when a slot is free and the page pool can hold its prompt plus `max_tokens`
+(admission reserves the worst case, so a running request can never run out of pages).
+Admitted prompts are prefilled between decode chunks, grouped by padded length; sparse
+algorithms compact each request's pages during its prefill, after which the pages no longer
+needed return to the pool at once. Decode runs `decode_chunk_size` steps per host round
+trip in a `lax.while_loop`, sampling on device; finished requests free their pages.
+
+Compiled shapes: prefill per (rows, padded prompt length, page-table width) bucket, decode
+per (page-table width) bucket; widths are powers of two, so a handful of compilations serve
+every request.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import functools
+import itertools
+import math
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparse_jax.attention import Runtime
+from sparse_jax.cache import CacheExhaustedError, PageAllocator, create_cache_for
+from sparse_jax.config import BaseSparseAttentionConfig, KvCacheConfig
+from sparse_jax.sampling import SamplingState, sample
+
+
+class QueueFullError(RuntimeError):
+  """The waiting queue is at `max_queue_size`; the request was rejected."""
+
+
+@dataclasses.dataclass
+class SamplingParams:
+  """How to generate (TensorRT-LLM / vLLM names).
+
+  max_tokens: new tokens to generate (> 0). temperature: 0 = greedy. top_k: 0 = off.
+  top_p: nucleus mass in (0, 1]. seed: per-request sampling seed (None: engine seed + request
+  number). stop: strings that end generation (not included in the text). stop_token_ids:
+  extra token ids that end generation. ignore_eos: keep going past EOS.
+  """
+  max_tokens: int = 32
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int | None = None
+  stop: str | Sequence[str] | None = None
+  stop_token_ids: Sequence[int] | None = None
+  ignore_eos: bool = False
+  n: int = 1
+
+  def __post_init__(self):
+    if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
+      raise ValueError(f"SamplingParams.max_tokens={self.max_tokens!r} must be a positive integer")
+    if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+      raise ValueError(f"SamplingParams.temperature={self.temperature!r} must be >= 0")
+    if not isinstance(self.top_k, int) or self.top_k < 0:
+      raise ValueError(f"SamplingParams.top_k={self.top_k!r} must be an integer >= 0 (0 = off)")
+    if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+      raise ValueError(f"SamplingParams.top_p={self.top_p!r} must be in (0, 1]")
+    if self.n != 1:
+      raise ValueError(f"SamplingParams.n={self.n!r}: only n=1 is supported")
+    if isinstance(self.stop, str):
+      self.stop = [self.stop]
+    self.stop = [s for s in (self.stop or []) if s]
+    self.stop_token_ids = list(self.stop_token_ids or [])
+
+
+class RequestState(enum.Enum):
+  WAITING = "waiting"
+  RUNNING = "running"
+  FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Request:
+  request_id: str
+  prompt_ids: list[int]
+  params: SamplingParams
+  prompt: str | None = None
+  state: RequestState = RequestState.WAITING
+  slot: int | None = None
+  output_ids: list[int] = dataclasses.field(default_factory=list)
+  text: str = ""
+  finish_reason: str | None = None
+  arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
+  first_token_time: float | None = None
+  finish_time: float | None = None
+  kept_prompt_tokens: int | None = None
+  pages_after_prefill: int | None = None
+  on_update: Callable[["Request"], None] | None = None
+  done: threading.Event = dataclasses.field(default_factory=threading.Event)
+  _cancelled: bool = False
+
+  @property
+  def finished(self) -> bool:
+    return self.state is RequestState.FINISHED
+
+
+def _pow2_at_least(n: int, lo: int = 1) -> int:
+  return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def length_bucket(n: int, lo: int = 16) -> int:
+  """Padded prompt length: the next of 2^k * {1, 1.25, 1.5, 1.75} (at most 25% padding)."""
+  if n <= lo:
+    return lo
+  base = 1 << (math.floor(math.log2(n)))
+  for mult in (1.0, 1.25, 1.5, 1.75, 2.0):
+    if base * mult >= n and float(base * mult).is_integer():
+      return int(base * mult)
+  return 2 * base
+
+
+class Engine:
+  """Owns the model, the paged cache, the allocator and the request queue.
+
+  Thread-safety: `add_request` and `abort` may be called from any thread; `step` must be
+  called from one thread (the engine loop).
+  """
+
+  def __init__(self, model: nnx.Module, tokenizer=None, *, kv_cache_config: KvCacheConfig | None = None,
+               sparse_attention_config: BaseSparseAttentionConfig | None = None, backend: str = "reference",
+               max_batch_size: int = 8, max_seq_len: int | None = None, kv_dtype=jnp.float32,
+               decode_chunk_size: int = 16, max_queue_size: int = 1024, max_prefill_tokens: int = 16384,
+               seed: int = 0, interpret: bool | None = None):
+    kv_cache_config = kv_cache_config or KvCacheConfig()
+    if max_batch_size <= 0:
+      raise ValueError(f"max_batch_size={max_batch_size} must be positive")
+    if decode_chunk_size <= 0:
+      raise ValueError(f"decode_chunk_size={decode_chunk_size} must be positive")
+    self.model_config = model.config
+    self.tokenizer = tokenizer
+    self.runtime = Runtime(backend=backend, sparse=sparse_attention_config, interpret=interpret)
+    self.kv_cache_config = kv_cache_config
+    self.max_batch_size = max_batch_size
+    self.max_seq_len = int(max_seq_len or model.config.max_position_embeddings)
+    self.decode_chunk_size = decode_chunk_size
+    self.max_queue_size = max_queue_size
+    self.max_prefill_tokens = max_prefill_tokens
+    self.seed = seed
+    self.page_size = kv_cache_config.tokens_per_block
+    self.layout = model.cache_layout(sparse_attention_config, self.page_size)
+    self.max_pages_per_seq = math.ceil(self.max_seq_len / self.page_size)
+    kv_dtype = kv_dtype if kv_cache_config.dtype == "auto" else jnp.dtype(kv_cache_config.dtype).type
+    self.kv_dtype = kv_dtype
+    num_pages = self._pool_pages(kv_cache_config, kv_dtype)
+    self.allocator = PageAllocator(num_pages, self.page_size, max_batch_size, self.max_pages_per_seq)
+    self.cache = create_cache_for(self.layout, num_pages=num_pages, page_size=self.page_size,
+                                  batch_slots=max_batch_size, max_pages_per_seq=self.max_pages_per_seq,
+                                  dtype=kv_dtype)
+    self.graphdef, self.params = nnx.split(model)
+    eos = set(getattr(model.config, "eos_token_ids", ()) or ())
+    if tokenizer is not None:
+      eos |= set(tokenizer.eos_token_ids)
+    self.eos_token_ids = tuple(sorted(eos))
+    self._eos = np.array(self.eos_token_ids or (-1,), np.int32)
+    self._lock = threading.Lock()
+    self._waiting: collections.deque[Request] = collections.deque()
+    self._running: dict[int, Request] = {}
+    self._ids = itertools.count()
+    self._slot_len = np.zeros(max_batch_size, np.int64)  # host mirror of cache.lengths
+    self._last_token = np.zeros(max_batch_size, np.int32)
+    self._samp = self._empty_sampling()
+    self.stats = collections.Counter()
+    self.peak_pages = 0
+    self._prefill_fn = jax.jit(self._prefill_impl, static_argnames=("n_pages",), donate_argnames=("cache",))
+    self._decode_fn = jax.jit(self._decode_impl, static_argnames=("n_pages", "num_steps"),
+                              donate_argnames=("cache",))
+
+  # -- sizing -------------------------------------------------------------------------
+  def _page_bytes(self, kv_dtype) -> int:
+    per_page = self.layout.bytes_per_token(kv_dtype) * self.page_size
+    for spec in self.layout.aux_specs.values():
+      per_page += self.layout.num_layers * spec.heads * math.prod(spec.entry_shape) * jnp.dtype(spec.dtype).itemsize
+    return per_page
+
+  def _pool_pages(self, cfg: KvCacheConfig, kv_dtype) -> int:
+    full = self.max_batch_size * self.max_pages_per_seq
+    if cfg.max_tokens is not None:
+      pages = math.ceil(cfg.max_tokens / self.page_size)
+    elif jax.default_backend() == "gpu":
+      stats = jax.devices()[0].memory_stats() or {}
+      free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
+      pages = min(full, int(free * cfg.free_gpu_memory_fraction) // self._page_bytes(kv_dtype))
+    else:
+      pages = min(full, max(self.max_pages_per_seq, math.ceil(131072 / self.page_size)))
+    if pages <= 0:
+      raise CacheExhaustedError(f"the KV pool would hold no page of {self.page_size} tokens "
+                                f"(kv_cache_config={cfg})")
+    return pages
+
+  # -- requests -----------------------------------------------------------------------
+  def validate(self, prompt_ids: Sequence[int], params: SamplingParams, name: str = "prompt") -> None:
+    if len(prompt_ids) == 0:
+      raise ValueError(f"{name} is empty")
+    vocab = self.model_config.vocab_size
+    bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
+    if bad:
+      raise ValueError(f"{name} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
+    total = len(prompt_ids) + params.max_tokens
+    if total > self.max_seq_len:
+      raise ValueError(f"{name} has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} that is {total} "
+                       f"> max_seq_len={self.max_seq_len}")
+    need = self.allocator.pages_for(total)
+    if need > self.allocator.num_pages:
+      raise ValueError(f"{name} needs {need} KV pages ({total} tokens) but the pool holds only "
+                       f"{self.allocator.num_pages}; raise kv_cache_config.max_tokens")
+
+  def add_request(self, prompt_ids: Sequence[int], params: SamplingParams, *, prompt: str | None = None,
+                  request_id: str | None = None, on_update=None) -> Request:
+    self.validate(prompt_ids, params)
+    with self._lock:
+      if len(self._waiting) >= self.max_queue_size:
+        raise QueueFullError(f"request queue is full ({self.max_queue_size} waiting); retry later")
+      n = next(self._ids)
+      req = Request(request_id=request_id or f"req-{n}", prompt_ids=[int(t) for t in prompt_ids], params=params,
+                    prompt=prompt, on_update=on_update)
+      req._seed = params.seed if params.seed is not None else self.seed * 1_000_003 + n
+      self._waiting.append(req)
+    return req
+
+  def abort(self, request: Request) -> None:
+    """Cancels a request; its slot and pages are freed at the next step boundary."""
+    with self._lock:
+      request._cancelled = True
+      if request.state is RequestState.WAITING and request in self._waiting:
+        self._waiting.remove(request)
+        self._finish(request, "abort")
+
+  def has_unfinished(self) -> bool:
+    with self._lock:
+      return bool(self._waiting or self._running)
+
+  @property
+  def num_waiting(self) -> int:
+    return len(self._waiting)
+
+  @property
+  def num_running(self) -> int:
+    return len(self._running)
+
+  # -- the loop -----------------------------------------------------------------------
+  def step(self) -> None:
+    """Admits and prefills what fits, then runs one decode chunk over the running slots."""
+    self._reap_cancelled()
+    admitted = self._admit()
+    if admitted:
+      self._prefill(admitted)
+    if self._running:
+      self._decode()
+
+  def run_until_done(self) -> None:
+    while self.has_unfinished():
+      self.step()
+
+  def _reap_cancelled(self) -> None:
+    with self._lock:
+      for slot, req in list(self._running.items()):
+        if req._cancelled:
+          self._release(slot)
+          self._finish(req, "abort")
+
+  def _admit(self) -> list[Request]:
+    admitted = []
+    with self._lock:
+      free_slots = [s for s in range(self.max_batch_size) if s not in self._running]
+      while self._waiting and free_slots:
+        req = self._waiting[0]
+        need = self.allocator.pages_for(len(req.prompt_ids) + req.params.max_tokens)
+        if need > self.allocator.free_pages:
+          break  # FIFO: wait for pages rather than let later requests overtake
+        self._waiting.popleft()
+        slot = free_slots.pop(0)
+        self.allocator.ensure(slot, len(req.prompt_ids) + req.params.max_tokens)
+        req.slot, req.state = slot, RequestState.RUNNING
+        self._running[slot] = req
+        admitted.append(req)
+      self.peak_pages = max(self.peak_pages, self.allocator.used_pages)
+    return admitted
+
+  def _set_sampling(self, slot: int, req: Request) -> None:
+    p = req.params
+    s = self._samp
+    s["temperature"][slot] = p.temperature
+    s["top_k"][slot] = p.top_k
+    s["top_p"][slot] = p.top_p
+    s["keys"][slot] = np.asarray(jax.random.key_data(jax.random.PRNGKey(req._seed)), np.uint32)
+    s["counters"][slot] = 0
+
+  def _empty_sampling(self) -> dict[str, np.ndarray]:
+    s = self.max_batch_size
+    return dict(temperature=np.zeros(s, np.float32), top_k=np.zeros(s, np.int32), top_p=np.ones(s, np.float32),
+                keys=np.zeros((s, 2), np.uint32), counters=np.zeros(s, np.int32))
+
+  def _sampling_state(self, rows: np.ndarray | None = None) -> SamplingState:
+    s = self._samp
+    pick = (lambda a: a[rows]) if rows is not None else (lambda a: a)
+    return SamplingState(**{k: jnp.asarray(pick(v)) for k, v in s.items()})
+
+  def _prefill(self, admitted: list[Request]) -> None:
+    for req in admitted:
+      self._set_sampling(req.slot, req)
+    # Group by padded length; cap rows x length at max_prefill_tokens (a long prompt goes alone).
+    admitted = sorted(admitted, key=lambda r: len(r.prompt_ids))
+    groups, current = [], []
+    for req in admitted:
+      t = length_bucket(len(req.prompt_ids))
+      if current and (t != length_bucket(len(current[0].prompt_ids)) or
+                      _pow2_at_least(len(current) + 1) * t > self.max_prefill_tokens):
+        groups.append(current)
+        current = []
+      current.append(req)
+    if current:
+      groups.append(current)
+    for group in groups:
+      self._prefill_group(group)
+
+  def _prefill_group(self, group: list[Request]) -> None:
+    t = length_bucket(max(len(r.prompt_ids) for r in group))
+    rows = _pow2_at_least(len(group))
+    tokens = np.zeros((rows, t), np.int32)
+    lengths = np.zeros(rows, np.int32)
+    slots = np.full(rows, self.max_batch_size, np.int32)  # padding rows: out-of-range slot
+    for i, req in enumerate(group):
+      tokens[i, :len(req.prompt_ids)] = req.prompt_ids
+      lengths[i] = len(req.prompt_ids)
+      slots[i] = req.slot
+    samp_rows = np.array([r.slot for r in group] + [group[0].slot] * (rows - len(group)))
+    n_pages = min(self.max_pages_per_seq, _pow2_at_least(math.ceil(t / self.page_size)))
+    self.cache, first, counts = self._prefill_fn(self.params, self.cache, jnp.asarray(self.allocator.table()),
+                                                 jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slots),
+                                                 self._sampling_state(samp_rows), n_pages=n_pages)
+    first, counts = np.asarray(first), np.asarray(counts)
+    self.stats["prefill_calls"] += 1
+    self.stats["prefill_tokens"] += int(lengths.sum())
+    now = time.perf_counter()
+    with self._lock:
+      for i, req in enumerate(group):
+        slot = req.slot
+        kept = int(counts[i])
+        req.kept_prompt_tokens = kept
+        self._slot_len[slot] = kept
+        if kept < len(req.prompt_ids):  # compaction freed the tail of the prompt's pages
+          self.allocator.truncate(slot, kept + req.params.max_tokens)
+        req.pages_after_prefill = len(self.allocator.pages(slot))
+        req.first_token_time = now
+        self._samp["counters"][slot] = 1
+        self._last_token[slot] = first[i]
+        self._emit(req, [int(first[i])])
+
+  def _decode(self) -> None:
+    slots = sorted(self._running)
+    active = np.zeros(self.max_batch_size, bool)
+    remaining = np.zeros(self.max_batch_size, np.int32)
+    ignore_eos = np.zeros(self.max_batch_size, bool)
+    for s in slots:
+      req = self._running[s]
+      active[s] = True
+      remaining[s] = req.params.max_tokens - len(req.output_ids)
+      ignore_eos[s] = req.params.ignore_eos
+    steps = self.decode_chunk_size
+    need = max(int(self._slot_len[s]) + steps for s in slots)
+    n_pages = min(self.max_pages_per_seq, _pow2_at_least(math.ceil(need / self.page_size)))
+    out = self._decode_fn(self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(self._last_token),
+                          jnp.asarray(active), jnp.asarray(remaining), jnp.asarray(ignore_eos),
+                          self._sampling_state(), n_pages=n_pages, num_steps=steps)
+    self.cache, tokens, counters, last = out
+    tokens, counters, last = np.asarray(tokens), np.asarray(counters), np.asarray(last)
+    self.stats["decode_calls"] += 1
+    with self._lock:
+      self._samp["counters"][:] = counters
+      self._last_token[:] = last
+      for s in slots:
+        column = tokens[:, s]
+        new = [int(x) for x in column if x >= 0]
+        self._slot_len[s] += len(new)
+        self.stats["decode_tokens"] += len(new)
+        req = self._running.get(s)
+        if req is not None and not req.finished:
+          self._emit(req, new)
+
+  # -- per-request bookkeeping ------------------------------------------------------------
+  def _emit(self, req: Request, new_ids: list[int]) -> None:
+    """Appends generated tokens, applies stop conditions, finishes the request if done."""
+    reason = None
+    stop_ids = set(req.params.stop_token_ids)
+    if not req.params.ignore_eos:
+      stop_ids |= set(self.eos_token_ids)
+    for tok in new_ids:
+      req.output_ids.append(tok)
+      if tok in stop_ids:
+        reason = "stop"
+        break
+      if len(req.output_ids) >= req.params.max_tokens:
+        reason = "length"
+        break
+    if self.tokenizer is not None:
+      req.text = self.tokenizer.decode(req.output_ids)
+      for stop in req.params.stop:
+        at = req.text.find(stop)
+        if at >= 0:
+          req.text = req.text[:at]
+          reason = "stop"
+    if reason is not None:
+      self._release(req.slot)
+      self._finish(req, reason)
+    elif req.on_update is not None:
+      req.on_update(req)
+
+  def _release(self, slot: int) -> None:
+    self._running.pop(slot, None)
+    self.allocator.free(slot)
+    self._slot_len[slot] = 0
+
+  def _finish(self, req: Request, reason: str) -> None:
+    req.state = RequestState.FINISHED
+    req.finish_reason = reason
+    req.finish_time = time.perf_counter()
+    if req.on_update is not None:
+      req.on_update(req)
+    req.done.set()
+
+  # -- jitted steps --------------------------------------------------------------------------
+  def _prefill_impl(self, params, cache, table, tokens, lengths, slots, samp: SamplingState, *, n_pages: int):
+    model = nnx.merge(self.graphdef, params)
+    view = cache.replace(page_table=table[:, :n_pages])
+    logits, view = model.prefill(tokens, lengths, slots, view, self.runtime)
+    counts = jnp.take(view.lengths, slots, mode="fill", fill_value=0)
+    return view.replace(page_table=table), sample(logits, samp), counts
+
+  def _decode_impl(self, params, cache, table, tokens, active, remaining, ignore_eos, samp: SamplingState, *,
+                   n_pages: int, num_steps: int):
+    model = nnx.merge(self.graphdef, params)
+    eos = jnp.asarray(self._eos)
+    out = jnp.full((num_steps, tokens.shape[0]), -1, jnp.int32)
+
+    def cond(carry):
+      i, _, _, active, *_ = carry
+      return (i < num_steps) & jnp.any(active)
+
+    def body(carry):
+      i, view, tokens, active, remaining, counters, out = carry
+      logits, view = model.decode(tokens, view, active, self.runtime)
+      nxt = sample(logits, dataclasses.replace(samp, counters=counters))
+      out = out.at[i].set(jnp.where(active, nxt, -1))
+      hit_eos = jnp.any(nxt[:, None] == eos[None, :], axis=-1) & ~ignore_eos
+      remaining = remaining - active.astype(jnp.int32)
+      done = active & (hit_eos | (remaining <= 0))
+      counters = counters + active.astype(jnp.int32)
+      tokens = jnp.where(active, nxt, tokens)
+      return i + 1, view, tokens, active & ~done, remaining, counters, out
+
+    view = cache.replace(page_table=table[:, :n_pages])
+    carry = (jnp.int32(0), view, tokens, active, remaining, samp.counters, out)
+    _, view, tokens, _, _, counters, out = jax.lax.while_loop(cond, body, carry)
+    return view.replace(page_table=table), out, counters, tokens

@@ -1,0 +1,174 @@
+"""The user-facing API, shaped like TensorRT-LLM's LLM API.
+
+    from sparse_jax import LLM, SamplingParams, KvCacheConfig, RocketSparseAttentionConfig
+    llm = LLM(model="path/to/hf_checkpoint",
+              sparse_attention_config=RocketSparseAttentionConfig(prompt_budget=2048),
+              kv_cache_config=KvCacheConfig(enable_block_reuse=False))
+    out = llm.generate(["a long document ..."], SamplingParams(max_tokens=64))
+    print(out[0].outputs[0].text)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from sparse_jax.config import BaseSparseAttentionConfig, ConfigError, KvCacheConfig, LlmApiOptions, load_llm_api_options
+from sparse_jax.engine import Engine, QueueFullError, Request, SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "KvCacheConfig"]
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+  index: int
+  text: str
+  token_ids: list[int]
+  finish_reason: str | None
+  cumulative_logprob: float | None = None
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  request_id: str
+  prompt: str | None
+  prompt_token_ids: list[int]
+  outputs: list[CompletionOutput]
+  finished: bool
+  metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def from_request(cls, req: Request) -> "RequestOutput":
+    metrics = dict(kept_prompt_tokens=req.kept_prompt_tokens, pages_after_prefill=req.pages_after_prefill)
+    if req.first_token_time is not None:
+      metrics["time_to_first_token_s"] = req.first_token_time - req.arrival_time
+    if req.finish_time is not None:
+      metrics["latency_s"] = req.finish_time - req.arrival_time
+    return cls(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=list(req.prompt_ids),
+               outputs=[CompletionOutput(0, req.text, list(req.output_ids), req.finish_reason)],
+               finished=req.finished, metrics=metrics)
+
+
+def default_backend() -> str:
+  return "pallas" if jax.default_backend() == "gpu" else "reference"
+
+
+def _default_model_path() -> str:
+  from sparse_jax.defaults import default_model_path
+  return default_model_path()
+
+
+class LLM:
+  """Loads a checkpoint and serves `generate` calls through a continuous-batching engine.
+
+  model: an HF checkpoint directory (config.json + safetensors + tokenizer.json), an already
+    built model module (then pass `tokenizer`), or None for the embedded default model.
+  dtype: "auto" (bfloat16 on GPUs, float32 on the CPU), "bfloat16", "float16" or "float32".
+  backend: "auto" (Pallas kernels on GPUs, pure-jnp references on the CPU), "pallas",
+    "reference".
+  extra_llm_api_options: a YAML path or dict in TensorRT-LLM's layout; explicit arguments win.
+  """
+
+  def __init__(self, model: Any = None, *, tokenizer: Any = None, dtype: str = "auto",
+               kv_cache_config: KvCacheConfig | None = None,
+               sparse_attention_config: BaseSparseAttentionConfig | None = None,
+               enable_chunked_prefill: bool | None = None, backend: str | None = None,
+               max_batch_size: int | None = None, max_seq_len: int | None = None,
+               tensor_parallel_size: int | None = None, extra_llm_api_options: Any = None,
+               decode_chunk_size: int = 16, max_queue_size: int = 1024, seed: int = 0,
+               interpret: bool | None = None):
+    import models
+    opts = load_llm_api_options(extra_llm_api_options) if extra_llm_api_options is not None else LlmApiOptions()
+    kv_cache_config = kv_cache_config or opts.kv_cache_config
+    if sparse_attention_config is None:
+      sparse_attention_config = opts.sparse_attention_config
+    if enable_chunked_prefill is None:
+      enable_chunked_prefill = opts.enable_chunked_prefill
+    if sparse_attention_config is not None:
+      if not isinstance(sparse_attention_config, BaseSparseAttentionConfig):
+        raise ConfigError(f"sparse_attention_config must be a sparse attention config, got "
+                          f"{type(sparse_attention_config).__name__}")
+      sparse_attention_config.validate_with(kv_cache_config, enable_chunked_prefill)
+    if enable_chunked_prefill:
+      raise ConfigError("enable_chunked_prefill=True is not supported by this engine build")
+    backend = backend or opts.backend or "auto"
+    backend = default_backend() if backend == "auto" else backend
+    tensor_parallel_size = tensor_parallel_size or opts.tensor_parallel_size or 1
+    if tensor_parallel_size != 1:
+      raise ConfigError(f"tensor_parallel_size={tensor_parallel_size}: only 1 is supported by this engine build")
+    if dtype == "auto":
+      dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    if isinstance(model, (str, os.PathLike)) or model is None:
+      path = os.fspath(model) if model is not None else _default_model_path()
+      self.model_path = path
+      self.model = models.from_pretrained(path, dtype=dtype)
+      self.tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(path)
+    else:
+      self.model_path = None
+      self.model = model
+      self.tokenizer = tokenizer
+    from models.loading import resolve_dtype
+    self.dtype = resolve_dtype(dtype)
+    self.sparse_attention_config = sparse_attention_config
+    self.kv_cache_config = kv_cache_config
+    self.backend = backend
+    self.engine = Engine(self.model, self.tokenizer, kv_cache_config=kv_cache_config,
+                         sparse_attention_config=sparse_attention_config, backend=backend,
+                         max_batch_size=max_batch_size or opts.max_batch_size or 8,
+                         max_seq_len=max_seq_len or opts.max_seq_len, kv_dtype=self.dtype,
+                         decode_chunk_size=decode_chunk_size, max_queue_size=max_queue_size, seed=seed,
+                         interpret=interpret)
+
+  @property
+  def max_seq_len(self) -> int:
+    return self.engine.max_seq_len
+
+  def encode(self, prompt: str | Sequence[int], name: str = "prompt") -> list[int]:
+    if isinstance(prompt, str):
+      if self.tokenizer is None:
+        raise ValueError(f"{name} is a string but this model has no tokenizer.json; pass token ids")
+      if not prompt:
+        raise ValueError(f"{name} is empty")
+      return self.tokenizer.encode(prompt)
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+      return list(prompt)
+    raise TypeError(f"{name} must be a string or a list of token ids, got {type(prompt).__name__}")
+
+  def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+               use_tqdm: bool = False) -> list[RequestOutput]:
+    """prompts: a string, a list of token ids, or a list of either. Returns one output per prompt."""
+    single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
+                                          all(isinstance(t, int) for t in prompts))
+    batch = [prompts] if single else list(prompts)
+    if not batch:
+      raise ValueError("prompts is empty")
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+      params = [sampling_params or SamplingParams()] * len(batch)
+    else:
+      params = list(sampling_params)
+      if len(params) != len(batch):
+        raise ValueError(f"got {len(params)} SamplingParams for {len(batch)} prompts")
+    encoded = [self.encode(p, f"prompt {i}") for i, p in enumerate(batch)]
+    for i, (ids, sp) in enumerate(zip(encoded, params)):
+      self.engine.validate(ids, sp, f"prompt {i}")
+    bar = None
+    if use_tqdm:
+      from tqdm import tqdm
+      bar = tqdm(total=len(batch), desc="generate", unit="req")
+    requests: list[Request] = []
+    pending = list(zip(batch, encoded, params))
+    while pending or self.engine.has_unfinished():
+      while pending and self.engine.num_waiting < self.engine.max_queue_size:
+        prompt, ids, sp = pending.pop(0)
+        requests.append(self.engine.add_request(ids, sp, prompt=prompt if isinstance(prompt, str) else None))
+      before = sum(r.finished for r in requests)
+      self.engine.step()
+      if bar is not None:
+        bar.update(sum(r.finished for r in requests) - before)
+    if bar is not None:
+      bar.close()
+    return [RequestOutput.from_request(r) for r in requests]
