@@ -1,0 +1,142 @@
+"""Contract of every registered GQA algorithm: selections sorted, unique, in range, -1 padded,
+counts right, shapes fixed by configuration, for prompts shorter, equal and longer than the budget."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from sparse_jax.attention import AttentionSpec, Runtime
+from sparse_jax.cache import LayerCache, write_tokens, token_slots
+from sparse_jax.config import registered_algorithms
+from sparse_jax.algorithms.rocket import RocketSparseAttentionConfig
+
+Q_HEADS, KV_HEADS, D, PAGE, MAX_PAGES, T = 4, 2, 16, 8, 12, 96
+
+# One small config per registered GQA algorithm; an algorithm without one fails test_every_algorithm_is_covered.
+CONTRACT_CONFIGS = {
+    "rocket": RocketSparseAttentionConfig(prompt_budget=40, window_size=8, kernel_size=5, topr=8, topk=6, page_size=4,
+                                          kt_cache_dtype="float32"),
+}
+MLA_ONLY = {"dsa"}
+
+
+def test_every_algorithm_is_covered():
+  missing = set(registered_algorithms()) - set(CONTRACT_CONFIGS) - MLA_ONLY
+  assert not missing, f"add a contract config for {sorted(missing)}"
+
+
+def _spec():
+  return AttentionSpec(q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=D, page_size=PAGE, scale=D ** -0.5,
+                       runtime=Runtime())
+
+
+def filled_layer(cfg, key, lengths, page_table, num_pages=MAX_PAGES * 4):
+  """A layer whose first `lengths` tokens hold random K/V (permuted pages) with aux computed."""
+  algo = registered_algorithms()[cfg.algorithm]
+  n = lengths.shape[0]
+  aux = {name: jnp.zeros((s.heads, num_pages, *s.entry_shape), s.dtype)
+         for name, s in algo.aux_spec(cfg, _spec()).items()}
+  layer = LayerCache(k=jnp.zeros((KV_HEADS, num_pages, PAGE, D)), v=jnp.zeros((KV_HEADS, num_pages, PAGE, D)), aux=aux)
+  kk, kv = jax.random.split(key)
+  t = MAX_PAGES * PAGE
+  pos = jnp.broadcast_to(jnp.arange(t), (n, t))
+  slots = token_slots(page_table, pos, pos < lengths[:, None], PAGE, num_pages).reshape(-1)
+  layer = layer.replace(k=write_tokens(layer.k, slots, jax.random.normal(kk, (n * t, KV_HEADS, D))),
+                        v=write_tokens(layer.v, slots, jax.random.normal(kv, (n * t, KV_HEADS, D))))
+  return algo.update_aux(cfg, _spec(), layer, page_table, jnp.zeros_like(lengths), lengths, t)
+
+
+def permuted_table(rng, n, num_pages=MAX_PAGES * 4):
+  return jnp.asarray(rng.permutation(num_pages)[: n * MAX_PAGES].reshape(n, MAX_PAGES).astype(np.int32))
+
+
+def check_sorted_unique_padded(idx, count, upper, what):
+  valid = idx[idx >= 0]
+  assert np.all(idx[len(valid):] == -1), f"{what}: -1 padding must come last: {idx}"
+  assert len(valid) == count, f"{what}: {len(valid)} entries, expected {count}"
+  assert np.all(np.diff(valid) > 0), f"{what}: not strictly ascending: {valid}"
+  assert np.all((valid >= 0) & (valid < upper)), f"{what}: out of range [0, {upper}): {valid}"
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT_CONFIGS))
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_predict_kv_contract(name, data):
+  cfg = CONTRACT_CONFIGS[name]
+  algo = registered_algorithms()[name]
+  budget = getattr(cfg, "prompt_budget", None)
+  lengths = np.array(data.draw(st.lists(st.sampled_from(
+      [1, 5, budget - 1, budget, budget + 1, T - 1, T] if budget else [1, T]) | st.integers(1, T), min_size=3, max_size=3)),
+      np.int32)
+  seed = data.draw(st.integers(0, 2 ** 16))
+  q = jax.random.normal(jax.random.PRNGKey(seed), (3, T, Q_HEADS, D))
+  k = jax.random.normal(jax.random.PRNGKey(seed + 1), (3, T, KV_HEADS, D))
+  sel = _predict_kv(name, q, k, jnp.asarray(lengths))
+  if sel is None:
+    return
+  idx, counts = np.asarray(sel.indices), np.asarray(sel.counts)
+  assert idx.shape == (3, KV_HEADS, budget) and counts.shape == (3,)
+  for i, length in enumerate(lengths):
+    assert counts[i] == min(length, budget)
+    for h in range(KV_HEADS):
+      check_sorted_unique_padded(idx[i, h], counts[i], length, f"{name} row {i} head {h}")
+      if length > budget and getattr(cfg, "window_size", 0):
+        assert set(range(length - cfg.window_size, length)) <= set(idx[i, h].tolist()), "window must be kept"
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(name, fn):
+  cfg = CONTRACT_CONFIGS[name]
+  algo = registered_algorithms()[name]
+  return jax.jit(functools.partial(getattr(algo, fn), cfg, _spec()))
+
+
+def _predict_kv(name, q, k, lengths):
+  return _jitted(name, "predict_kv")(q, k, lengths)
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT_CONFIGS))
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_predict_attn_contract(name, data):
+  cfg = CONTRACT_CONFIGS[name]
+  rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16)))
+  lengths = jnp.asarray(data.draw(st.lists(st.integers(1, MAX_PAGES * PAGE), min_size=2, max_size=2)), jnp.int32)
+  table = permuted_table(rng, 2)
+  layer = _filled(name, jax.random.PRNGKey(int(rng.integers(1 << 30))), lengths, table)
+  q = jax.random.normal(jax.random.PRNGKey(int(rng.integers(1 << 30))), (2, Q_HEADS, D))
+  sel = _jitted(name, "predict_attn")(q, layer, table, lengths)
+  if sel is None:
+    return
+  idx = np.asarray(sel.indices)
+  bs = sel.block_size
+  assert idx.shape[:2] == (2, KV_HEADS)
+  for i, length in enumerate(np.asarray(lengths)):
+    n_blocks = -(-int(length) // bs)
+    for h in range(KV_HEADS):
+      check_sorted_unique_padded(idx[i, h], min(idx.shape[-1], n_blocks), n_blocks, f"{name} row {i} head {h}")
+      assert n_blocks - 1 in idx[i, h], "the newest block must always be attended"
+
+
+@functools.lru_cache(maxsize=None)
+def _fill_fn(name):
+  return jax.jit(functools.partial(filled_layer, CONTRACT_CONFIGS[name]))
+
+
+def _filled(name, key, lengths, table):
+  return _fill_fn(name)(key, lengths, table)
+
+
+def test_shapes_do_not_depend_on_data():
+  cfg = CONTRACT_CONFIGS["rocket"]
+  algo = registered_algorithms()["rocket"]
+  shapes = set()
+  for lengths in ([1, 1, 1], [T, T, T], [40, 41, 3]):
+    q = jnp.ones((3, T, Q_HEADS, D))
+    sel = jax.eval_shape(functools.partial(algo.predict_kv, cfg, _spec()), q, jnp.ones((3, T, KV_HEADS, D)),
+                         jnp.asarray(lengths, jnp.int32))
+    shapes.add((sel.indices.shape, sel.counts.shape))
+  assert len(shapes) == 1
