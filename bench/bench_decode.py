@@ -1,0 +1,143 @@
+"""Whole-model decode benchmark: a Llama-3.1-8B-shaped model with random bf16 weights.
+
+Measures the engine's jitted decode step (many steps per host round trip, cache donated) at
+several contexts, and reports tokens/s and achieved HBM bandwidth:
+(weight bytes + KV bytes read per step) / step time, against a copy ceiling measured in the
+same run. The peer is the same engine with the pure-XLA reference attention.
+
+  python bench/bench_decode.py --contexts=4096,16384,32768 --batch=8 --out=$OUT/decode.json
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "llama-3.1-8b", "model shape: a name in bench/model_configs or a config.json path")
+flags.DEFINE_list("contexts", ["4096", "16384", "32768"], "tokens already in the cache per sequence")
+flags.DEFINE_integer("batch", 8, "sequences decoded together")
+flags.DEFINE_integer("steps", 32, "decode steps per jitted call (per host round trip)")
+flags.DEFINE_integer("iters", 20, "timed calls per point (median)")
+flags.DEFINE_list("backends", ["pallas", "reference"], "attention backends to compare")
+flags.DEFINE_string("reference_contexts", "32768", "contexts at which the reference backend also runs")
+flags.DEFINE_integer("page_size", 32, "KV page size")
+flags.DEFINE_string("sparse", "", "optional options YAML (e.g. configs/rocket.yaml) for a sparse run")
+flags.DEFINE_string("out", "", "JSON output path")
+
+
+def model_config(name: str) -> dict:
+  here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs", name + ".json")
+  path = here if os.path.exists(here) else name
+  with open(path) as f:
+    return json.load(f)
+
+
+def main(_):
+  import warnings
+  warnings.filterwarnings("ignore", message=".*Pallas.*deprecated.*")
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import models
+  from bench.common import measure_copy_ceiling
+  from sparse_jax.config import KvCacheConfig, load_llm_api_options
+  from sparse_jax.engine import Engine
+
+  cfg = model_config(FLAGS.config)
+  t0 = time.perf_counter()
+  model = models.build_model(cfg, dtype=jnp.bfloat16)
+  jax.block_until_ready(jax.tree_util.tree_leaves(model))
+  print(f"built {FLAGS.config} with random bf16 weights in {time.perf_counter() - t0:.1f}s", flush=True)
+  from flax import nnx
+  params = nnx.state(model, nnx.Param)
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+  embed_bytes = model.embed_tokens.embedding[...].size * 2
+  read_weight_bytes = weight_bytes - (embed_bytes if not model.config.tie_word_embeddings else 0)
+  ceiling = measure_copy_ceiling()
+  print(f"weights {weight_bytes / 1e9:.2f} GB (read per step {read_weight_bytes / 1e9:.2f} GB); "
+        f"copy ceiling {ceiling / 1e12:.2f} TB/s", flush=True)
+  sparse = load_llm_api_options(FLAGS.sparse).sparse_attention_config if FLAGS.sparse else None
+  contexts = [int(c) for c in FLAGS.contexts]
+  ref_contexts = {int(c) for c in FLAGS.reference_contexts.split(",") if c}
+  b, steps = FLAGS.batch, FLAGS.steps
+  max_ctx = max(contexts)
+  extra = steps * (FLAGS.iters + 4) + 8
+  rows = []
+  for backend in FLAGS.backends:
+    for ctx in contexts:
+      if backend == "reference" and ctx not in ref_contexts:
+        continue
+      eng = Engine(model, None, kv_cache_config=KvCacheConfig(tokens_per_block=FLAGS.page_size,
+                                                                max_tokens=b * (ctx + extra)),
+                   sparse_attention_config=sparse, backend=backend, max_batch_size=b, max_seq_len=max_ctx + extra,
+                   kv_dtype=jnp.bfloat16, decode_chunk_size=steps)
+      for s in range(b):
+        eng.allocator.ensure(s, ctx + extra)
+      cache = eng.cache
+
+      @jax.jit
+      def fill(cache, key):
+        ks = jax.random.split(key, 2 * cache.num_layers)
+        k = tuple(jax.random.normal(ks[i], x.shape, x.dtype) for i, x in enumerate(cache.k))
+        v = tuple(jax.random.normal(ks[-1 - i], x.shape, x.dtype) for i, x in enumerate(cache.v))
+        full = jnp.full_like(cache.lengths, ctx)
+        return cache.replace(k=k, v=v, lengths=full, positions=full)
+
+      eng.cache = None
+      cache = fill(cache, jax.random.PRNGKey(0))
+      table = jnp.asarray(eng.allocator.table())
+      n_pages = eng.max_pages_per_seq if backend == "pallas" else math.ceil((ctx + extra) / FLAGS.page_size)
+      tokens = jnp.ones((b,), jnp.int32)
+      active = jnp.ones((b,), bool)
+      remaining = jnp.full((b,), 1 << 30, jnp.int32)
+      ignore = jnp.ones((b,), bool)
+      samp = eng._sampling_state()
+      per_step = {}
+      for n in (steps, 1):
+        run = lambda c: eng._decode_fn(eng.params, c, table, tokens, active, remaining, ignore, samp,
+                                       n_pages=n_pages, num_steps=n)
+        t0 = time.perf_counter()
+        cache, out, *_ = run(cache)
+        jax.block_until_ready(out)
+        compile_s = time.perf_counter() - t0
+        times = []
+        for _ in range(FLAGS.iters if n == steps else 2 * FLAGS.iters):
+          t0 = time.perf_counter()
+          cache, out, *_ = run(cache)
+          jax.block_until_ready(out)
+          times.append(time.perf_counter() - t0)
+        per_step[n] = float(np.median(times)) / n
+        print(f"  {backend} ctx={ctx} steps/call={n}: {per_step[n] * 1e3:.3f} ms/step (first call {compile_s:.1f}s)",
+              flush=True)
+      kv_bytes = b * (ctx + extra // 2) * eng.layout.bytes_per_token(jnp.bfloat16)
+      step = per_step[steps]
+      bytes_step = read_weight_bytes + kv_bytes
+      row = dict(backend=backend, context=ctx, batch=b, step_ms=step * 1e3, step_ms_single_call=per_step[1] * 1e3,
+                 host_overhead_pct=100 * max(0.0, per_step[1] - step) / per_step[1],
+                 tokens_per_s=b / step, bytes_per_step_gb=bytes_step / 1e9, tb_per_s=bytes_step / step / 1e12,
+                 pct_of_ceiling=100 * bytes_step / step / ceiling, sparse=sparse.algorithm if sparse else "dense")
+      rows.append(row)
+      del cache, eng
+  print("\n| backend | context | batch | ms/step | tokens/s | GB read/step | TB/s | % ceiling | host overhead |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['backend']} | {r['context']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | "
+          f"{r['bytes_per_step_gb']:.1f} | {r['tb_per_s']:.2f} | {r['pct_of_ceiling']:.0f}% | "
+          f"{r['host_overhead_pct']:.1f}% |")
+  result = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, config=FLAGS.config,
+                copy_ceiling_tb_s=ceiling / 1e12, weight_bytes=weight_bytes, rows=rows)
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
