@@ -1,0 +1,121 @@
+"""Everything that differs between jax 0.10 (CPU, interpret mode) and 0.11 (GPU, Triton).
+
+Kernels import Pallas/Triton helpers from here only, so a version difference is fixed in
+one place. What is known to differ:
+
+* ``plgpu.CompilerParams`` (0.7+) was ``plgpu.TritonCompilerParams`` before; both handled.
+* ``pl.dot`` is deprecated (June 2026) in favour of ``plgpu.dot``.
+* jax 0.11 warns ``DeprecationWarning: The Pallas Triton backend is deprecated ...`` at every
+  lowering, and ``jax.experimental.pallas.ops.gpu.paged_attention`` warns on import:
+  :func:`silence_triton_deprecations` filters both (benchmarks call it).
+* The Triton custom-call target: jaxlib <= 0.10.2 emits ``__gpu$xla.gpu.triton``; 0.11
+  exports ``plgpu.CUSTOM_CALL_TARGET_NAME`` (same value today, ``triton_kernel_call_ffi``
+  once jax flips ``USE_NEW_CUSTOM_CALL``). :data:`TRITON_CUSTOM_CALL_TARGETS` lists all.
+* Interpret mode (the HLO interpreter used on CPU) has no rule for ``debug_barrier`` and
+  none for masked loads/stores whose index mixes an index vector with slices (a gather);
+  :func:`cta_barrier` and :func:`gather_load` emulate them there. The GPU path is the plain
+  Triton primitive; ``tests/test_kernel_lowering.py`` lowers it for ``cuda``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Large negative finite logit for masked positions: exp2(NEG - m) == 0 and NEG - NEG == 0,
+# so no inf - inf NaN can appear inside a kernel.
+NEG_INF_FINITE = -1e30
+
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(
+    plgpu, "TritonCompilerParams"
+)
+
+dot = getattr(plgpu, "dot", None) or pl.dot
+
+TRITON_CUSTOM_CALL_TARGETS: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        (
+            getattr(plgpu, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton"),
+            "__gpu$xla.gpu.triton",
+            "triton_kernel_call_ffi",
+        )
+    )
+)
+
+
+def compiler_params(*, num_warps: int, num_stages: int):
+  """Triton compiler params under whichever name this jax has."""
+  return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+  """``None`` means: interpret when the default backend is the CPU."""
+  if interpret is None:
+    return jax.default_backend() == "cpu"
+  return bool(interpret)
+
+
+def cta_barrier(interpret: bool) -> None:
+  """``__syncthreads()`` on the GPU; a no-op in interpret mode, which runs sequentially."""
+  if not interpret:
+    plgpu.debug_barrier()
+
+
+def gather_load(ref, idx, *, mask, other, interpret: bool):
+  """``ref[idx]`` with ``other`` where ``mask`` is False (mask broadcastable to the result).
+
+  On the GPU masked lanes issue no memory request. ``idx`` must be in bounds for every
+  lane anyway (clamp it), because interpret mode reads all lanes and selects afterwards.
+  """
+  if interpret:
+    value = ref[idx]
+    return jnp.where(mask, value, jnp.asarray(other, value.dtype))
+  shape = ref.at[idx].shape
+  return plgpu.load(
+      ref.at[idx], mask=jnp.broadcast_to(mask, shape), other=other
+  )
+
+
+_DEPRECATION_MESSAGES = (
+    r".*Pallas Triton backend is deprecated.*",
+    r".*jax\.experimental\.pallas\.ops\.gpu\..* is deprecated.*",
+    r".*Pallas Triton ops in .* are deprecated.*",
+    r".*jax\.experimental\.pallas\.dot.*deprecated.*",
+)
+
+
+def silence_triton_deprecations() -> None:
+  """Filters jax 0.11's Triton-backend deprecation warnings (benchmarks, scripts)."""
+  for message in _DEPRECATION_MESSAGES:
+    warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+
+
+def import_jax_paged_attention():
+  """JAX's own Pallas paged-attention op (deprecated in 0.11, still shipped)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+
+  return jax_paged.paged_attention
+
+
+def lower_as_text(fn, *args, platform: str = "cuda", **kwargs) -> str:
+  """StableHLO text of ``jax.jit(fn)`` lowered for ``platform`` (works on a CPU-only jax:
+  the Pallas Triton lowering runs in Python and needs no GPU)."""
+  traced = jax.jit(fn).trace(*args, **kwargs)
+  return traced.lower(lowering_platforms=(platform,)).as_text()
+
+
+def device_core_count(default: int = 132) -> int:
+  """Number of SMs of the default device (132 on an H100 SXM); ``default`` on CPU."""
+  try:
+    device = jax.devices()[0]
+  except RuntimeError:
+    return default
+  if device.platform != "gpu":
+    return default
+  return int(getattr(device, "core_count", default) or default)
