@@ -171,6 +171,12 @@ class SparseAttention(nnx.Module):
       self.k_norm = RMSNorm(head_dim, qk_norm_eps, param_dtype=param_dtype)
     else:
       self.q_norm = self.k_norm = None
+    # A learned predictor (nnx.Module) some algorithms attach (see Algorithm.build_predictor);
+    # it is called purely and receives this layer's input hidden states.
+    self.predictor = None
+
+  def _predictor_kwargs(self, hidden: jax.Array) -> dict[str, Any]:
+    return {} if self.predictor is None else dict(predictor=self.predictor, hidden=hidden)
 
   def spec(self, page_size: int, runtime: Runtime) -> AttentionSpec:
     return AttentionSpec(q_heads=self.num_heads, kv_heads=self.num_kv_heads, head_dim=self.head_dim,
@@ -214,7 +220,8 @@ class SparseAttention(nnx.Module):
     algo = runtime.algorithm
     if algo is not None:
       spec = self.spec(page_size, runtime)
-      keep = algo.predict_kv(runtime.sparse, spec, q, k, lengths)
+      extra = self._predictor_kwargs(x)
+      keep = algo.predict_kv(runtime.sparse, spec, q, k, lengths, **extra)
       stored = t
       if keep is not None:
         chex.assert_shape(keep.indices, (n, self.num_kv_heads, None))
@@ -222,7 +229,7 @@ class SparseAttention(nnx.Module):
         counts = keep.counts
         stored = keep.indices.shape[-1]
       layer = algo.update_aux(runtime.sparse, spec, layer, page_table_rows, jnp.zeros_like(counts), counts,
-                              stored)
+                              stored, **extra)
     return self.output(out), layer, counts
 
   def decode(self, x: jax.Array, positions: jax.Array, layer: LayerCache, page_table: jax.Array,
@@ -242,8 +249,9 @@ class SparseAttention(nnx.Module):
     selection = None
     if algo is not None:
       spec = self.spec(page_size, runtime)
-      layer = algo.update_aux(runtime.sparse, spec, layer, page_table, lengths, new_lengths, 1)
-      selection = algo.predict_attn(runtime.sparse, spec, q, layer, page_table, new_lengths)
+      extra = self._predictor_kwargs(x[:, None])
+      layer = algo.update_aux(runtime.sparse, spec, layer, page_table, lengths, new_lengths, 1, **extra)
+      selection = algo.predict_attn(runtime.sparse, spec, q, layer, page_table, new_lengths, **extra)
     if selection is None:
       unit_size = page_size
       unit_ids, kv_lens = dense_units(page_table, new_lengths, self.num_kv_heads)

@@ -100,7 +100,11 @@ class Algorithm:
   predict_kv(cfg, spec, q, k, lengths) -> KeepSelection | None          (context phase)
   update_aux(cfg, spec, layer, page_table, start, end, max_tokens) -> LayerCache
   predict_attn(cfg, spec, q, layer, page_table, lengths) -> AttnSelection | None  (generation)
-  page_scores(cfg, spec, q, layer, page_table, lengths) -> float32[batch, kv_heads, max_pages] | None
+  page_scores(cfg, spec, q, layer, page_table, lengths) -> float32[batch, max_pages] | None
+    (per-page importance, used to evict pages during long generation)
+  build_predictor(cfg, spec, layer_index) -> nnx.Module | None: a learned predictor the attention
+    layer owns; when present, predict_kv / update_aux / predict_attn also receive
+    `predictor=` and `hidden=` (the layer's input hidden states: [n, T, hidden]).
   """
   name: str
   config_cls: type
@@ -109,6 +113,7 @@ class Algorithm:
   update_aux: Callable[..., Any]
   predict_attn: Callable[..., Any]
   page_scores: Callable[..., Any] | None = None
+  build_predictor: Callable[..., Any] | None = None
 
 
 _REGISTRY: dict[str, Algorithm] = {}

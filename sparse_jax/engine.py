@@ -158,6 +158,8 @@ class Engine:
     self.cache = create_cache_for(self.layout, num_pages=num_pages, page_size=self.page_size,
                                   batch_slots=max_batch_size, max_pages_per_seq=self.max_pages_per_seq,
                                   dtype=kv_dtype)
+    if sparse_attention_config is not None:
+      self._attach_predictors(model, sparse_attention_config)
     self.graphdef, self.params = nnx.split(model)
     eos = set(getattr(model.config, "eos_token_ids", ()) or ())
     if tokenizer is not None:
@@ -176,6 +178,14 @@ class Engine:
     self._prefill_fn = jax.jit(self._prefill_impl, static_argnames=("n_pages",), donate_argnames=("cache",))
     self._decode_fn = jax.jit(self._decode_impl, static_argnames=("n_pages", "num_steps"),
                               donate_argnames=("cache",))
+
+  def _attach_predictors(self, model, sparse) -> None:
+    from sparse_jax.config import get_algorithm
+    algo = get_algorithm(sparse)
+    if algo.build_predictor is None or not hasattr(model, "attention_layers"):
+      return
+    for i, attn in enumerate(model.attention_layers()):
+      attn.predictor = algo.build_predictor(sparse, attn.spec(self.page_size, self.runtime), i)
 
   # -- sizing -------------------------------------------------------------------------
   def _page_bytes(self, kv_dtype) -> int:
