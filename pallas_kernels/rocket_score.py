@@ -1,0 +1,288 @@
+"""RocketKV generation-phase block scoring over the KT cache (TensorRT-LLM's RocketKV).
+
+The KT cache stores, per block of ``block_size`` tokens, the elementwise min and max of the
+keys. Per (batch row b, kv head g) with its group of G query heads ``q[g*G:(g+1)*G]``
+(``[G, D]``, f32)::
+
+    importance[c] = mean_h |q[h, c]|            R = top-``topr`` channels of importance
+    qm = q masked to channels R                 sign[c] = sum_h qm[h, c] > 0
+    raw[h, t] = scale * sum_c qm[h, c] * (kt[t, max, c] if sign[c] else kt[t, min, c])
+    p[h, :] = softmax over valid blocks t of raw[h, :]
+    out[t] = mean_h p[h, t]   (-inf for t >= n_valid = ceil(length / block_size))
+
+Split of the work: a tiny XLA preamble picks the channels (``lax.top_k``) and builds
+``scale * qm`` and ``sign``; the kernel reads the KT cache once (the dominant bytes), does the
+sign-dependent min/max select and the G dot products in f32 and writes ``raw``; an XLA
+epilogue does the masked softmax and the group mean (``raw`` is G x 4 bytes per block,
+small next to the 2 x D KT bytes per block).
+
+Layout of the file: kernel body, ``pallas_call`` launcher, public jitted function,
+``rocket_block_scores_reference`` (plain jax.numpy).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+
+
+def _rocket_score_kernel(qm_ref, sign_ref, pt_ref, nvalid_ref, kt_ref, raw_ref, *,
+                         num_splits: int, blocks_per_iter: int, blocks_per_page: int):
+  """One program = one (batch row, kv head, split) over a balanced range of valid blocks.
+
+  Refs: ``qm_ref [G, D]`` f32 (scaled, channel-masked q), ``sign_ref [D]`` int32,
+  ``pt_ref [max_pages]`` page-table row, ``nvalid_ref [1]``, ``kt_ref [num_pages *
+  blocks_per_page, 2, D]`` the KT cache of this kv head, ``raw_ref [G, T_padded]`` f32.
+  The split owns blocks ``[split * per, min((split+1) * per, n_valid))`` with
+  ``per = ceil(n_valid / num_splits)`` rounded up to whole iterations, so the work is
+  balanced on the actual length (the page table may be much wider), ranges never overlap,
+  and blocks >= n_valid are not read (lanes of a partial last iteration read block 0 of
+  page 0 of the pool and are discarded by the epilogue).
+  """
+  split = pl.program_id(2)
+  group = qm_ref.shape[0]
+  n = blocks_per_iter
+  n_valid = nvalid_ref[0]
+  per_split = pl.cdiv(pl.cdiv(n_valid, num_splits), n) * n
+  start = split * per_split
+  end = jnp.minimum(start + per_split, n_valid)
+  num_iters = pl.cdiv(jnp.maximum(end - start, 0), n)
+
+  use_max = (sign_ref[...] != 0)[None, :]  # [1, D]
+  q_rows = [qm_ref[h][None, :] for h in range(group)]  # G x [1, D] f32
+
+  def body(i, carry):
+    t0 = start + i * n
+    t = t0 + jnp.arange(n, dtype=jnp.int32)
+    valid = t < n_valid
+    t = jnp.where(valid, t, 0)
+    page = pt_ref[t // blocks_per_page]
+    valid = valid & (page >= 0)
+    row = jnp.where(valid, page * blocks_per_page + t % blocks_per_page, 0)
+    kmin, kmax = kt_ref[row, 0, :], kt_ref[row, 1, :]  # [n, D] each
+    if kmin.dtype.itemsize == 1:  # fp8 e5m2 -> bf16 is exact; select on 16-bit values
+      kmin, kmax = kmin.astype(jnp.bfloat16), kmax.astype(jnp.bfloat16)
+    # Select before the f32 upcast: one f32 tile of [n, D] live instead of three.
+    k_sel = jnp.where(use_max, kmax, kmin).astype(jnp.float32)
+    for h in range(group):
+      raw_ref[h, pl.ds(t0, n)] = jnp.sum(k_sel * q_rows[h], axis=1)
+    return carry
+
+  lax.fori_loop(0, num_iters, body, 0)
+
+
+def _rocket_scores_pallas(qm, sign, kt, page_table, n_valid, *, num_splits,
+                          blocks_per_iter, num_warps, num_stages, interpret):
+  """qm: [B, Hkv, G, D] f32 (scaled); sign: [B, Hkv, D] int32 -> raw [B, Hkv, G, T_pad]."""
+  batch, kv_heads, group, head_dim = qm.shape
+  _, num_pages, blocks_per_page, _, _ = kt.shape
+  max_pages = page_table.shape[1]
+  total_blocks = max_pages * blocks_per_page
+  padded_blocks = pl.cdiv(total_blocks, blocks_per_iter) * blocks_per_iter
+  kt_rows = kt.reshape(kv_heads, num_pages * blocks_per_page, 2, head_dim)
+  kernel = functools.partial(
+      _rocket_score_kernel, num_splits=num_splits, blocks_per_iter=blocks_per_iter,
+      blocks_per_page=blocks_per_page)
+  return pl.pallas_call(
+      kernel,
+      grid=(batch, kv_heads, num_splits),
+      in_specs=[
+          pl.BlockSpec((None, None, group, head_dim), lambda b, g, s: (b, g, 0, 0)),
+          pl.BlockSpec((None, None, head_dim), lambda b, g, s: (b, g, 0)),
+          pl.BlockSpec((None, max_pages), lambda b, g, s: (b, 0)),
+          pl.BlockSpec((None, 1), lambda b, g, s: (b, 0)),
+          pl.BlockSpec((None, num_pages * blocks_per_page, 2, head_dim),
+                       lambda b, g, s: (g, 0, 0, 0)),
+      ],
+      out_specs=pl.BlockSpec((None, None, group, padded_blocks),
+                             lambda b, g, s: (b, g, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, group, padded_blocks),
+                                     jnp.float32),
+      compiler_params=_compat.compiler_params(num_warps=num_warps,
+                                              num_stages=num_stages),
+      interpret=interpret,
+      name="rocket_block_scores",
+  )(qm, sign, page_table.astype(jnp.int32), n_valid.reshape(batch, 1), kt_rows)
+
+
+def _select_channels(q, kv_heads, topr):
+  """XLA preamble: ``qm`` (q masked to the top-r channels, [B, Hkv, G, D] f32) and
+  ``sign`` ([B, Hkv, D] bool) per the RocketKV rule; ties as ``lax.top_k``."""
+  batch, q_heads, head_dim = q.shape
+  qg = q.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).astype(jnp.float32)
+  importance = jnp.abs(qg).mean(axis=2)  # [B, Hkv, D]
+  _, channels = lax.top_k(importance, topr)  # [B, Hkv, topr]
+  keep = (channels[..., :, None] == jnp.arange(head_dim)).any(axis=-2)  # [B, Hkv, D]
+  qm = jnp.where(keep[:, :, None, :], qg, 0.0)
+  sign = qm.sum(axis=2) > 0
+  return qm, sign
+
+
+def _softmax_group_mean(raw, n_valid):
+  """raw: [B, Hkv, G, T] f32 (garbage where t >= n_valid) -> [B, Hkv, T]."""
+  t = jnp.arange(raw.shape[-1])
+  valid = t[None, :] < n_valid[:, None]  # [B, T]
+  logits = jnp.where(valid[:, None, None, :], raw, -jnp.inf)
+  m = logits.max(axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  e = jnp.exp(logits - m)
+  denom = e.sum(axis=-1, keepdims=True)
+  p = e / jnp.where(denom > 0, denom, 1.0)
+  return jnp.where(valid[:, None, :], p.mean(axis=2), -jnp.inf)
+
+
+def _check_inputs(q, kt, page_table, lengths, topr):
+  if q.ndim != 3:
+    raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
+  batch, q_heads, head_dim = q.shape
+  if kt.ndim != 5 or kt.shape[3] != 2 or kt.shape[4] != head_dim:
+    raise ValueError(
+        "kt must be [kv_heads, num_pages, blocks_per_page, 2, head_dim="
+        f"{head_dim}], got shape {kt.shape}")
+  kv_heads = kt.shape[0]
+  if q_heads % kv_heads:
+    raise ValueError(
+        f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+  if (page_table.ndim != 2 or page_table.shape[0] != batch
+      or not jnp.issubdtype(page_table.dtype, jnp.integer)):
+    raise ValueError(
+        f"page_table must be int32[batch={batch}, max_pages], got"
+        f" {page_table.dtype}{list(page_table.shape)}")
+  if lengths.shape != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(
+        f"lengths must be int32[batch={batch}], got {lengths.dtype}{list(lengths.shape)}")
+  if not isinstance(topr, int) or not 1 <= topr <= head_dim:
+    raise ValueError(f"topr must be an int in 1..head_dim={head_dim}, got {topr!r}")
+  chex.assert_shape(page_table, (batch, None))
+
+
+def default_num_splits(batch: int, kv_heads: int, max_blocks: int, blocks_per_iter: int,
+                       core_count: int | None = None) -> int:
+  """About 2 programs per SM, at least one iteration per split; a power of two <= 32."""
+  if core_count is None:
+    core_count = _compat.device_core_count()
+  want = pl.cdiv(2 * core_count, batch * kv_heads)
+  splits = max(1, min(want, pl.cdiv(max_blocks, blocks_per_iter), 32))
+  return 1 << (splits.bit_length() - 1)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("topr", "block_size", "scale", "backend", "interpret",
+                     "blocks_per_iter", "num_splits", "num_warps", "num_stages"),
+)
+def rocket_block_scores(
+    q: jax.Array,
+    kt: jax.Array,
+    page_table: jax.Array,
+    lengths: jax.Array,
+    *,
+    topr: int,
+    block_size: int,
+    scale: float | None = None,
+    backend: str = "pallas",
+    interpret: bool | None = None,
+    blocks_per_iter: int = 32,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> jax.Array:
+  """RocketKV block scores of the current decode token against the KT cache.
+
+  Args:
+    q: ``[batch, q_heads, head_dim]`` roped query of the decode token.
+    kt: ``[kv_heads, num_pages, blocks_per_page, 2, head_dim]``: per block of
+      ``block_size`` tokens the elementwise min (``[..., 0, :]``) and max
+      (``[..., 1, :]``) of the keys; float8_e5m2, bfloat16 or float32.
+    page_table: ``int32[batch, max_pages]`` (-1 = none); logical block t lives at page
+      ``page_table[b, t // blocks_per_page]``, slot ``t % blocks_per_page``.
+    lengths: ``int32[batch]`` tokens stored; valid blocks t < ceil(lengths / block_size).
+    topr: channels kept per kv head, 1..head_dim.
+    block_size: tokens per KT block (only used to count the valid blocks).
+    scale: logit scale, default ``head_dim ** -0.5``.
+    backend: ``"pallas"`` or ``"reference"``.
+    interpret: Pallas interpret mode; None = when the default backend is the CPU.
+    blocks_per_iter: KT blocks per loop iteration (power of two).
+    num_splits: programs per (batch, kv head); default fills the SMs.
+    num_warps, num_stages: Triton compiler parameters.
+
+  Returns:
+    ``float32[batch, kv_heads, max_pages * blocks_per_page]``: group-averaged softmax
+    probabilities over the valid blocks, exactly -inf for invalid blocks.
+  """
+  _check_inputs(q, kt, page_table, lengths, topr)
+  head_dim = q.shape[-1]
+  if scale is None:
+    scale = head_dim ** -0.5
+  if backend == "reference":
+    return rocket_block_scores_reference(q, kt, page_table, lengths, topr=topr,
+                                         block_size=block_size, scale=scale)
+  if backend != "pallas":
+    raise ValueError(f"backend must be 'pallas' or 'reference', got {backend!r}")
+  if blocks_per_iter < 1 or blocks_per_iter & (blocks_per_iter - 1):
+    raise ValueError(f"blocks_per_iter must be a power of two, got {blocks_per_iter}")
+  if head_dim & (head_dim - 1):
+    raise ValueError(f"head_dim must be a power of two, got {head_dim}")
+  batch = q.shape[0]
+  kv_heads, _, blocks_per_page, _, _ = kt.shape
+  total_blocks = page_table.shape[1] * blocks_per_page
+  if num_splits is None:
+    num_splits = default_num_splits(batch, kv_heads, total_blocks, blocks_per_iter)
+
+  n_valid = pl.cdiv(lengths.astype(jnp.int32), block_size)
+  qm, sign = _select_channels(q, kv_heads, topr)
+  raw = _rocket_scores_pallas(
+      qm * scale, sign.astype(jnp.int32), kt, page_table, n_valid,
+      num_splits=num_splits, blocks_per_iter=blocks_per_iter, num_warps=num_warps,
+      num_stages=num_stages, interpret=_compat.resolve_interpret(interpret))
+  return _softmax_group_mean(raw[..., :total_blocks], n_valid)
+
+
+@functools.partial(jax.jit, static_argnames=("topr", "block_size", "scale"))
+def rocket_block_scores_reference(
+    q: jax.Array,
+    kt: jax.Array,
+    page_table: jax.Array,
+    lengths: jax.Array,
+    *,
+    topr: int,
+    block_size: int,
+    scale: float | None = None,
+) -> jax.Array:
+  """Plain-XLA reference of :func:`rocket_block_scores`, written independently of the
+  kernel path (stable argsort for the channel choice, full gather of the KT cache)."""
+  _check_inputs(q, kt, page_table, lengths, topr)
+  batch, q_heads, head_dim = q.shape
+  kv_heads, _, blocks_per_page, _, _ = kt.shape
+  group = q_heads // kv_heads
+  if scale is None:
+    scale = head_dim ** -0.5
+
+  qg = q.reshape(batch, kv_heads, group, head_dim).astype(jnp.float32)
+  importance = jnp.abs(qg).mean(axis=2)
+  order = jnp.argsort(-importance, axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1)  # rank of every channel
+  qm = jnp.where((rank < topr)[:, :, None, :], qg, 0.0)
+  use_max = qm.sum(axis=2) > 0  # [B, Hkv, D]
+
+  total_blocks = page_table.shape[1] * blocks_per_page
+  t = jnp.arange(total_blocks)
+  n_valid = (lengths + block_size - 1) // block_size
+  page = page_table[:, t // blocks_per_page]  # [B, T]
+  valid = t[None, :] < n_valid[:, None]  # [B, T]
+  blocks = kt[:, jnp.maximum(page, 0), t % blocks_per_page]  # [Hkv, B, T, 2, D]
+  blocks = jnp.moveaxis(blocks, 0, 1).astype(jnp.float32)  # [B, Hkv, T, 2, D]
+  k_sel = jnp.where(use_max[:, :, None, :], blocks[..., 1, :], blocks[..., 0, :])
+  raw = scale * jnp.einsum("bhgd,bhtd->bhgt", qm, k_sel,
+                           precision=lax.Precision.HIGHEST)
+  logits = jnp.where(valid[:, None, None, :], raw, -jnp.inf)
+  p = jax.nn.softmax(logits, axis=-1)
+  p = jnp.where(jnp.isnan(p), 0.0, p)  # rows with no valid block
+  return jnp.where(valid[:, None, :], p.mean(axis=2), -jnp.inf)
