@@ -80,6 +80,13 @@ def gather_load(ref, idx, *, mask, other, interpret: bool):
   )
 
 
+def store_slice(ref, idx, value, *, mask, interpret: bool) -> None:
+  """``ref[idx] = value`` where ``mask`` (idx: slices / scalars only, no index vector).
+  Masked lanes may lie past the end of the array."""
+  del interpret  # masked stores through slices have an interpret-mode rule
+  plgpu.store(ref.at[idx], value, mask=mask)
+
+
 _DEPRECATION_MESSAGES = (
     r".*Pallas Triton backend is deprecated.*",
     r".*jax\.experimental\.pallas\.ops\.gpu\..* is deprecated.*",
@@ -119,3 +126,15 @@ def device_core_count(default: int = 132) -> int:
   if device.platform != "gpu":
     return default
   return int(getattr(device, "core_count", default) or default)
+
+
+def shard_map(f, *, mesh, in_specs, out_specs):
+  """`jax.shard_map` (jax >= 0.7) or the older experimental one, replication checks off.
+
+  Our per-KV-head attention code mixes split and replicated values (e.g. kept-token counts
+  that every shard computes identically), which the checker cannot always prove.
+  """
+  if hasattr(jax, "shard_map"):
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  from jax.experimental.shard_map import shard_map as _shard_map  # pragma: no cover (old jax)
+  return _shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)

@@ -12,9 +12,10 @@ keys. Per (batch row b, kv head g) with its group of G query heads ``q[g*G:(g+1)
 
 Split of the work: a tiny XLA preamble picks the channels (``lax.top_k``) and builds
 ``scale * qm`` and ``sign``; the kernel reads the KT cache once (the dominant bytes), does the
-sign-dependent min/max select and the G dot products in f32 and writes ``raw``; an XLA
-epilogue does the masked softmax and the group mean (``raw`` is G x 4 bytes per block,
-small next to the 2 x D KT bytes per block).
+sign-dependent min/max select and the G dot products in f32 and writes ``raw`` (G x 4 bytes
+per block, small next to the 2 x D KT bytes); a second small kernel does the masked softmax
+and the group mean reading only the valid blocks (the page table, hence the output, may be
+far wider than the valid blocks), or optionally one XLA fusion.
 
 Layout of the file: kernel body, ``pallas_call`` launcher, public jitted function,
 ``rocket_block_scores_reference`` (plain jax.numpy).
@@ -31,6 +32,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+
+_NEG = _compat.NEG_INF_FINITE
+_EPILOGUE_CHUNK = 256
 
 
 def _rocket_score_kernel(qm_ref, sign_ref, pt_ref, nvalid_ref, kt_ref, raw_ref, *,
@@ -78,6 +82,77 @@ def _rocket_score_kernel(qm_ref, sign_ref, pt_ref, nvalid_ref, kt_ref, raw_ref, 
   lax.fori_loop(0, num_iters, body, 0)
 
 
+def _softmax_mean_kernel(raw_ref, nvalid_ref, out_ref, *, chunk: int, interpret: bool):
+  """One program = one (batch row, kv head): masked softmax per q head + group mean.
+
+  Refs: ``raw_ref [G, T_padded]`` f32 (valid for t < n_valid, garbage after),
+  ``nvalid_ref [1]``, ``out_ref [T]`` f32. Reads raw only up to n_valid (the page table,
+  hence T, may be far wider than the valid blocks): pass 1 online max/sum per head,
+  pass 2 writes ``mean_h exp(raw - m_h) / l_h``, pass 3 fills -inf up to T.
+  """
+  group = raw_ref.shape[0]
+  total = out_ref.shape[0]
+  n_valid = nvalid_ref[0]
+  valid_chunks = pl.cdiv(n_valid, chunk)
+
+  def load(h, i):
+    t = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    return t, jnp.where(t < n_valid, raw_ref[h, pl.ds(i * chunk, chunk)], _NEG)
+
+  def stats(i, carry):
+    ms, ls = carry
+    new_ms, new_ls = [], []
+    for h in range(group):
+      _, x = load(h, i)
+      m = jnp.maximum(ms[h], x.max())
+      new_ls.append(ls[h] * jnp.exp(ms[h] - m) + jnp.exp(x - m).sum())
+      new_ms.append(m)
+    return tuple(new_ms), tuple(new_ls)
+
+  init = (tuple(jnp.float32(_NEG) for _ in range(group)),
+          tuple(jnp.float32(0.0) for _ in range(group)))
+  ms, ls = lax.fori_loop(0, valid_chunks, stats, init)
+  inv = [1.0 / (group * jnp.maximum(l, 1e-30)) for l in ls]
+
+  def write(i, carry):
+    acc = jnp.zeros((chunk,), jnp.float32)
+    for h in range(group):
+      t, x = load(h, i)
+      acc += jnp.exp(x - ms[h]) * inv[h]
+    out = jnp.where(t < n_valid, acc, -jnp.inf)
+    _compat.store_slice(out_ref, pl.ds(i * chunk, chunk), out, mask=t < total,
+                        interpret=interpret)
+    return carry
+
+  lax.fori_loop(0, valid_chunks, write, 0)
+
+  def fill(i, carry):
+    t = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
+    _compat.store_slice(out_ref, pl.ds(i * chunk, chunk),
+                        jnp.full((chunk,), -jnp.inf, jnp.float32), mask=t < total,
+                        interpret=interpret)
+    return carry
+
+  lax.fori_loop(valid_chunks, pl.cdiv(total, chunk), fill, 0)
+
+
+def _softmax_mean_pallas(raw, n_valid, total_blocks, *, chunk, interpret):
+  batch, kv_heads, group, padded_blocks = raw.shape
+  return pl.pallas_call(
+      functools.partial(_softmax_mean_kernel, chunk=chunk, interpret=interpret),
+      grid=(batch, kv_heads),
+      in_specs=[
+          pl.BlockSpec((None, None, group, padded_blocks), lambda b, g: (b, g, 0, 0)),
+          pl.BlockSpec((None, 1), lambda b, g: (b, 0)),
+      ],
+      out_specs=pl.BlockSpec((None, None, total_blocks), lambda b, g: (b, g, 0)),
+      out_shape=jax.ShapeDtypeStruct((batch, kv_heads, total_blocks), jnp.float32),
+      compiler_params=_compat.compiler_params(num_warps=4, num_stages=1),
+      interpret=interpret,
+      name="rocket_softmax_mean",
+  )(raw, n_valid.reshape(batch, 1))
+
+
 def _rocket_scores_pallas(qm, sign, kt, page_table, n_valid, *, num_splits,
                           blocks_per_iter, num_warps, num_stages, interpret):
   """qm: [B, Hkv, G, D] f32 (scaled); sign: [B, Hkv, D] int32 -> raw [B, Hkv, G, T_pad]."""
@@ -85,7 +160,8 @@ def _rocket_scores_pallas(qm, sign, kt, page_table, n_valid, *, num_splits,
   _, num_pages, blocks_per_page, _, _ = kt.shape
   max_pages = page_table.shape[1]
   total_blocks = max_pages * blocks_per_page
-  padded_blocks = pl.cdiv(total_blocks, blocks_per_iter) * blocks_per_iter
+  step = max(blocks_per_iter, _EPILOGUE_CHUNK)
+  padded_blocks = pl.cdiv(total_blocks, step) * step
   kt_rows = kt.reshape(kv_heads, num_pages * blocks_per_page, 2, head_dim)
   kernel = functools.partial(
       _rocket_score_kernel, num_splits=num_splits, blocks_per_iter=blocks_per_iter,
@@ -176,7 +252,8 @@ def default_num_splits(batch: int, kv_heads: int, max_blocks: int, blocks_per_it
 @functools.partial(
     jax.jit,
     static_argnames=("topr", "block_size", "scale", "backend", "interpret",
-                     "blocks_per_iter", "num_splits", "num_warps", "num_stages"),
+                     "blocks_per_iter", "num_splits", "num_warps", "num_stages",
+                     "epilogue"),
 )
 def rocket_block_scores(
     q: jax.Array,
@@ -193,6 +270,7 @@ def rocket_block_scores(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    epilogue: str = "pallas",
 ) -> jax.Array:
   """RocketKV block scores of the current decode token against the KT cache.
 
@@ -212,6 +290,8 @@ def rocket_block_scores(
     blocks_per_iter: KT blocks per loop iteration (power of two).
     num_splits: programs per (batch, kv head); default fills the SMs.
     num_warps, num_stages: Triton compiler parameters.
+    epilogue: ``"pallas"`` (softmax + group mean in a second small kernel that reads only
+      the valid blocks) or ``"xla"`` (one XLA fusion over the whole page-table width).
 
   Returns:
     ``float32[batch, kv_heads, max_pages * blocks_per_page]``: group-averaged softmax
@@ -236,13 +316,19 @@ def rocket_block_scores(
   if num_splits is None:
     num_splits = default_num_splits(batch, kv_heads, total_blocks, blocks_per_iter)
 
+  if epilogue not in ("pallas", "xla"):
+    raise ValueError(f"epilogue must be 'pallas' or 'xla', got {epilogue!r}")
+  interpret = _compat.resolve_interpret(interpret)
   n_valid = pl.cdiv(lengths.astype(jnp.int32), block_size)
   qm, sign = _select_channels(q, kv_heads, topr)
   raw = _rocket_scores_pallas(
       qm * scale, sign.astype(jnp.int32), kt, page_table, n_valid,
       num_splits=num_splits, blocks_per_iter=blocks_per_iter, num_warps=num_warps,
-      num_stages=num_stages, interpret=_compat.resolve_interpret(interpret))
-  return _softmax_group_mean(raw[..., :total_blocks], n_valid)
+      num_stages=num_stages, interpret=interpret)
+  if epilogue == "xla":
+    return _softmax_group_mean(raw[..., :total_blocks], n_valid)
+  return _softmax_mean_pallas(raw, n_valid, total_blocks, chunk=_EPILOGUE_CHUNK,
+                              interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("topr", "block_size", "scale"))

@@ -76,10 +76,10 @@ CASES = {
                             ["compact_pages_gather", "compact_pages_scatter"]),
     "rocket_fp8": (rocket_block_scores,
                    _rocket_args("bench_b8_h32_kv8_d128_keep2k_fp8"),
-                   ["rocket_block_scores"]),
+                   ["rocket_block_scores", "rocket_softmax_mean"]),
     "rocket_bf16": (rocket_block_scores,
                     _rocket_args("bench_b8_h32_kv8_d128_keep2k_bf16"),
-                    ["rocket_block_scores"]),
+                    ["rocket_block_scores", "rocket_softmax_mean"]),
 }
 
 

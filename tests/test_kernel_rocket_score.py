@@ -54,14 +54,15 @@ def test_matches_reference(name, seed):
   _check_scores(out, ref, shape, case.lengths)
 
 
-@pytest.mark.parametrize("blocks_per_iter,num_splits", [(16, 1), (16, 3), (32, 2)])
-def test_split_knobs(blocks_per_iter, num_splits):
+@pytest.mark.parametrize("blocks_per_iter,num_splits,epilogue",
+                         [(16, 1, "pallas"), (16, 3, "xla"), (32, 2, "pallas")])
+def test_split_knobs_and_epilogues(blocks_per_iter, num_splits, epilogue):
   shape = ns.ROCKET_SHAPES["test_g4_d64_b4_f32"]
   case = ns.rocket_case(shape, seed=5, poison=True)
   kwargs = dict(topr=shape.topr, block_size=shape.block_size)
   out = rocket_block_scores(*case.kernel_args(), interpret=True,
                             blocks_per_iter=blocks_per_iter, num_splits=num_splits,
-                            **kwargs)
+                            epilogue=epilogue, **kwargs)
   ref = rocket_block_scores_reference(*case.kernel_args(), **kwargs)
   _check_scores(out, ref, shape, case.lengths)
 
