@@ -166,6 +166,23 @@ class LlamaForCausalLM(nnx.Module):
     return CacheLayout(num_layers=self.num_layers, kv_heads=self.kv_heads, head_dim=self.head_dim,
                        v_head_dim=self.head_dim, aux_specs=aux)
 
+  def tensor_parallel_spec(self, path: tuple[str, ...], shard_kv: bool):
+    """PartitionSpec of one parameter (see sparse_jax/parallel.py for the scheme)."""
+    from jax.sharding import PartitionSpec as P
+    from sparse_jax.attention import TP_AXIS
+    if "mlp" in path:
+      split_out = path[-2] in ("gate_proj", "up_proj")
+      if path[-1] == "kernel":
+        return P(None, TP_AXIS) if split_out else P(TP_AXIS, None)
+      return P(TP_AXIS) if split_out else P()
+    if "self_attn" in path and shard_kv:
+      proj = path[-2]
+      if proj in ("q_proj", "k_proj", "v_proj"):
+        return P(None, TP_AXIS) if path[-1] == "kernel" else P(TP_AXIS)
+      if proj == "o_proj":
+        return P(TP_AXIS, None) if path[-1] == "kernel" else P()
+    return P()
+
   def attention_layers(self) -> list[SparseAttention]:
     return [layer.self_attn for layer in self.layers]
 

@@ -20,9 +20,11 @@ from flax import nnx
 from sparse_jax import rope as rope_lib
 from sparse_jax.cache import LayerCache, token_slots, write_tokens
 from sparse_jax.config import BaseSparseAttentionConfig, get_algorithm
+from pallas_kernels._compat import shard_map
 from sparse_jax.selection import dense_units, pool_as_units, to_units, unit_size_for
 
 BACKENDS = ("reference", "pallas")
+TP_AXIS = "tp"
 _MASK = -1e30
 
 
@@ -38,10 +40,42 @@ class Runtime:
   backend: str = "reference"
   sparse: BaseSparseAttentionConfig | None = None
   interpret: bool | None = None
+  mesh: Any = None          # jax.sharding.Mesh with axis TP_AXIS, or None
+  shard_kv: bool = False    # KV heads split over the mesh (else attention runs replicated)
 
   def __post_init__(self):
     if self.backend not in BACKENDS:
       raise ValueError(f"backend={self.backend!r}; expected one of {BACKENDS}")
+
+  def per_kv_shard(self, fn, in_kinds, out_kinds):
+    """Runs `fn` on each tensor-parallel shard's KV heads (shard_map), or as is without a mesh.
+
+    kinds: True = heads on axis -2, split; "layer" = a LayerCache whose pools split on axis 0;
+    False = replicated. Everything `fn` does is per KV head, so no communication is needed.
+    """
+    if self.mesh is None or not self.shard_kv:
+      return fn
+    from jax.sharding import PartitionSpec as P
+
+    def spec(kind, x):
+      if kind is True:
+        return P(*([None] * (x.ndim - 2)), TP_AXIS, None)
+      if kind == "layer":
+        split = lambda a: P(TP_AXIS) if a.shape[0] == x.k.shape[0] else P()
+        return jax.tree_util.tree_map(split, x)
+      return jax.tree_util.tree_map(lambda _: P(), x)
+
+    def wrapped(*args):
+      in_specs = tuple(spec(kind, a) for kind, a in zip(in_kinds, args))
+      layer = next(a for kind, a in zip(in_kinds, args) if kind == "layer")
+      out_specs = tuple(spec(kind, layer) if kind == "layer" else (P(None, TP_AXIS, None) if kind else P())
+                        for kind in out_kinds)
+      # The heads-split output keeps the input's rank: fix the spec from the first split input.
+      first = next(a for kind, a in zip(in_kinds, args) if kind is True)
+      out_specs = tuple(spec(True, first) if kind is True else o for kind, o in zip(out_kinds, out_specs))
+      return shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+
+    return wrapped
 
   @property
   def algorithm(self):
@@ -211,25 +245,9 @@ class SparseAttention(nnx.Module):
     chex.assert_shape(page_table_rows, (n, None))
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
     q, k, v = self.project(x, pos)
-    out = causal_attention(q, k, v, lengths, self.scale, backend=runtime.backend)
-    page_size, num_pages = layer.k.shape[2], layer.k.shape[1]
-    slots = token_slots(page_table_rows, pos, pos < lengths[:, None], page_size, num_pages).reshape(-1)
-    layer = layer.replace(k=write_tokens(layer.k, slots, k.reshape(n * t, self.num_kv_heads, -1)),
-                          v=write_tokens(layer.v, slots, v.reshape(n * t, self.num_kv_heads, -1)))
-    counts = lengths.astype(jnp.int32)
-    algo = runtime.algorithm
-    if algo is not None:
-      spec = self.spec(page_size, runtime)
-      extra = self._predictor_kwargs(x)
-      keep = algo.predict_kv(runtime.sparse, spec, q, k, lengths, **extra)
-      stored = t
-      if keep is not None:
-        chex.assert_shape(keep.indices, (n, self.num_kv_heads, None))
-        layer = compact(layer, page_table_rows, keep.indices, keep.counts, runtime)
-        counts = keep.counts
-        stored = keep.indices.shape[-1]
-      layer = algo.update_aux(runtime.sparse, spec, layer, page_table_rows, jnp.zeros_like(counts), counts,
-                              stored, **extra)
+    core = functools.partial(prefill_core, scale=self.scale, runtime=runtime, extra=self._predictor_kwargs(x))
+    out, layer, counts = runtime.per_kv_shard(core, (True, True, True, False, "layer", False),
+                                              (True, "layer", False))(q, k, v, lengths, layer, page_table_rows)
     return self.output(out), layer, counts
 
   def decode(self, x: jax.Array, positions: jax.Array, layer: LayerCache, page_table: jax.Array,
@@ -240,23 +258,68 @@ class SparseAttention(nnx.Module):
     s = x.shape[0]
     chex.assert_shape((positions, lengths, active), (s,))
     q, k, v = self.project(x[:, None], positions[:, None])
-    q, k, v = q[:, 0], k[:, 0], v[:, 0]
-    page_size, num_pages = layer.k.shape[2], layer.k.shape[1]
-    slot = token_slots(page_table, lengths[:, None], active[:, None], page_size, num_pages)[:, 0]
-    layer = layer.replace(k=write_tokens(layer.k, slot, k), v=write_tokens(layer.v, slot, v))
-    new_lengths = lengths + active.astype(jnp.int32)
-    algo = runtime.algorithm
-    selection = None
-    if algo is not None:
-      spec = self.spec(page_size, runtime)
-      extra = self._predictor_kwargs(x[:, None])
-      layer = algo.update_aux(runtime.sparse, spec, layer, page_table, lengths, new_lengths, 1, **extra)
-      selection = algo.predict_attn(runtime.sparse, spec, q, layer, page_table, new_lengths, **extra)
-    if selection is None:
-      unit_size = page_size
-      unit_ids, kv_lens = dense_units(page_table, new_lengths, self.num_kv_heads)
-    else:
-      unit_size = unit_size_for(selection.block_size, page_size)
-      unit_ids, kv_lens = to_units(selection, page_table, new_lengths, page_size, unit_size)
-    out = paged_decode(q, layer, unit_ids, kv_lens, unit_size, self.scale, runtime)
+    core = functools.partial(decode_core, scale=self.scale, runtime=runtime,
+                             extra=self._predictor_kwargs(x[:, None]))
+    out, layer = runtime.per_kv_shard(core, (True, True, True, "layer", False, False, False),
+                                      (True, "layer"))(q[:, 0], k[:, 0], v[:, 0], layer, page_table, lengths, active)
     return self.output(out), layer
+
+
+def _spec_for(q: jax.Array, layer: LayerCache, scale: float, runtime: Runtime) -> AttentionSpec:
+  """The spec of the heads this call sees (all of them, or one tensor-parallel shard's)."""
+  return AttentionSpec(q_heads=q.shape[-2], kv_heads=layer.k.shape[0], head_dim=q.shape[-1],
+                       page_size=layer.k.shape[2], scale=scale, runtime=runtime)
+
+
+def prefill_core(q, k, v, lengths, layer: LayerCache, rows, *, scale, runtime: Runtime, extra):
+  """Per-KV-head part of prefill: attention, cache write, predict_kv + compaction, aux update.
+
+  q: [n, T, Hq, D], k, v: [n, T, Hkv, D] roped; lengths: int32[n]; rows: int32[n, max_pages].
+  Returns (attention output [n, T, Hq, D], layer, kept counts int32[n]).
+  """
+  n, t, kv_heads = k.shape[0], k.shape[1], k.shape[2]
+  out = causal_attention(q, k, v, lengths, scale, backend=runtime.backend)
+  page_size, num_pages = layer.k.shape[2], layer.k.shape[1]
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+  slots = token_slots(rows, pos, pos < lengths[:, None], page_size, num_pages).reshape(-1)
+  layer = layer.replace(k=write_tokens(layer.k, slots, k.reshape(n * t, kv_heads, -1)),
+                        v=write_tokens(layer.v, slots, v.reshape(n * t, kv_heads, -1)))
+  counts = lengths.astype(jnp.int32)
+  algo = runtime.algorithm
+  if algo is not None:
+    spec = _spec_for(q, layer, scale, runtime)
+    keep = algo.predict_kv(runtime.sparse, spec, q, k, lengths, **extra)
+    stored = t
+    if keep is not None:
+      chex.assert_shape(keep.indices, (n, kv_heads, None))
+      layer = compact(layer, rows, keep.indices, keep.counts, runtime)
+      counts = keep.counts
+      stored = keep.indices.shape[-1]
+    layer = algo.update_aux(runtime.sparse, spec, layer, rows, jnp.zeros_like(counts), counts, stored, **extra)
+  return out, layer, counts
+
+
+def decode_core(q, k, v, layer: LayerCache, page_table, lengths, active, *, scale, runtime: Runtime, extra):
+  """Per-KV-head part of a decode step: append K/V, update aux, predict, sparse paged attention.
+
+  q: [S, Hq, D], k, v: [S, Hkv, D] roped; page_table: int32[S, max_pages]; lengths: int32[S]
+  before this token; active: bool[S]. Returns (attention output [S, Hq, D], layer).
+  """
+  kv_heads = k.shape[1]
+  page_size, num_pages = layer.k.shape[2], layer.k.shape[1]
+  slot = token_slots(page_table, lengths[:, None], active[:, None], page_size, num_pages)[:, 0]
+  layer = layer.replace(k=write_tokens(layer.k, slot, k), v=write_tokens(layer.v, slot, v))
+  new_lengths = lengths + active.astype(jnp.int32)
+  algo = runtime.algorithm
+  selection = None
+  if algo is not None:
+    spec = _spec_for(q, layer, scale, runtime)
+    layer = algo.update_aux(runtime.sparse, spec, layer, page_table, lengths, new_lengths, 1, **extra)
+    selection = algo.predict_attn(runtime.sparse, spec, q, layer, page_table, new_lengths, **extra)
+  if selection is None:
+    unit_size = page_size
+    unit_ids, kv_lens = dense_units(page_table, new_lengths, kv_heads)
+  else:
+    unit_size = unit_size_for(selection.block_size, page_size)
+    unit_ids, kv_lens = to_units(selection, page_table, new_lengths, page_size, unit_size)
+  return paged_decode(q, layer, unit_ids, kv_lens, unit_size, scale, runtime), layer

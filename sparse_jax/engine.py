@@ -132,7 +132,7 @@ class Engine:
                sparse_attention_config: BaseSparseAttentionConfig | None = None, backend: str = "reference",
                max_batch_size: int = 8, max_seq_len: int | None = None, kv_dtype=jnp.float32,
                decode_chunk_size: int = 16, max_queue_size: int = 1024, max_prefill_tokens: int = 16384,
-               seed: int = 0, interpret: bool | None = None):
+               seed: int = 0, interpret: bool | None = None, tensor_parallel_size: int = 1):
     kv_cache_config = kv_cache_config or KvCacheConfig()
     if max_batch_size <= 0:
       raise ValueError(f"max_batch_size={max_batch_size} must be positive")
@@ -140,7 +140,17 @@ class Engine:
       raise ValueError(f"decode_chunk_size={decode_chunk_size} must be positive")
     self.model_config = model.config
     self.tokenizer = tokenizer
-    self.runtime = Runtime(backend=backend, sparse=sparse_attention_config, interpret=interpret)
+    mesh, shard_kv = None, False
+    if tensor_parallel_size != 1:
+      from sparse_jax import parallel
+      if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} must be >= 1")
+      shard_kv = parallel.check_divisible(model.config, tensor_parallel_size)
+      mesh = parallel.make_mesh(tensor_parallel_size)
+      parallel.shard_model(model, mesh, shard_kv)
+    self.tensor_parallel_size = tensor_parallel_size
+    self.runtime = Runtime(backend=backend, sparse=sparse_attention_config, interpret=interpret, mesh=mesh,
+                           shard_kv=shard_kv)
     self.kv_cache_config = kv_cache_config
     self.max_batch_size = max_batch_size
     self.max_seq_len = int(max_seq_len or model.config.max_position_embeddings)
@@ -155,9 +165,15 @@ class Engine:
     self.kv_dtype = kv_dtype
     num_pages = self._pool_pages(kv_cache_config, kv_dtype)
     self.allocator = PageAllocator(num_pages, self.page_size, max_batch_size, self.max_pages_per_seq)
-    self.cache = create_cache_for(self.layout, num_pages=num_pages, page_size=self.page_size,
-                                  batch_slots=max_batch_size, max_pages_per_seq=self.max_pages_per_seq,
-                                  dtype=kv_dtype)
+    make_cache = functools.partial(create_cache_for, self.layout, num_pages=num_pages, page_size=self.page_size,
+                                   batch_slots=max_batch_size, max_pages_per_seq=self.max_pages_per_seq,
+                                   dtype=kv_dtype)
+    if mesh is None:
+      self.cache = make_cache()
+    else:
+      from sparse_jax import parallel
+      shardings = parallel.cache_shardings(jax.eval_shape(make_cache), mesh, shard_kv)
+      self.cache = jax.jit(make_cache, out_shardings=shardings)()  # born sharded: no full copy on one device
     if sparse_attention_config is not None:
       self._attach_predictors(model, sparse_attention_config)
     self.graphdef, self.params = nnx.split(model)
@@ -167,6 +183,7 @@ class Engine:
     self.eos_token_ids = tuple(sorted(eos))
     self._eos = np.array(self.eos_token_ids or (-1,), np.int32)
     self._lock = threading.Lock()
+    self._work = threading.Event()  # set by add_request/abort/wake: lets an idle loop sleep
     self._waiting: collections.deque[Request] = collections.deque()
     self._running: dict[int, Request] = {}
     self._ids = itertools.count()
@@ -237,6 +254,7 @@ class Engine:
                     prompt=prompt, on_update=on_update)
       req._seed = params.seed if params.seed is not None else self.seed * 1_000_003 + n
       self._waiting.append(req)
+    self._work.set()
     return req
 
   def abort(self, request: Request) -> None:
@@ -246,6 +264,19 @@ class Engine:
       if request.state is RequestState.WAITING and request in self._waiting:
         self._waiting.remove(request)
         self._finish(request, "abort")
+    self._work.set()
+
+  def wake(self) -> None:
+    """Ends a `wait_for_work` early (e.g. to stop an engine thread)."""
+    self._work.set()
+
+  def wait_for_work(self, timeout: float | None = None) -> bool:
+    """Blocks until `add_request`, `abort` or `wake` is called (or `timeout` seconds pass); True if
+    woken. For an engine thread that is idle: `step()` while `has_unfinished()`, else this. A call
+    made between the caller's `has_unfinished()` check and this wait still wakes it."""
+    woken = self._work.wait(timeout)
+    self._work.clear()
+    return woken
 
   def has_unfinished(self) -> bool:
     with self._lock:

@@ -98,8 +98,6 @@ class LLM:
     backend = backend or opts.backend or "auto"
     backend = default_backend() if backend == "auto" else backend
     tensor_parallel_size = tensor_parallel_size or opts.tensor_parallel_size or 1
-    if tensor_parallel_size != 1:
-      raise ConfigError(f"tensor_parallel_size={tensor_parallel_size}: only 1 is supported by this engine build")
     if dtype == "auto":
       dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
     if isinstance(model, (str, os.PathLike)) or model is None:
@@ -121,7 +119,7 @@ class LLM:
                          max_batch_size=max_batch_size or opts.max_batch_size or 8,
                          max_seq_len=max_seq_len or opts.max_seq_len, kv_dtype=self.dtype,
                          decode_chunk_size=decode_chunk_size, max_queue_size=max_queue_size, seed=seed,
-                         interpret=interpret)
+                         interpret=interpret, tensor_parallel_size=tensor_parallel_size)
 
   @property
   def max_seq_len(self) -> int:
