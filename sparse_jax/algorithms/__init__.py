@@ -4,3 +4,4 @@ Adding an algorithm is adding a file here that calls `sparse_jax.config.register
 and one import line below.
 """
 from sparse_jax.algorithms import rocket  # noqa: F401,E402
+from sparse_jax.algorithms import dsa  # noqa: F401,E402

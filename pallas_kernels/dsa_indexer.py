@@ -1,0 +1,158 @@
+"""DSA lightning-indexer scores of decode queries over the paged indexer-key cache.
+
+    dsa_indexer_scores(q [B, H, D], w float32[B, H], k_pool [num_pages, page_size, D],
+                       k_scale_pool float32[num_pages, page_size, D // 128] | None,
+                       page_table int32[B, max_pages], lengths int32[B]) -> float32[B, N]
+
+    I[b, s] = sum_h w[b, h] * ReLU(q[b, h] . k[b, s])      for s < lengths[b], else -inf
+
+with N = max_pages * page_size, k[b, s] the key of logical token s of row b (page
+page_table[b, s // page_size], offset s % page_size), dequantized as k_q * scale per block
+of 128 channels when the pool is FP8. (The caller folds the indexer's scalings into w and
+Hadamard-rotates q for the FP8 cache; see sparse_jax/algorithms/dsa.py.)
+
+Kernel: grid (row, token span); each program keeps q [H, D] resident and walks its span in
+blocks of `block` tokens: gather the block's keys through the page table (each cached key
+is read once), scores [H, block] = q @ k^T on the tensor cores (FP8 keys are widened to q's
+dtype; one scale per 128-channel block multiplies that block's partial product), ReLU,
+weighted sum over heads. Blocks past the row's length are not read.
+"""
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import _compat
+
+BACKENDS = ("pallas", "reference")
+FP8_BLOCK = 128
+
+
+def gather_rows(ref, rows, col_start, width, ok):
+  """ref[rows, col_start:col_start + width] for int32[block] rows; zero where not ok.
+
+  All-array indices (not a row array plus a slice): Triton lowers both, interpret mode only these.
+  """
+  cols = col_start + jnp.arange(width, dtype=jnp.int32)
+  mask = jnp.broadcast_to(ok[:, None], (rows.shape[0], width))
+  return plt.load(ref.at[rows[:, None], cols[None, :]], mask=mask, other=0)
+
+
+def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, o_ref, *, page_size, n_tokens, span, block,
+            n_scale_blocks):
+  row, p = pl.program_id(0), pl.program_id(1)
+  heads_pad, dim = q_ref.shape[1], q_ref.shape[2]
+  q = q_ref[row]                                      # [Hp, D], resident for the whole span
+  w = w_ref[row]                                      # [Hp] (zero for padded heads)
+  length = len_ref[row]
+  max_pages = pt_ref.shape[1]
+  chunk = dim // n_scale_blocks
+
+  def body(i, _):
+    start = p * span + i * block
+    tok = start + jnp.arange(block, dtype=jnp.int32)
+    out_ok = tok < n_tokens
+
+    def compute():
+      ok = tok < length
+      page = plt.load(pt_ref.at[row, jnp.clip(tok // page_size, 0, max_pages - 1)], mask=ok, other=0)
+      slot = jnp.maximum(page, 0) * page_size + tok % page_size
+      ok = ok & (page >= 0)
+      scores = jnp.zeros((heads_pad, block), jnp.float32)
+      for j in range(n_scale_blocks):
+        kq = gather_rows(k_ref, slot, j * chunk, chunk, ok)                                   # [block, chunk]
+        part = jax.lax.dot_general(q[:, j * chunk:(j + 1) * chunk], kq.astype(q.dtype), (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
+        if scale_ref is not None:
+          s = plt.load(scale_ref.at[slot, j], mask=ok, other=0.0)                              # [block]
+          part = part * s[None, :]
+        scores = scores + part
+      total = jnp.sum(w[:, None] * jnp.maximum(scores, 0.0), axis=0)
+      return jnp.where(ok, total, -jnp.inf)
+
+    vals = jax.lax.cond(start < length, compute, lambda: jnp.full((block,), -jnp.inf, jnp.float32))
+    plt.store(o_ref.at[row, pl.ds(start, block)], vals, mask=out_ok)
+    return 0
+
+  jax.lax.fori_loop(0, span // block, body, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "block", "span", "num_warps", "num_stages"))
+def _pallas(q, w, k_pool, k_scale_pool, page_table, lengths, *, interpret, block, span, num_warps, num_stages):
+  batch, heads, dim = q.shape
+  num_pages, page_size, _ = k_pool.shape
+  n_tokens = page_table.shape[1] * page_size
+  block = min(block, pl.next_power_of_2(n_tokens))
+  span = max(block, min(span, pl.next_power_of_2(n_tokens)))
+  k_flat = k_pool.reshape(num_pages * page_size, dim)
+  scale_flat = None if k_scale_pool is None else k_scale_pool.reshape(num_pages * page_size, -1)
+  n_scale_blocks = 1 if k_scale_pool is None else k_scale_pool.shape[-1]
+  heads_pad = max(16, pl.next_power_of_2(heads))    # a tensor-core tile needs >= 16 rows
+  q = jnp.pad(q, ((0, 0), (0, heads_pad - heads), (0, 0)))
+  w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, heads_pad - heads)))
+  kernel = functools.partial(_kernel, page_size=page_size, n_tokens=n_tokens, span=span, block=block,
+                             n_scale_blocks=n_scale_blocks)
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((batch, n_tokens), jnp.float32),
+      grid=(batch, pl.cdiv(n_tokens, span)),
+      compiler_params=_compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="dsa_indexer_scores",
+  )(q, w, k_flat, scale_flat, page_table, lengths.astype(jnp.int32))
+
+
+def _check(q, w, k_pool, k_scale_pool, page_table, lengths):
+  batch, heads, dim = q.shape
+  chex.assert_shape(w, (batch, heads))
+  chex.assert_shape(k_pool, (None, None, dim))
+  chex.assert_shape(page_table, (batch, None))
+  chex.assert_shape(lengths, (batch,))
+  if k_scale_pool is not None:
+    chex.assert_shape(k_scale_pool, (*k_pool.shape[:2], max(1, dim // FP8_BLOCK)))
+  elif k_pool.dtype == jnp.float8_e4m3fn:
+    raise ValueError("an FP8 indexer key pool needs k_scale_pool")
+
+
+def dsa_indexer_scores(q: jax.Array, w: jax.Array, k_pool: jax.Array, k_scale_pool: jax.Array | None,
+                       page_table: jax.Array, lengths: jax.Array, *, backend: str = "pallas",
+                       interpret: bool | None = None, block: int = 64, span: int = 1024, num_warps: int = 4,
+                       num_stages: int = 2) -> jax.Array:
+  """Indexer scores float32[B, max_pages * page_size] (-inf at and past each row's length).
+
+  backend: "pallas" or "reference"; interpret: None = interpret mode only off-GPU.
+  block: tokens per inner step; span: tokens per program (powers of two).
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+  _check(q, w, k_pool, k_scale_pool, page_table, lengths)
+  if backend == "reference":
+    return dsa_indexer_scores_reference(q, w, k_pool, k_scale_pool, page_table, lengths)
+  interpret = _compat.resolve_interpret(interpret)
+  return _pallas(q, w, k_pool, k_scale_pool, page_table, lengths, interpret=interpret, block=block, span=span,
+                 num_warps=num_warps, num_stages=num_stages)
+
+
+def dsa_indexer_scores_reference(q: jax.Array, w: jax.Array, k_pool: jax.Array, k_scale_pool: jax.Array | None,
+                                 page_table: jax.Array, lengths: jax.Array, *, backend: str = "reference",
+                                 interpret: bool | None = None, block: int = 64, span: int = 1024,
+                                 num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+  """Plain jnp: gather every row's keys through the page table, dequantize, score."""
+  del backend, interpret, block, span, num_warps, num_stages
+  _check(q, w, k_pool, k_scale_pool, page_table, lengths)
+  batch, max_pages = page_table.shape
+  page_size, dim = k_pool.shape[1], k_pool.shape[2]
+  pages = jnp.clip(page_table, 0)
+  keys = k_pool[pages].reshape(batch, max_pages * page_size, dim).astype(jnp.float32)
+  if k_scale_pool is not None:
+    nb = k_scale_pool.shape[-1]
+    scales = k_scale_pool[pages].reshape(batch, max_pages * page_size, nb)
+    keys = (keys.reshape(batch, -1, nb, dim // nb) * scales[..., None]).reshape(keys.shape)
+  dots = jnp.einsum("bhd,bsd->bhs", q.astype(jnp.float32), keys, precision=jax.lax.Precision.HIGHEST)
+  scores = jnp.einsum("bh,bhs->bs", w.astype(jnp.float32), jax.nn.relu(dots), precision=jax.lax.Precision.HIGHEST)
+  tok = jnp.arange(max_pages * page_size)
+  ok = (tok[None, :] < lengths[:, None]) & (jnp.repeat(page_table, page_size, axis=1) >= 0)
+  return jnp.where(ok, scores, -jnp.inf)

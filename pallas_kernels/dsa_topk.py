@@ -1,0 +1,256 @@
+"""Exact top-k token selection for DSA: the k best scores of each row, as sorted token ids.
+
+    dsa_topk(scores float32[B, N], k) -> int32[B, k]
+
+Row b's result holds the indices of its min(k, valid) largest scores, ascending, then -1.
+A score is valid unless it is -inf or NaN. Ties at the k-th value are broken towards the
+lower index, so the result is unique (the same contract as `lax.top_k`, whose order we
+then sort).
+
+Kernel: an exact radix select (MSB first, 8 bits per pass) on order-preserving int32 keys,
+with every pass parallel over (row, chunk) programs and the whole score array L2-resident:
+
+  pass p = 1..4   each program derives the row's state (prefix of the k-th key found so far,
+                  tokens still to take inside that prefix) from the histograms of passes
+                  < p, histograms the next 8 bits of its chunk's keys that match the prefix
+                  (a 16x16 one-hot matmul on the tensor cores instead of 256 compares per
+                  key), and atomically adds it to the row's histogram of pass p. A row is
+                  done early once the bucket holding the k-th key is taken whole.
+  count           per chunk: keys strictly above the threshold, keys equal to it.
+  scatter         per chunk: exclusive prefix over earlier chunks' counts, then each taken
+                  key writes its index at its rank (ties: lowest indices first), so the
+                  output comes out sorted with no sort.
+
+Six launches, none of them data-dependent in size; at N=128K, B=8 each pass reads 4 MB.
+"""
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import _compat
+
+BACKENDS = ("pallas", "reference")
+_PASSES = 4
+_INT32_MIN = np.int32(-2 ** 31)
+
+
+# -- order-preserving keys ---------------------------------------------------------------
+
+def order_key(x: jax.Array) -> jax.Array:
+  """float32 -> int32 with the same order (signed compare); -0.0 < +0.0 is harmless."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _digit(key: jax.Array, level: int) -> jax.Array:
+  """Bits [32 - 8*level, 40 - 8*level) of the key as 0..255, in the keys' order."""
+  d = jax.lax.shift_right_arithmetic(key, jnp.int32(32 - 8 * level)) & 255
+  return d ^ 128 if level == 1 else d
+
+
+def _top_bits(key: jax.Array, level: int) -> jax.Array:
+  """The top 8*level bits, order-preserving (arithmetic shift); level 4 = the key."""
+  return key if level == _PASSES else jax.lax.shift_right_arithmetic(key, jnp.int32(32 - 8 * level))
+
+
+# -- the select state, derived from the pass histograms ---------------------------------------
+
+def _next_state(state, hist, k, level):
+  """state = (prefix, k_rem, full, level_done) after `level - 1` passes; hist int32[16, 16] of
+  pass `level` -> the state after it. All scalars int32/bool; plain jnp (kernels and host)."""
+  prefix, k_rem, full, done = state
+  flat = (jnp.arange(16, dtype=jnp.int32)[:, None] * 16 + jnp.arange(16, dtype=jnp.int32)[None, :])
+  row_tot = jnp.sum(hist, axis=1)                                           # [16]
+  above_rows = jnp.sum(row_tot) - jnp.cumsum(row_tot)                      # rows hi' > hi
+  within = row_tot[:, None] - jnp.cumsum(hist, axis=1) + hist              # same row, lo' >= lo
+  count_ge = above_rows[:, None] + within                                  # keys with digit >= d
+  total = jnp.sum(row_tot)
+  d_star = jnp.sum((count_ge >= k_rem).astype(jnp.int32)) - 1
+  in_bucket = jnp.sum(jnp.where(flat == d_star, hist, 0))
+  above = jnp.sum(jnp.where(flat > d_star, hist, 0))
+  new_prefix = (d_star - 128) if level == 1 else prefix * 256 + d_star
+  new_k_rem = k_rem - above
+  if level == 1:
+    all_valid = total <= k          # fewer valid keys than k: take them all (level 0, full)
+    return (jnp.where(all_valid, 0, new_prefix), jnp.where(all_valid, total, new_k_rem),
+            all_valid | (in_bucket == new_k_rem), jnp.where(all_valid, 0, 1))
+  keep = full
+  return (jnp.where(keep, prefix, new_prefix), jnp.where(keep, k_rem, new_k_rem),
+          keep | (in_bucket == new_k_rem), jnp.where(keep, done, level))
+
+
+def _state_after(hists, k, levels):
+  """hists: callable level -> int32[16, 16]. The state after `levels` passes."""
+  state = (jnp.int32(0), jnp.int32(k), jnp.bool_(False), jnp.int32(0))
+  for level in range(1, levels + 1):
+    state = _next_state(state, hists(level), k, level)
+  return state
+
+
+def _classify(key, valid, state):
+  """(strictly above the threshold bucket, inside it) for keys under a final state."""
+  prefix, _, _, done = state
+  above = jnp.zeros_like(valid)
+  equal = jnp.zeros_like(valid)
+  for level in range(1, _PASSES + 1):
+    top = _top_bits(key, level)
+    above = jnp.where(done == level, valid & (top > prefix), above)
+    equal = jnp.where(done == level, valid & (top == prefix), equal)
+  return jnp.where(done == 0, valid, above), jnp.where(done == 0, False, equal)
+
+
+# -- kernels ------------------------------------------------------------------------------
+
+def _load_block(scores_ref, row, start, block, n):
+  idx = start + jnp.arange(block, dtype=jnp.int32)
+  x = plt.load(scores_ref.at[row, pl.ds(start, block)], mask=idx < n, other=-jnp.inf)
+  valid = (idx < n) & (x > -jnp.inf)                       # NaN > -inf is False: invalid
+  return idx, order_key(x), valid
+
+
+def _hist_kernel(scores_ref, hist_in_ref, hist_ref, *, level, k, n, chunk, block):
+  del hist_in_ref  # aliased with hist_ref
+  row, c = pl.program_id(0), pl.program_id(1)
+  state = _state_after(lambda lv: hist_ref[lv - 1, row], k, level - 1)
+  prefix, _, full, _ = state
+  lanes = jnp.arange(16, dtype=jnp.int32)
+
+  @pl.when(jnp.logical_not(full))
+  def _():
+    def body(i, acc):
+      _, key, valid = _load_block(scores_ref, row, c * chunk + i * block, block, n)
+      match = valid if level == 1 else valid & (_top_bits(key, level - 1) == prefix)
+      d = _digit(key, level)
+      hi = ((d[None, :] >> 4) == lanes[:, None]) & match[None, :]           # [16, block]
+      lo = (d[:, None] & 15) == lanes[None, :]                               # [block, 16]
+      return acc + jax.lax.dot(hi.astype(jnp.bfloat16), lo.astype(jnp.bfloat16),
+                               preferred_element_type=jnp.float32)
+    acc = jax.lax.fori_loop(0, chunk // block, body, jnp.zeros((16, 16), jnp.float32))
+    # Index the whole ref (not a `.at` view): interpret mode's discharge mishandles views.
+    plt.atomic_add(hist_ref, (jnp.int32(level - 1), row, slice(None), slice(None)), acc.astype(jnp.int32))
+
+
+def _count_kernel(scores_ref, hist_ref, counts_ref, *, k, n, chunk, block):
+  row, c = pl.program_id(0), pl.program_id(1)
+  state = _state_after(lambda lv: hist_ref[lv - 1, row], k, _PASSES)
+
+  def body(i, carry):
+    n_above, n_equal = carry
+    _, key, valid = _load_block(scores_ref, row, c * chunk + i * block, block, n)
+    above, equal = _classify(key, valid, state)
+    return n_above + jnp.sum(above.astype(jnp.int32)), n_equal + jnp.sum(equal.astype(jnp.int32))
+
+  n_above, n_equal = jax.lax.fori_loop(0, chunk // block, body, (jnp.int32(0), jnp.int32(0)))
+  counts_ref[row, 0, c] = n_above
+  counts_ref[row, 1, c] = n_equal
+
+
+def _scatter_kernel(scores_ref, hist_ref, counts_ref, out_in_ref, out_ref, *, k, n, chunk, block, chunks_pad):
+  del out_in_ref  # aliased with out_ref (pre-filled with -1)
+  row, c = pl.program_id(0), pl.program_id(1)
+  state = _state_after(lambda lv: hist_ref[lv - 1, row], k, _PASSES)
+  _, k_rem, full, _ = state
+  earlier = jnp.arange(chunks_pad, dtype=jnp.int32) < c
+  above_before = jnp.sum(jnp.where(earlier, counts_ref[row, 0, :], 0))
+  equal_before = jnp.sum(jnp.where(earlier, counts_ref[row, 1, :], 0))
+  taken_before = above_before + jnp.where(full, equal_before, jnp.minimum(equal_before, k_rem))
+
+  def body(i, carry):
+    taken, equal_seen = carry
+    idx, key, valid = _load_block(scores_ref, row, c * chunk + i * block, block, n)
+    above, equal = _classify(key, valid, state)
+    equal_rank = equal_seen + jnp.cumsum(equal.astype(jnp.int32)) - 1
+    take = above | (equal & (full | (equal_rank < k_rem)))
+    rank = taken + jnp.cumsum(take.astype(jnp.int32)) - 1
+    keep = take & (rank < k)
+    # Lanes that write nothing still get distinct addresses (k + lane, a scratch tail): interpret
+    # mode implements masked scatters as read-modify-write of every lane.
+    where = jnp.where(keep, rank, k + jnp.arange(block, dtype=jnp.int32))
+    plt.store(out_ref.at[row, where], idx, mask=keep)
+    return taken + jnp.sum(take.astype(jnp.int32)), equal_seen + jnp.sum(equal.astype(jnp.int32))
+
+  jax.lax.fori_loop(0, chunk // block, body, (taken_before, equal_before))
+
+
+def _plan(batch: int, n: int, block: int | None, chunks: int | None) -> tuple[int, int, int]:
+  """(block, chunk, chunks): power-of-two blocks, enough programs to fill a GPU."""
+  block = block or min(1024, max(16, pl.next_power_of_2(n)))
+  blocks = pl.cdiv(n, block)
+  if chunks is None:
+    chunks = max(1, min(blocks, pl.cdiv(512, batch)))
+  per_chunk = pl.cdiv(blocks, chunks)
+  chunks = pl.cdiv(blocks, per_chunk)
+  return block, per_chunk * block, chunks
+
+
+@functools.partial(jax.jit, static_argnames=("k", "interpret", "block", "chunks", "num_warps"))
+def _dsa_topk_pallas(scores, k, *, interpret, block=None, chunks=None, num_warps=4):
+  batch, n = scores.shape
+  block, chunk, chunks = _plan(batch, n, block, chunks)
+  chunks_pad = pl.next_power_of_2(chunks)
+  grid = (batch, chunks)
+  params = dict(compiler_params=_compat.compiler_params(num_warps=num_warps, num_stages=1), interpret=interpret)
+  hist = jnp.zeros((_PASSES, batch, 16, 16), jnp.int32)
+  for level in range(1, _PASSES + 1):
+    hist = pl.pallas_call(
+        functools.partial(_hist_kernel, level=level, k=k, n=n, chunk=chunk, block=block),
+        out_shape=jax.ShapeDtypeStruct(hist.shape, jnp.int32), grid=grid, input_output_aliases={1: 0},
+        name=f"dsa_topk_hist{level}", **params)(scores, hist)
+  counts = pl.pallas_call(
+      functools.partial(_count_kernel, k=k, n=n, chunk=chunk, block=block),
+      out_shape=jax.ShapeDtypeStruct((batch, 2, chunks_pad), jnp.int32), grid=grid, name="dsa_topk_count",
+      **params)(scores, hist)
+  if chunks_pad > chunks:  # padded chunk slots never got written
+    counts = jnp.where(jnp.arange(chunks_pad) < chunks, counts, 0)
+  out = jnp.full((batch, k + block), -1, jnp.int32)
+  out = pl.pallas_call(
+      functools.partial(_scatter_kernel, k=k, n=n, chunk=chunk, block=block, chunks_pad=chunks_pad),
+      out_shape=jax.ShapeDtypeStruct(out.shape, jnp.int32), grid=grid, input_output_aliases={3: 0},
+      name="dsa_topk_scatter", **params)(scores, hist, counts, out)
+  return out[:, :k]
+
+
+def dsa_topk(scores: jax.Array, k: int, *, backend: str = "pallas", interpret: bool | None = None,
+             block: int | None = None, chunks: int | None = None, num_warps: int = 4) -> jax.Array:
+  """Top-k ids per row: scores float32[B, N] -> int32[B, k] ascending, -1 padded (ties -> lower index).
+
+  backend: "pallas" (radix-select kernels) or "reference" (lax.top_k + sort).
+  interpret: run the Pallas kernels in interpret mode; None = only when not on a GPU.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+  if scores.ndim != 2:
+    raise ValueError(f"scores must be [batch, tokens], got shape {scores.shape}")
+  if not isinstance(k, int) or k <= 0:
+    raise ValueError(f"k must be a positive integer, got {k!r}")
+  if backend == "reference":
+    return dsa_topk_reference(scores, k)
+  interpret = _compat.resolve_interpret(interpret)
+  out = _dsa_topk_pallas(scores.astype(jnp.float32), k, interpret=interpret, block=block, chunks=chunks,
+                         num_warps=num_warps)
+  chex.assert_shape(out, (scores.shape[0], k))
+  return out
+
+
+def dsa_topk_reference(scores: jax.Array, k: int, *, backend: str = "reference", interpret: bool | None = None,
+                       block: int | None = None, chunks: int | None = None, num_warps: int = 4) -> jax.Array:
+  """Plain-XLA top-k with the same contract (lax.top_k prefers lower indices among equal values)."""
+  del backend, interpret, block, chunks, num_warps
+  batch, n = scores.shape
+  x = scores.astype(jnp.float32)
+  x = jnp.where(jnp.isnan(x), -jnp.inf, x)
+  kk = min(k, n)
+  values, idx = jax.lax.top_k(x, kk)
+  idx = jnp.where(values > -jnp.inf, idx, jnp.iinfo(jnp.int32).max).astype(jnp.int32)
+  idx = jnp.sort(idx, axis=-1)
+  idx = jnp.where(idx == jnp.iinfo(jnp.int32).max, -1, idx)
+  if kk < k:
+    idx = jnp.pad(idx, ((0, 0), (0, k - kk)), constant_values=-1)
+  return idx

@@ -1,0 +1,398 @@
+"""DeepSeek Sparse Attention (DSA): the lightning indexer and token-level top-k selection.
+
+DSA (DeepSeek-V3.2) makes MLA attention token-sparse. A small learned *lightning indexer*
+scores every cached token for each query,
+
+    I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s])          (s <= t, causal)
+
+with `index_n_heads` query heads q[t, h] (dim `index_head_dim`, RoPE on the first
+`qk_rope_head_dim` channels), one shared key k[s] per token (LayerNorm'ed, RoPE'd) and
+per-head weights w[t, h] = weights_proj(x_t)[h] * index_n_heads^-0.5 * index_head_dim^-0.5.
+Each query then attends, in MLA's absorbed form, to its `index_topk` best tokens only. A
+sequence holding at most `index_topk` tokens is attended densely (the top-k is everything).
+
+The indexer keys live in the paged cache as an auxiliary pool on the same page ids as the
+MLA latent (`aux["indexer_k"]`, `[1, num_pages, page_size, index_head_dim]`). With the FP8
+cache (the default, as TensorRT-LLM and DeepSeek store it) each token holds its key in
+float8_e4m3fn plus one float32 scale per 128 channels (`aux["indexer_k_scale"]`): 132 bytes
+per token at index_head_dim 128. Before quantizing, keys (and, at scoring time, queries) are
+multiplied by the normalised Hadamard matrix, as DeepSeek's reference inference code does:
+the rotation preserves dot products exactly and spreads outlier channels over the whole
+128-channel block, so one scale per block loses less (tests/test_dsa.py measures it).
+
+DSA evicts nothing (`compacts_prompt = False`), so it works with block reuse
+(`kv_cache_config.enable_block_reuse=True`): shared prompt pages hold the same latent and
+indexer keys whichever request computed them.
+
+DSA serves MLA models only: the model's `cache_layout` calls `aux_spec` with its MLA spec,
+and its attention layer calls `write_indexer_keys` / `select_prefill` / `select_decode`. The
+GQA-facing functions of the `Algorithm` contract raise, naming the problem (e.g. a Llama
+checkpoint run with `algorithm: dsa`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, ClassVar
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sparse_jax.cache import AuxPoolSpec, LayerCache, write_tokens
+from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, ConfigError, KvCacheConfig, _fail,
+                               register_algorithm)
+
+INDEXER_K_DTYPES = {"float8_e4m3fn": jnp.float8_e4m3fn, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
+FP8_BLOCK = 128       # channels per FP8 scale (DeepSeek / TensorRT-LLM layout)
+FP8_MAX = 448.0       # largest finite float8_e4m3fn
+INDEXER_K = "indexer_k"
+INDEXER_K_SCALE = "indexer_k_scale"
+
+
+@dataclasses.dataclass(frozen=True)
+class DSASparseAttentionConfig(BaseSparseAttentionConfig):
+  """DeepSeek Sparse Attention (YAML `algorithm: dsa`).
+
+  index_topk: tokens each query attends to; None = the checkpoint's `index_topk`.
+  indexer_k_dtype: the indexer key cache: "float8_e4m3fn" (one float32 scale per 128
+    channels, Hadamard-rotated before quantizing), "bfloat16", or "float32" (exact; tests).
+  skip_indexer_for_short_seqs: when no active sequence holds more than index_topk tokens,
+    skip the indexer's scoring and top-k (the selection would be every token anyway).
+
+  DSA evicts nothing, so `kv_cache_config.enable_block_reuse=True` is accepted.
+  """
+  algorithm: ClassVar[str] = "dsa"
+  compacts_prompt: ClassVar[bool] = False
+  supports_chunked_prefill: ClassVar[bool] = False
+  #: served by MLA attention layers (models/deepseek.py), not by the GQA `SparseAttention`.
+  supports_mla: ClassVar[bool] = True
+
+  index_topk: int | None = None
+  indexer_k_dtype: str = "float8_e4m3fn"
+  skip_indexer_for_short_seqs: bool = True
+
+  def __post_init__(self):
+    name = type(self).__name__
+    if self.index_topk is not None and (not isinstance(self.index_topk, int) or isinstance(self.index_topk, bool)
+                                        or self.index_topk <= 0):
+      _fail(name, "index_topk", self.index_topk, "must be a positive integer or None (= the checkpoint's)")
+    if self.indexer_k_dtype not in INDEXER_K_DTYPES:
+      _fail(name, "indexer_k_dtype", self.indexer_k_dtype, f"must be one of {sorted(INDEXER_K_DTYPES)}")
+    if not isinstance(self.skip_indexer_for_short_seqs, bool):
+      _fail(name, "skip_indexer_for_short_seqs", self.skip_indexer_for_short_seqs, "must be true or false")
+
+  def validate_with(self, kv_cache_config: KvCacheConfig, enable_chunked_prefill: bool) -> None:
+    # Block reuse is fine (nothing is evicted); only chunked prefill is unsupported.
+    if enable_chunked_prefill:
+      raise ConfigError("sparse_attention_config.algorithm='dsa' does not support enable_chunked_prefill=True: "
+                        "the MLA prefill of this engine takes whole prompts")
+
+  def topk(self, checkpoint_topk: int) -> int:
+    return checkpoint_topk if self.index_topk is None else self.index_topk
+
+  @property
+  def fp8(self) -> bool:
+    return self.indexer_k_dtype == "float8_e4m3fn"
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexerSpec:
+  """The lightning indexer of one MLA layer (static).
+
+  n_heads / head_dim: `index_n_heads` / `index_head_dim`; rope_dim: RoPE'd leading channels;
+  index_topk: the checkpoint's top-k; page_size: tokens per KV page.
+  """
+  n_heads: int
+  head_dim: int
+  rope_dim: int
+  index_topk: int
+  page_size: int
+
+
+def scale_blocks(head_dim: int) -> int:
+  """Float32 scales per token in the FP8 cache: one per 128 channels (one if head_dim < 128)."""
+  return max(1, head_dim // FP8_BLOCK)
+
+
+# -- the Algorithm contract --------------------------------------------------------------
+
+def _mla_indexer(spec: Any, what: str) -> IndexerSpec:
+  indexer = getattr(spec, "indexer", None)
+  if not isinstance(indexer, IndexerSpec):
+    heads = getattr(spec, "q_heads", "?"), getattr(spec, "kv_heads", "?")
+    raise ConfigError(
+        f"sparse_attention_config.algorithm='dsa' needs an MLA model with a lightning indexer "
+        f"(DeepSeek-V3.2, model_type deepseek_v32); {what} was called for a GQA attention layer "
+        f"(q_heads={heads[0]}, kv_heads={heads[1]}). Use algorithm 'rocket' (or none) for this model.")
+  return indexer
+
+
+def aux_spec(cfg: DSASparseAttentionConfig, spec: Any) -> dict[str, AuxPoolSpec]:
+  """The indexer key cache (+ FP8 scales): per token, on the same page ids as the latent."""
+  ix = _mla_indexer(spec, "aux_spec")
+  pools = {INDEXER_K: AuxPoolSpec(1, (ix.page_size, ix.head_dim), INDEXER_K_DTYPES[cfg.indexer_k_dtype])}
+  if cfg.fp8:
+    pools[INDEXER_K_SCALE] = AuxPoolSpec(1, (ix.page_size, scale_blocks(ix.head_dim)), jnp.float32)
+  return pools
+
+
+def _gqa_only(name: str):
+  def fn(cfg, spec, *args, **kwargs):
+    _mla_indexer(spec, name)
+    raise ConfigError(f"dsa.{name} is the GQA contract; MLA layers call write_indexer_keys / select_prefill / "
+                      "select_decode instead")
+  fn.__name__ = name
+  return fn
+
+
+ALGORITHM = register_algorithm(Algorithm(
+    name="dsa", config_cls=DSASparseAttentionConfig, aux_spec=aux_spec, predict_kv=_gqa_only("predict_kv"),
+    update_aux=_gqa_only("update_aux"), predict_attn=_gqa_only("predict_attn")))
+
+
+# -- FP8 keys, Hadamard rotation --------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def hadamard(n: int) -> np.ndarray:
+  """Normalised Sylvester Hadamard matrix float32[n, n] (orthogonal; fast_hadamard_transform's order)."""
+  if n <= 0 or n & (n - 1):
+    raise ValueError(f"the Hadamard rotation needs a power-of-two index_head_dim, got {n}")
+  h = np.ones((1, 1), np.float32)
+  while h.shape[0] < n:
+    h = np.block([[h, h], [h, -h]])
+  return (h / np.sqrt(n)).astype(np.float32)
+
+
+def rotate(x: jax.Array) -> jax.Array:
+  """x @ H (normalised Hadamard over the last axis), in float32. Preserves dot products."""
+  return jnp.einsum("...d,de->...e", x.astype(jnp.float32), jnp.asarray(hadamard(x.shape[-1])),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def quantize_fp8(k: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token block quantization: k [..., D] -> (float8_e4m3fn [..., D], float32 scales [..., D // 128]).
+
+  scale = amax(|k| over a block of 128 channels) / 448, k_q = k / scale (round to nearest).
+  """
+  d = k.shape[-1]
+  nb = scale_blocks(d)
+  blocks = k.astype(jnp.float32).reshape(*k.shape[:-1], nb, d // nb)
+  amax = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+  scale = jnp.maximum(amax, 1e-12) / FP8_MAX
+  q = jnp.clip(blocks / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+  return q.reshape(k.shape), scale[..., 0]
+
+
+def dequantize_fp8(q: jax.Array, scale: jax.Array) -> jax.Array:
+  """Inverse of quantize_fp8: float32 [..., D]."""
+  d = q.shape[-1]
+  nb = scale.shape[-1]
+  return (q.astype(jnp.float32).reshape(*q.shape[:-1], nb, d // nb) * scale[..., None]).reshape(q.shape)
+
+
+def encode_keys(cfg: DSASparseAttentionConfig, k: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+  """Indexer keys [..., D] as the cache stores them: (keys, FP8 scales or None)."""
+  if cfg.fp8:
+    return quantize_fp8(rotate(k))
+  return k.astype(INDEXER_K_DTYPES[cfg.indexer_k_dtype]), None
+
+
+def decode_keys(keys: jax.Array, scales: jax.Array | None) -> jax.Array:
+  """What `encode_keys` stored, as float32 (still rotated for FP8; queries get `encode_queries`)."""
+  return keys.astype(jnp.float32) if scales is None else dequantize_fp8(keys, scales)
+
+
+def encode_queries(cfg: DSASparseAttentionConfig, q: jax.Array) -> jax.Array:
+  """Indexer queries in the key cache's basis (Hadamard-rotated for FP8), in q's dtype."""
+  return rotate(q).astype(q.dtype) if cfg.fp8 else q
+
+
+def write_indexer_keys(cfg: DSASparseAttentionConfig, layer: LayerCache, flat_slots: jax.Array,
+                       k: jax.Array) -> LayerCache:
+  """Stores indexer keys k [N, D] at pool slots flat_slots int32[N] (out of range = dropped)."""
+  if INDEXER_K not in layer.aux:
+    raise ValueError("the cache has no 'indexer_k' pool: create it from model.cache_layout(sparse=<dsa config>)")
+  keys, scales = encode_keys(cfg, k)
+  aux = dict(layer.aux)
+  aux[INDEXER_K] = write_tokens(aux[INDEXER_K], flat_slots, keys[:, None])
+  if scales is not None:
+    aux[INDEXER_K_SCALE] = write_tokens(aux[INDEXER_K_SCALE], flat_slots, scales[:, None])
+  return layer.replace(aux=aux)
+
+
+# -- the indexer module ---------------------------------------------------------------------
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with weight and bias (torch.nn.LayerNorm), computed in float32."""
+
+  def __init__(self, dim: int, eps: float = 1e-6, *, param_dtype=jnp.float32):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _rope_half(x: jax.Array, cos: jax.Array, sin: jax.Array, rope_dim: int) -> jax.Array:
+  """Non-interleaved (rotate-half) RoPE on the first rope_dim channels. x: [..., heads, D]."""
+  from sparse_jax.rope import apply_rope
+  return jnp.concatenate([apply_rope(x[..., :rope_dim], cos, sin), x[..., rope_dim:]], axis=-1)
+
+
+class LightningIndexer(nnx.Module):
+  """DSA's lightning indexer (transformers' DeepseekV32Indexer, without its top-k).
+
+  wq_b: q_resid [.., q_dim] -> [.., n_heads * head_dim]; wk: x [.., hidden] -> [.., head_dim];
+  k_norm: LayerNorm; weights_proj: x -> [.., n_heads] (computed in float32, as transformers
+  keeps it). q_dim is q_lora_rank, or hidden_size for models without a q LoRA.
+  """
+
+  def __init__(self, hidden_size: int, q_dim: int, n_heads: int, head_dim: int, rope_dim: int, index_topk: int,
+               *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if rope_dim > head_dim:
+      raise ValueError(f"qk_rope_head_dim={rope_dim} exceeds index_head_dim={head_dim}")
+    self.n_heads, self.head_dim, self.rope_dim, self.index_topk = n_heads, head_dim, rope_dim, index_topk
+    linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                               kernel_init=nnx.initializers.normal(0.02))
+    self.wq_b = linear(q_dim, n_heads * head_dim)
+    self.wk = linear(hidden_size, head_dim)
+    self.k_norm = LayerNorm(head_dim, 1e-6, param_dtype=param_dtype)
+    self.weights_proj = linear(hidden_size, n_heads)
+
+  def spec(self, page_size: int) -> IndexerSpec:
+    return IndexerSpec(n_heads=self.n_heads, head_dim=self.head_dim, rope_dim=self.rope_dim,
+                       index_topk=self.index_topk, page_size=page_size)
+
+  def queries(self, x: jax.Array, q_resid: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [.., hidden], q_resid: [.., q_dim], cos/sin: [.., rope_dim] ->
+    (q [.., n_heads, head_dim] RoPE'd, w float32[.., n_heads] with both scalings folded in:
+    w = weights_proj(x) * n_heads^-0.5 * head_dim^-0.5, so I = sum_h w_h ReLU(q_h . k))."""
+    q = self.wq_b(q_resid).reshape(*q_resid.shape[:-1], self.n_heads, self.head_dim)
+    q = _rope_half(q, cos, sin, self.rope_dim)
+    kernel = self.weights_proj.kernel[...].astype(jnp.float32)
+    w = jnp.einsum("...h,hn->...n", x.astype(jnp.float32), kernel, precision=jax.lax.Precision.HIGHEST)
+    w = w * (self.n_heads ** -0.5) * (self.head_dim ** -0.5)
+    return q, w
+
+  def keys(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [.., hidden] -> k [.., head_dim] (LayerNorm'ed, RoPE'd)."""
+    k = self.k_norm(self.wk(x))
+    return _rope_half(k[..., None, :], cos, sin, self.rope_dim)[..., 0, :]
+
+
+# -- scoring and selection ----------------------------------------------------------------
+
+def prompt_scores(q: jax.Array, w: jax.Array, k: jax.Array, lengths: jax.Array | None) -> jax.Array:
+  """Causal indexer scores of fresh prompts (no cache).
+
+  q: [B, T, H, D]; w: float32[B, T, H]; k: [B, T, D]; lengths: int32[B] or None.
+  I[b, t, s] = sum_h w[b, t, h] * ReLU(q[b, t, h] . k[b, s]) for s <= t (and s < length), else -inf.
+  Returns float32[B, T, T].
+  """
+  b, t = q.shape[:2]
+  dots = jnp.einsum("bthd,bsd->bths", q.astype(jnp.float32), k.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+  scores = jnp.einsum("bth,bths->bts", w, jax.nn.relu(dots), precision=jax.lax.Precision.HIGHEST)
+  pos = jnp.arange(t)
+  ok = pos[None, :] <= pos[:, None]
+  if lengths is not None:
+    ok = ok[None] & (pos[None, None, :] < lengths[:, None, None])
+  return jnp.where(ok, scores, -jnp.inf)
+
+
+def select_prefill(cfg: DSASparseAttentionConfig, ix: IndexerSpec, q: jax.Array, w: jax.Array, k: jax.Array,
+                   lengths: jax.Array, runtime) -> jax.Array:
+  """Each prompt query's top-k tokens, scored against the keys as the cache stores them.
+
+  q: [n, T, H, D] indexer queries; w: float32[n, T, H]; k: [n, T, D] fresh indexer keys;
+  lengths: int32[n]. Returns int32[n, T, min(topk, T)] ascending token positions, -1 padded
+  (query t chooses among min(t + 1, length) tokens). Queries go in chunks so the
+  [chunk, H, T] dot products stay within a fixed memory budget.
+  """
+  from pallas_kernels.dsa_topk import dsa_topk
+  n, t, h, d = q.shape
+  chex.assert_shape(w, (n, t, h))
+  chex.assert_shape(k, (n, t, d))
+  topk = min(cfg.topk(ix.index_topk), t)
+  key_pos = jnp.arange(t, dtype=jnp.int32)
+
+  def dense(_):
+    causal = (key_pos[None, :] <= key_pos[:, None])[None] & (key_pos[None, None, :] < lengths[:, None, None])
+    return jnp.where(causal, key_pos, -1)[..., :topk]
+
+  def sparse(_):
+    keys = decode_keys(*encode_keys(cfg, k))             # what decode will read back
+    qf = encode_queries(cfg, q).astype(jnp.float32)
+    chunk = max(1, min(t, (1 << 27) // max(1, n * h * t)))
+    chunk = 1 << (chunk.bit_length() - 1)
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+    qc = jnp.pad(qf, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(n, n_chunks, chunk, h, d)
+    wc = jnp.pad(w, ((0, 0), (0, pad), (0, 0))).reshape(n, n_chunks, chunk, h)
+
+    def one_chunk(args):
+      qi, wi, c = args                                  # [n, chunk, H, D], [n, chunk, H]
+      dots = jnp.einsum("bqhd,bsd->bqhs", qi, keys, precision=jax.lax.Precision.HIGHEST)
+      scores = jnp.einsum("bqh,bqhs->bqs", wi, jax.nn.relu(dots), precision=jax.lax.Precision.HIGHEST)
+      q_pos = c * chunk + jnp.arange(chunk)
+      ok = (key_pos[None, None, :] <= q_pos[None, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
+      scores = jnp.where(ok, scores, -jnp.inf).reshape(n * chunk, t)
+      return dsa_topk(scores, topk, **runtime.kernel_kwargs()).reshape(n, chunk, topk)
+
+    ids = jax.lax.map(one_chunk, (jnp.moveaxis(qc, 1, 0), jnp.moveaxis(wc, 1, 0), jnp.arange(n_chunks)))
+    return jnp.moveaxis(ids, 0, 1).reshape(n, n_chunks * chunk, topk)[:, :t]
+
+  if topk >= t:
+    return dense(None)
+  if not cfg.skip_indexer_for_short_seqs:
+    return sparse(None)
+  return jax.lax.cond(jnp.max(lengths) <= topk, dense, sparse, None)
+
+
+def dense_token_ids(lengths: jax.Array, width: int) -> jax.Array:
+  """int32[S, width]: 0..length-1 then -1 (every token of each sequence)."""
+  pos = jnp.arange(width, dtype=jnp.int32)
+  return jnp.where(pos[None, :] < lengths[:, None], pos[None, :], -1)
+
+
+def select_decode(cfg: DSASparseAttentionConfig, ix: IndexerSpec, q: jax.Array, w: jax.Array, layer: LayerCache,
+                  page_table: jax.Array, lengths: jax.Array, runtime) -> jax.Array:
+  """Top-k cached tokens for one decode query per slot.
+
+  q: [S, H, D] indexer queries; w: float32[S, H]; layer: pools incl. aux indexer keys (the new
+  token already written); page_table: int32[S, max_pages]; lengths: int32[S] tokens stored
+  (0 for inactive slots). Returns int32[S, min(topk, max_pages * page_size)] ascending
+  token ids, -1 padded.
+  """
+  from pallas_kernels.dsa_indexer import dsa_indexer_scores
+  from pallas_kernels.dsa_topk import dsa_topk
+  s = q.shape[0]
+  chex.assert_shape(w, (s, ix.n_heads))
+  chex.assert_shape((page_table,), (s, None))
+  n_tokens = page_table.shape[1] * ix.page_size
+  topk = min(cfg.topk(ix.index_topk), n_tokens)
+  keys = layer.aux[INDEXER_K][0]
+  scales = layer.aux[INDEXER_K_SCALE][0] if cfg.fp8 else None
+  q = encode_queries(cfg, q)
+
+  def sparse(_):
+    scores = dsa_indexer_scores(q, w, keys, scales, page_table, lengths, **runtime.kernel_kwargs())
+    return dsa_topk(scores, topk, **runtime.kernel_kwargs())
+
+  def dense(_):
+    return dense_token_ids(lengths, topk)
+
+  if topk >= n_tokens:
+    return dense(None)              # no sequence can outgrow the budget
+  if not cfg.skip_indexer_for_short_seqs:
+    return sparse(None)
+  return jax.lax.cond(jnp.max(lengths) <= topk, dense, sparse, None)

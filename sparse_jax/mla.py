@@ -1,0 +1,271 @@
+"""Multi-head Latent Attention (MLA, DeepSeek-V2/V3) with DSA token-sparse attention.
+
+Per token, MLA caches one compressed latent c = RMSNorm(W_DKV x) [kv_lora_rank] and one
+rope key k_r [qk_rope_head_dim] shared by all heads (the paged cache's `k` and `v` pools,
+kv_heads 1). Head h's key and value are k_h = [W_UK_h c, k_r] and v_h = W_UV_h c, so
+
+    score_h(t, s) = (q_nope_h . W_UK_h c_s + q_rope_h . k_r_s) * scale
+                  = ((W_UK_h^T q_nope_h) . c_s + q_rope_h . k_r_s) * scale     (absorbed)
+    out_h(t)      = W_UV_h (sum_s p_h(t, s) c_s)
+
+The absorbed form turns decode into MQA with 576-dim keys and 512-dim values over the latent
+pool: every head reads the same cached bytes once. Decode and sparse prefill use it (kernels
+in pallas_kernels/sparse_mla_*); dense prefill expands K/V from the latent (fewer FLOPs for
+fresh prompts) and runs plain causal attention.
+
+DSA (sparse_jax/algorithms/dsa.py) picks each query's top-k tokens; the kernels receive the
+chosen logical token ids (block_size 1) and find them through the page table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_jax import rope as rope_lib
+from sparse_jax.algorithms import dsa
+from sparse_jax.attention import RMSNorm, Runtime, causal_attention
+from sparse_jax.cache import LayerCache, token_slots, write_tokens
+from sparse_jax.config import ConfigError, get_algorithm
+
+_MASK = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class MLASpec:
+  """What an algorithm needs to know about an MLA layer (static). kv_heads is always 1."""
+  num_heads: int
+  kv_lora_rank: int
+  rope_dim: int
+  nope_dim: int
+  v_head_dim: int
+  page_size: int
+  scale: float
+  indexer: dsa.IndexerSpec | None
+  runtime: Runtime = Runtime()
+
+
+def apply_rope_interleaved(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """DeepSeek's interleaved RoPE as transformers computes it: pairs (x0, x1), (x2, x3), ...
+  each rotated by one frequency, output de-interleaved as [even parts, odd parts] (q and k
+  get the same permutation, so dot products are those of the interleaved layout).
+
+  x: [..., heads, rope_dim]; cos/sin: [..., rope_dim] (= concat(freqs, freqs)).
+  """
+  half = cos.shape[-1] // 2
+  cos, sin = cos[..., None, :half], sin[..., None, :half]
+  x1, x2 = x[..., 0::2], x[..., 1::2]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Projection(NamedTuple):
+  """MLA inputs of some tokens: q_nope [.., H, dn], q_rope [.., H, dr] (RoPE'd), latent
+  [.., R] (normalised), k_rope [.., dr] (RoPE'd), q_resid [.., q_dim] (the indexer's input),
+  cos/sin [.., dr]."""
+  q_nope: jax.Array
+  q_rope: jax.Array
+  latent: jax.Array
+  k_rope: jax.Array
+  q_resid: jax.Array
+  cos: jax.Array
+  sin: jax.Array
+
+
+class MLAttention(nnx.Module):
+  """MLA with an optional DSA lightning indexer (parameter names as transformers' DeepseekV32Attention).
+
+  Calls (same contract as `SparseAttention`):
+    `attn(x, positions, lengths)`: no cache; the indexer's top-k mask applied as transformers does.
+    `attn.prefill(x, lengths, layer, page_table_rows, runtime)`: fresh right-padded prompts.
+    `attn.decode(x, positions, layer, page_table, lengths, active, runtime)`: one token per slot.
+  """
+
+  def __init__(self, hidden_size: int, num_heads: int, *, q_lora_rank: int | None, kv_lora_rank: int,
+               qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, rope: rope_lib.RopeSpec, scale: float,
+               attention_bias: bool = False, indexer: tuple[int, int, int] | None = None, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if rope.rotary_dim != qk_rope_head_dim:
+      raise ValueError(f"rope.rotary_dim={rope.rotary_dim} must equal qk_rope_head_dim={qk_rope_head_dim}")
+    self.num_heads, self.kv_lora_rank = num_heads, kv_lora_rank
+    self.nope_dim, self.rope_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
+    self.rope, self.scale, self.dtype = rope, scale, dtype
+    linear = functools.partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                               kernel_init=nnx.initializers.normal(0.02))
+    qk_dim = qk_nope_head_dim + qk_rope_head_dim
+    if q_lora_rank is None:
+      self.q_proj = linear(hidden_size, num_heads * qk_dim, use_bias=False)
+      self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+    else:
+      self.q_proj = None
+      self.q_a_proj = linear(hidden_size, q_lora_rank, use_bias=attention_bias)
+      self.q_a_layernorm = RMSNorm(q_lora_rank, 1e-6, param_dtype=param_dtype)
+      self.q_b_proj = linear(q_lora_rank, num_heads * qk_dim, use_bias=False)
+    self.kv_a_proj_with_mqa = linear(hidden_size, kv_lora_rank + qk_rope_head_dim, use_bias=attention_bias)
+    self.kv_a_layernorm = RMSNorm(kv_lora_rank, 1e-6, param_dtype=param_dtype)
+    self.kv_b_proj = linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), use_bias=False)
+    self.o_proj = linear(num_heads * v_head_dim, hidden_size, use_bias=attention_bias)
+    if indexer is None:
+      self.indexer = None
+    else:
+      n_heads, head_dim, topk = indexer
+      self.indexer = dsa.LightningIndexer(hidden_size, q_lora_rank or hidden_size, n_heads, head_dim,
+                                          qk_rope_head_dim, topk, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  # -- static description ------------------------------------------------------------
+  def spec(self, page_size: int, runtime: Runtime) -> MLASpec:
+    return MLASpec(num_heads=self.num_heads, kv_lora_rank=self.kv_lora_rank, rope_dim=self.rope_dim,
+                   nope_dim=self.nope_dim, v_head_dim=self.v_head_dim, page_size=page_size, scale=self.scale,
+                   indexer=None if self.indexer is None else self.indexer.spec(page_size), runtime=runtime)
+
+  def sparse_config(self, runtime: Runtime) -> dsa.DSASparseAttentionConfig | None:
+    """The runtime's sparse config if this layer can serve it; raises naming the problem otherwise."""
+    cfg = runtime.sparse
+    if cfg is None:
+      return None
+    algo = get_algorithm(cfg)
+    if not getattr(algo.config_cls, "supports_mla", False):
+      raise ConfigError(f"sparse_attention_config.algorithm={algo.name!r} does not support MLA models "
+                        "(DeepSeek); use algorithm 'dsa' or none")
+    if self.indexer is None:
+      raise ConfigError("sparse_attention_config.algorithm='dsa' needs a lightning indexer, and this MLA model "
+                        "has none (index_topk / index_n_heads missing from its config)")
+    return cfg
+
+  # -- projections ---------------------------------------------------------------------
+  def project(self, x: jax.Array, positions: jax.Array) -> Projection:
+    """x: [..., hidden]; positions: int32[...] -> Projection."""
+    cos, sin = rope_lib.cos_sin(self.rope, positions, x.dtype)
+    if self.q_proj is None:
+      q_resid = self.q_a_layernorm(self.q_a_proj(x))
+      q = self.q_b_proj(q_resid)
+    else:
+      q_resid = x
+      q = self.q_proj(x)
+    q = q.reshape(*x.shape[:-1], self.num_heads, self.nope_dim + self.rope_dim)
+    q_nope, q_rope = q[..., :self.nope_dim], apply_rope_interleaved(q[..., self.nope_dim:], cos, sin)
+    ckv = self.kv_a_proj_with_mqa(x)
+    latent = self.kv_a_layernorm(ckv[..., :self.kv_lora_rank])
+    k_rope = apply_rope_interleaved(ckv[..., None, self.kv_lora_rank:], cos, sin)[..., 0, :]
+    return Projection(q_nope, q_rope, latent, k_rope, q_resid, cos, sin)
+
+  def _w_kv(self) -> tuple[jax.Array, jax.Array]:
+    """(W_UK [R, H, dn], W_UV [R, H, dv]) from kv_b_proj."""
+    w = self.kv_b_proj.kernel[...].reshape(self.kv_lora_rank, self.num_heads, self.nope_dim + self.v_head_dim)
+    return w[..., :self.nope_dim], w[..., self.nope_dim:]
+
+  def expand(self, p: Projection) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Non-absorbed q [.., H, dn+dr], k [.., H, dn+dr], v [.., H, dv] of fresh tokens."""
+    kv = self.kv_b_proj(p.latent).reshape(*p.latent.shape[:-1], self.num_heads, self.nope_dim + self.v_head_dim)
+    k_rope = jnp.broadcast_to(p.k_rope[..., None, :], (*p.k_rope.shape[:-1], self.num_heads, self.rope_dim))
+    q = jnp.concatenate([p.q_nope, p.q_rope], axis=-1)
+    k = jnp.concatenate([kv[..., :self.nope_dim], k_rope.astype(kv.dtype)], axis=-1)
+    return q, k, kv[..., self.nope_dim:]
+
+  def absorbed_query(self, p: Projection) -> jax.Array:
+    """[.., H, R + dr]: (W_UK_h^T q_nope_h, q_rope_h), the query of the latent-space attention."""
+    w_uk, _ = self._w_kv()
+    q_lat = jnp.einsum("...hd,rhd->...hr", p.q_nope, w_uk.astype(p.q_nope.dtype))
+    return jnp.concatenate([q_lat, p.q_rope.astype(q_lat.dtype)], axis=-1)
+
+  def output(self, latent_out: jax.Array) -> jax.Array:
+    """latent_out [.., H, R] (attention-weighted latents) -> [.., hidden] via W_UV and o_proj."""
+    _, w_uv = self._w_kv()
+    out = jnp.einsum("...hr,rhv->...hv", latent_out.astype(self.dtype), w_uv.astype(self.dtype))
+    return self.o_proj(out.reshape(*out.shape[:-2], self.num_heads * self.v_head_dim))
+
+  def _output_expanded(self, out: jax.Array) -> jax.Array:
+    return self.o_proj(out.reshape(*out.shape[:-2], self.num_heads * self.v_head_dim))
+
+  # -- no cache --------------------------------------------------------------------------
+  def __call__(self, x: jax.Array, positions: jax.Array, lengths: jax.Array | None = None,
+               backend: str = "reference", index_topk: int | None = None) -> jax.Array:
+    """x: [B, T, hidden] -> [B, T, hidden]: causal attention where, as in transformers, each
+    query attends only to the indexer's top `index_topk` (default: the checkpoint's) tokens."""
+    b, t, _ = x.shape
+    p = self.project(x, positions)
+    q, k, v = self.expand(p)
+    topk = None if self.indexer is None else (index_topk or self.indexer.index_topk)
+    if topk is None or topk >= t:
+      return self._output_expanded(causal_attention(q, k, v, lengths, self.scale, backend=backend))
+    ids = self.indexer_topk(x, p, lengths, topk)                              # [B, T, topk]
+    picked = jnp.zeros((b, t, t + 1), bool).at[
+        jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None], jnp.where(ids < 0, t, ids)].set(True)[..., :t]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.scale
+    pos = jnp.arange(t)
+    ok = picked[:, None] & (pos[None, None, None, :] <= pos[None, None, :, None])
+    probs = jax.nn.softmax(jnp.where(ok, logits, _MASK), axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return self._output_expanded(out)
+
+  def indexer_topk(self, x: jax.Array, p: Projection, lengths: jax.Array | None, topk: int) -> jax.Array:
+    """The no-cache (float32, unquantized) selection: int32[B, T, min(topk, T)] ascending, -1 padded."""
+    from pallas_kernels.dsa_topk import dsa_topk_reference
+    b, t = x.shape[:2]
+    q, w = self.indexer.queries(x, p.q_resid, p.cos, p.sin)
+    k = self.indexer.keys(x, p.cos, p.sin)
+    scores = dsa.prompt_scores(q, w, k, lengths)
+    return dsa_topk_reference(scores.reshape(b * t, t), min(topk, t)).reshape(b, t, -1)
+
+  # -- cached ----------------------------------------------------------------------------
+  def prefill(self, x: jax.Array, lengths: jax.Array, layer: LayerCache, page_table_rows: jax.Array,
+              runtime: Runtime) -> tuple[jax.Array, LayerCache, jax.Array]:
+    """x: [n, T, hidden] right-padded prompts; lengths: int32[n]; page_table_rows: int32[n, max_pages]
+    (pages allocated). Writes latent, rope key (and indexer keys) and returns (out [n, T, hidden],
+    layer, tokens stored int32[n] = lengths: DSA evicts nothing)."""
+    n, t, _ = x.shape
+    chex.assert_shape(lengths, (n,))
+    chex.assert_shape(page_table_rows, (n, None))
+    cfg = self.sparse_config(runtime)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+    p = self.project(x, pos)
+    page_size, num_pages = layer.k.shape[2], layer.k.shape[1]
+    slots = token_slots(page_table_rows, pos, pos < lengths[:, None], page_size, num_pages).reshape(-1)
+    layer = layer.replace(k=write_tokens(layer.k, slots, p.latent.reshape(n * t, 1, -1)),
+                          v=write_tokens(layer.v, slots, p.k_rope.reshape(n * t, 1, -1)))
+    counts = lengths.astype(jnp.int32)
+    if cfg is not None:
+      ix = self.indexer.spec(page_size)
+      iq, w = self.indexer.queries(x, p.q_resid, p.cos, p.sin)
+      ik = self.indexer.keys(x, p.cos, p.sin)
+      layer = dsa.write_indexer_keys(cfg, layer, slots, ik.reshape(n * t, -1))
+      if cfg.topk(ix.index_topk) < t:
+        ids = dsa.select_prefill(cfg, ix, iq, w, ik, lengths, runtime)
+        from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill
+        out = sparse_mla_prefill(self.absorbed_query(p), layer.k[0], layer.v[0], page_table_rows, ids, self.scale,
+                                 **runtime.kernel_kwargs())
+        return self.output(out), layer, counts
+    q, k, v = self.expand(p)
+    out = causal_attention(q, k, v, lengths, self.scale, backend=runtime.backend)
+    return self._output_expanded(out), layer, counts
+
+  def decode(self, x: jax.Array, positions: jax.Array, layer: LayerCache, page_table: jax.Array,
+             lengths: jax.Array, active: jax.Array, runtime: Runtime) -> tuple[jax.Array, LayerCache]:
+    """x: [S, hidden] one token per slot; positions: int32[S] RoPE positions; lengths: int32[S]
+    tokens stored before this one; active: bool[S]. Absorbed MLA over the DSA-selected tokens
+    (or all tokens without a sparse config). Returns (out [S, hidden], layer)."""
+    from pallas_kernels.sparse_mla_decode import sparse_mla_decode
+    s = x.shape[0]
+    chex.assert_shape((positions, lengths, active), (s,))
+    chex.assert_shape(page_table, (s, None))
+    cfg = self.sparse_config(runtime)
+    p = self.project(x, positions)
+    page_size, num_pages = layer.k.shape[2], layer.k.shape[1]
+    slot = token_slots(page_table, lengths[:, None], active[:, None], page_size, num_pages)[:, 0]
+    layer = layer.replace(k=write_tokens(layer.k, slot, p.latent[:, None]),
+                          v=write_tokens(layer.v, slot, p.k_rope[:, None]))
+    visible = jnp.where(active, lengths + 1, 0).astype(jnp.int32)
+    if cfg is None:
+      ids = dsa.dense_token_ids(visible, page_table.shape[1] * page_size)
+    else:
+      ix = self.indexer.spec(page_size)
+      iq, w = self.indexer.queries(x, p.q_resid, p.cos, p.sin)
+      layer = dsa.write_indexer_keys(cfg, layer, slot, self.indexer.keys(x, p.cos, p.sin))
+      ids = dsa.select_decode(cfg, ix, iq, w, layer, page_table, visible, runtime)
+    out = sparse_mla_decode(self.absorbed_query(p), layer.k[0], layer.v[0], page_table, ids, self.scale,
+                            **runtime.kernel_kwargs())
+    return self.output(out), layer
