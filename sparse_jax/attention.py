@@ -25,6 +25,7 @@ from sparse_jax.selection import dense_units, pool_as_units, to_units, unit_size
 
 BACKENDS = ("reference", "pallas")
 TP_AXIS = "tp"
+IMPORTANCE = "page_importance"  # aux pool [1, num_pages, 1] float32: summed page scores
 _MASK = -1e30
 
 
@@ -42,6 +43,7 @@ class Runtime:
   interpret: bool | None = None
   mesh: Any = None          # jax.sharding.Mesh with axis TP_AXIS, or None
   shard_kv: bool = False    # KV heads split over the mesh (else attention runs replicated)
+  evict: bool = False       # accumulate page importance for eviction (aux pool IMPORTANCE)
 
   def __post_init__(self):
     if self.backend not in BACKENDS:
@@ -296,6 +298,10 @@ def prefill_core(q, k, v, lengths, layer: LayerCache, rows, *, scale, runtime: R
       counts = keep.counts
       stored = keep.indices.shape[-1]
     layer = algo.update_aux(runtime.sparse, spec, layer, rows, jnp.zeros_like(counts), counts, stored, **extra)
+  if runtime.evict:  # fresh pages start with no importance
+    imp = layer.aux[IMPORTANCE]
+    ids = jnp.where(rows >= 0, rows, imp.shape[1]).reshape(-1)
+    layer = layer.replace(aux={**layer.aux, IMPORTANCE: imp.at[0, ids, 0].set(0.0, mode="drop")})
   return out, layer, counts
 
 
@@ -316,6 +322,12 @@ def decode_core(q, k, v, layer: LayerCache, page_table, lengths, active, *, scal
     spec = _spec_for(q, layer, scale, runtime)
     layer = algo.update_aux(runtime.sparse, spec, layer, page_table, lengths, new_lengths, 1, **extra)
     selection = algo.predict_attn(runtime.sparse, spec, q, layer, page_table, new_lengths, **extra)
+    if runtime.evict:
+      scores = algo.page_scores(runtime.sparse, spec, q, layer, page_table, new_lengths)  # [S, max_pages]
+      imp = layer.aux[IMPORTANCE]
+      ids = jnp.where((page_table >= 0) & active[:, None], page_table, imp.shape[1])
+      imp = imp.at[0, ids.reshape(-1), 0].add(scores.reshape(-1).astype(imp.dtype), mode="drop")
+      layer = layer.replace(aux={**layer.aux, IMPORTANCE: imp})
   if selection is None:
     unit_size = page_size
     unit_ids, kv_lens = dense_units(page_table, new_lengths, kv_heads)

@@ -247,6 +247,20 @@ class PageAllocator:
     self._free.extend(reversed(released))
     return released
 
+  def recycle_pages(self, slot: int, logical_pages: list[int]) -> list[int]:
+    """Eviction without giving pages up: the given logical pages of `slot` (their tokens are
+    dropped) move to the end of its row, where they will hold the sequence's next tokens.
+    Returns their page ids. The slot keeps its page count, so it can never run out mid-decode."""
+    self._check_slot(slot)
+    drop = set(logical_pages)
+    row = self._pages[slot]
+    if any(p < 0 or p >= len(row) for p in drop):
+      raise ValueError(f"slot {slot}: logical pages {sorted(drop)} out of range 0..{len(row) - 1}")
+    moved = [pid for i, pid in enumerate(row) if i in drop]
+    self._pages[slot] = [pid for i, pid in enumerate(row) if i not in drop] + moved
+    self._table[slot, :len(row)] = self._pages[slot]
+    return moved
+
   def free(self, slot: int) -> list[int]:
     return self.truncate(slot, 0)
 

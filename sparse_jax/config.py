@@ -80,8 +80,22 @@ class BaseSparseAttentionConfig:
   #: whether the algorithm supports chunked prefill.
   supports_chunked_prefill: ClassVar[bool] = False
 
+  #: Block-level eviction during generation: once a sequence holds more than this many tokens,
+  #: its lowest-scoring KV pages (by the algorithm's page scores accumulated over layers and
+  #: steps; never the first or the newest page) are dropped, so memory stays bounded. None = off.
+  decode_budget: int | None = dataclasses.field(default=None, kw_only=True)
+
   def validate_with(self, kv_cache_config: KvCacheConfig, enable_chunked_prefill: bool) -> None:
     """Rejects combinations with the cache/scheduler settings, saying why."""
+    if self.decode_budget is not None:
+      if isinstance(self.decode_budget, bool) or not isinstance(self.decode_budget, int) or self.decode_budget <= 0:
+        _fail(type(self).__name__, "decode_budget", self.decode_budget, "must be a positive integer or None")
+      if self.decode_budget < 3 * kv_cache_config.tokens_per_block:
+        _fail(type(self).__name__, "decode_budget", self.decode_budget,
+              f"must hold at least 3 KV pages (3 x tokens_per_block={kv_cache_config.tokens_per_block})")
+      if get_algorithm(self).page_scores is None:
+        _fail(type(self).__name__, "decode_budget", self.decode_budget,
+              f"algorithm {self.algorithm!r} has no page scores to choose pages to evict")
     if kv_cache_config.enable_block_reuse and self.compacts_prompt:
       raise ConfigError(
           f"sparse_attention_config.algorithm={self.algorithm!r} needs kv_cache_config.enable_block_reuse=False: "

@@ -149,8 +149,11 @@ class Engine:
       mesh = parallel.make_mesh(tensor_parallel_size)
       parallel.shard_model(model, mesh, shard_kv)
     self.tensor_parallel_size = tensor_parallel_size
+    self.decode_budget = getattr(sparse_attention_config, "decode_budget", None)
+    if self.decode_budget is not None and mesh is not None:
+      raise ValueError("decode_budget (eviction) is not supported with tensor_parallel_size > 1 yet")
     self.runtime = Runtime(backend=backend, sparse=sparse_attention_config, interpret=interpret, mesh=mesh,
-                           shard_kv=shard_kv)
+                           shard_kv=shard_kv, evict=self.decode_budget is not None)
     self.kv_cache_config = kv_cache_config
     self.max_batch_size = max_batch_size
     self.max_seq_len = int(max_seq_len or model.config.max_position_embeddings)
@@ -160,6 +163,11 @@ class Engine:
     self.seed = seed
     self.page_size = kv_cache_config.tokens_per_block
     self.layout = model.cache_layout(sparse_attention_config, self.page_size)
+    if self.decode_budget is not None:
+      from sparse_jax.attention import IMPORTANCE
+      from sparse_jax.cache import AuxPoolSpec
+      self.layout = dataclasses.replace(self.layout, aux_specs={
+          **self.layout.aux_specs, IMPORTANCE: AuxPoolSpec(heads=1, entry_shape=(1,), dtype=jnp.float32)})
     self.max_pages_per_seq = math.ceil(self.max_seq_len / self.page_size)
     kv_dtype = kv_dtype if kv_cache_config.dtype == "auto" else jnp.dtype(kv_cache_config.dtype).type
     self.kv_dtype = kv_dtype
@@ -193,6 +201,7 @@ class Engine:
     self.stats = collections.Counter()
     self.peak_pages = 0
     self._prefill_fn = jax.jit(self._prefill_impl, static_argnames=("n_pages",), donate_argnames=("cache",))
+    self._evict_fn = jax.jit(self._evict_impl, donate_argnames=("cache",))
     self._decode_fn = jax.jit(self._decode_impl, static_argnames=("n_pages", "num_steps"),
                               donate_argnames=("cache",))
 
@@ -317,17 +326,24 @@ class Engine:
       free_slots = [s for s in range(self.max_batch_size) if s not in self._running]
       while self._waiting and free_slots:
         req = self._waiting[0]
-        need = self.allocator.pages_for(len(req.prompt_ids) + req.params.max_tokens)
+        need = self.allocator.pages_for(len(req.prompt_ids) + self._generation_tokens(req))
         if need > self.allocator.free_pages:
           break  # FIFO: wait for pages rather than let later requests overtake
         self._waiting.popleft()
         slot = free_slots.pop(0)
-        self.allocator.ensure(slot, len(req.prompt_ids) + req.params.max_tokens)
+        self.allocator.ensure(slot, len(req.prompt_ids) + self._generation_tokens(req))
         req.slot, req.state = slot, RequestState.RUNNING
         self._running[slot] = req
         admitted.append(req)
       self.peak_pages = max(self.peak_pages, self.allocator.used_pages)
     return admitted
+
+  def _generation_tokens(self, req: Request) -> int:
+    """Tokens of room a request reserves for generation: all of max_tokens, or with eviction
+    what the decode budget plus one chunk can hold (evicted pages are recycled, see _evict)."""
+    if self.decode_budget is None:
+      return req.params.max_tokens
+    return min(req.params.max_tokens, self.decode_budget + self.decode_chunk_size + self.page_size)
 
   def _set_sampling(self, slot: int, req: Request) -> None:
     p = req.params
@@ -392,7 +408,7 @@ class Engine:
         req.kept_prompt_tokens = kept
         self._slot_len[slot] = kept
         if kept < len(req.prompt_ids):  # compaction freed the tail of the prompt's pages
-          self.allocator.truncate(slot, kept + req.params.max_tokens)
+          self.allocator.truncate(slot, kept + self._generation_tokens(req))
         req.pages_after_prefill = len(self.allocator.pages(slot))
         req.first_token_time = now
         self._samp["counters"][slot] = 1
@@ -415,7 +431,7 @@ class Engine:
     out = self._decode_fn(self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(self._last_token),
                           jnp.asarray(active), jnp.asarray(remaining), jnp.asarray(ignore_eos),
                           self._sampling_state(), n_pages=n_pages, num_steps=steps)
-    self.cache, tokens, counters, last = out
+    self.cache, tokens, counters, last, importance = out
     tokens, counters, last = np.asarray(tokens), np.asarray(counters), np.asarray(last)
     self.stats["decode_calls"] += 1
     with self._lock:
@@ -429,6 +445,39 @@ class Engine:
         req = self._running.get(s)
         if req is not None and not req.finished:
           self._emit(req, new)
+      if self.decode_budget is not None:
+        self._evict(np.asarray(importance))
+
+  def _evict(self, importance: np.ndarray) -> None:
+    """Drops the lowest-importance pages of every sequence over the decode budget (under the
+    lock). Never the first page (attention sinks) nor the newest one; the evicted pages are
+    recycled to the end of the sequence's row for its next tokens."""
+    ps = self.page_size
+    deltas = np.zeros(self.max_batch_size, np.int32)
+    recycled = []
+    for s, req in self._running.items():
+      length = int(self._slot_len[s])
+      if length <= self.decode_budget:
+        continue
+      newest = (length - 1) // ps
+      candidates = list(range(1, newest))
+      n = min(len(candidates), -(-(length - self.decode_budget) // ps))
+      if n <= 0:
+        continue
+      order = sorted(candidates, key=lambda p: (importance[s, p], p))[:n]
+      recycled += self.allocator.recycle_pages(s, order)
+      deltas[s] = n * ps
+      self._slot_len[s] -= n * ps
+      self.stats["evicted_pages"] += n
+    if recycled:
+      ids = np.full(_pow2_at_least(len(recycled)), self.allocator.num_pages, np.int32)
+      ids[:len(recycled)] = recycled
+      self.cache = self._evict_fn(self.cache, jnp.asarray(deltas), jnp.asarray(ids))
+
+  def _evict_impl(self, cache, deltas, recycled):
+    from sparse_jax.attention import IMPORTANCE
+    pools = tuple(p.at[0, recycled, 0].set(0.0, mode="drop") for p in cache.aux[IMPORTANCE])
+    return cache.replace(lengths=cache.lengths - deltas, aux={**cache.aux, IMPORTANCE: pools})
 
   # -- per-request bookkeeping ------------------------------------------------------------
   def _emit(self, req: Request, new_ids: list[int]) -> None:
@@ -504,4 +553,10 @@ class Engine:
     view = cache.replace(page_table=table[:, :n_pages])
     carry = (jnp.int32(0), view, tokens, active, remaining, samp.counters, out)
     _, view, tokens, _, _, counters, out = jax.lax.while_loop(cond, body, carry)
-    return view.replace(page_table=table), out, counters, tokens
+    importance = None
+    if self.runtime.evict:  # per slot and logical page, summed over layers
+      from sparse_jax.attention import IMPORTANCE
+      rows = view.page_table
+      importance = sum(p[0, jnp.clip(rows, 0), 0] for p in view.aux[IMPORTANCE])
+      importance = jnp.where(rows >= 0, importance, jnp.inf)
+    return view.replace(page_table=table), out, counters, tokens, importance
