@@ -32,13 +32,6 @@ flags.DEFINE_string("sparse", "", "optional options YAML (e.g. configs/rocket.ya
 flags.DEFINE_string("out", "", "JSON output path")
 
 
-def model_config(name: str) -> dict:
-  here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs", name + ".json")
-  path = here if os.path.exists(here) else name
-  with open(path) as f:
-    return json.load(f)
-
-
 def main(_):
   import warnings
   warnings.filterwarnings("ignore", message=".*Pallas.*deprecated.*")
@@ -47,6 +40,7 @@ def main(_):
   import numpy as np
 
   import models
+  from bench import model_config
   from bench.common import measure_copy_ceiling
   from sparse_jax.config import KvCacheConfig, load_llm_api_options
   from sparse_jax.engine import Engine

@@ -28,7 +28,7 @@ def main(_):
   import jax
   import numpy as np
   import models
-  from bench.bench_decode import model_config
+  from bench import model_config
   from sparse_jax import LLM, KvCacheConfig, SamplingParams
   from sparse_jax.algorithms.rocket import RocketSparseAttentionConfig
 
