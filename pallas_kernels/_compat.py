@@ -80,6 +80,13 @@ def gather_load(ref, idx, *, mask, other, interpret: bool):
   )
 
 
+def slice_load(ref, idx, *, mask, other, interpret: bool):
+  """``ref[idx]`` with ``other`` where ``mask`` is False (idx: slices / scalars only).
+  Masked lanes may lie past the end of the array."""
+  del interpret  # masked loads through slices have an interpret-mode rule
+  return plgpu.load(ref.at[idx], mask=mask, other=other)
+
+
 def store_slice(ref, idx, value, *, mask, interpret: bool) -> None:
   """``ref[idx] = value`` where ``mask`` (idx: slices / scalars only, no index vector).
   Masked lanes may lie past the end of the array."""

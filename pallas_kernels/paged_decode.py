@@ -30,12 +30,12 @@ _NEG = _compat.NEG_INF_FINITE
 
 
 def _paged_decode_kernel(
-    q_ref,  # [block_g, D]            the q heads of one GQA group (zero-padded rows)
+    q_ref,  # [group, D]               the q heads of one GQA group
     k_ref,  # [num_units, unit_size, D]  the K pool of this kv head
     v_ref,  # [num_units, unit_size, D]
-    ids_ref,  # [max_units_padded]    unit ids of this (batch, kv head), -1 padded
+    ids_ref,  # [max_units]            unit ids of this (batch, kv head), -1 padded
     len_ref,  # [1]                    kv_len of this (batch, kv head)
-    o_ref,  # [block_g, D] f32        unnormalised output of this split
+    o_ref,  # [block_g, D] f32        unnormalised output of this split (rows < group)
     m_ref,  # [block_g] f32           running max (log2 domain) of this split
     l_ref,  # [block_g] f32           running sum of exp2(logit - m)
     *,
@@ -54,9 +54,13 @@ def _paged_decode_kernel(
   ``units_per_block`` units (``units_per_block * unit_size`` tokens) of K and V.
   Masked tokens (past kv_len, or a -1 id) are never loaded on the GPU (masked gather);
   their ids are clamped to 0 so no -1 is ever dereferenced.
+
+  The group's q rows are padded to ``block_g`` (>= 16, as tl.dot needs) in registers,
+  not in memory, and only the ``group`` real rows of the partial results are stored.
   """
   split = pl.program_id(2)
-  block_g, head_dim = q_ref.shape
+  group, head_dim = q_ref.shape
+  block_g = o_ref.shape[0]
   unit_size = k_ref.shape[1]
   max_units = ids_ref.shape[0]
   upb = units_per_block
@@ -69,12 +73,18 @@ def _paged_decode_kernel(
   end = jnp.minimum(start + per_split, n_units)
   num_iters = pl.cdiv(jnp.maximum(end - start, 0), upb)
 
-  q = q_ref[...]
+  rows = jnp.arange(block_g, dtype=jnp.int32)
+  real_row = rows < group
+  q = q_ref[jnp.minimum(rows, group - 1)]  # [block_g, D]: rows >= group repeat the last
+  q = jnp.where(real_row[:, None], q, jnp.zeros((), q.dtype))
+  unit_index = jnp.arange(upb, dtype=jnp.int32)
 
   def body(i, carry):
     o_prev, m_prev, l_prev = carry
     first_unit = start + i * upb
-    ids = ids_ref[pl.ds(first_unit, upb)]  # [upb]
+    ids = _compat.slice_load(ids_ref, pl.ds(first_unit, upb),
+                             mask=first_unit + unit_index < max_units, other=-1,
+                             interpret=interpret)  # [upb]
     unit_ok = ids >= 0
     safe_ids = jnp.where(unit_ok, ids, 0)
     token = (first_unit + jnp.arange(upb, dtype=jnp.int32))[:, None] * unit_size + (
@@ -105,9 +115,11 @@ def _paged_decode_kernel(
   m0 = jnp.full((block_g,), _NEG, jnp.float32)
   l0 = jnp.zeros((block_g,), jnp.float32)
   o, m, l = lax.fori_loop(0, num_iters, body, (o0, m0, l0))
-  o_ref[...] = o
-  m_ref[...] = m
-  l_ref[...] = l
+  everything = (slice(None),)
+  _compat.store_slice(o_ref, everything * 2, o,
+                      mask=jnp.broadcast_to(real_row[:, None], o.shape), interpret=interpret)
+  _compat.store_slice(m_ref, everything, m, mask=real_row, interpret=interpret)
+  _compat.store_slice(l_ref, everything, l, mask=real_row, interpret=interpret)
 
 
 def _paged_decode_pallas(
@@ -120,14 +132,8 @@ def _paged_decode_pallas(
   group = q_heads // kv_heads
   block_g = max(16, pl.next_power_of_2(group))  # tl.dot needs M >= 16
 
-  q_grouped = q.reshape(batch, kv_heads, group, head_dim)
-  if block_g != group:
-    q_grouped = jnp.pad(q_grouped, ((0, 0), (0, 0), (0, block_g - group), (0, 0)))
-  max_units_padded = pl.cdiv(max_units, units_per_block) * units_per_block
+  q_grouped = q.reshape(batch, kv_heads, group, head_dim)  # free: no padding copy
   ids = unit_ids.astype(jnp.int32)
-  if max_units_padded != max_units:
-    ids = jnp.pad(ids, ((0, 0), (0, 0), (0, max_units_padded - max_units)),
-                  constant_values=-1)
   lens = kv_lens.astype(jnp.int32).reshape(batch, kv_heads, 1)
 
   precision = (lax.Precision.HIGHEST if q.dtype == jnp.float32
@@ -147,10 +153,10 @@ def _paged_decode_pallas(
       kernel,
       grid=(batch, kv_heads, num_splits),
       in_specs=[
-          pl.BlockSpec((None, None, block_g, head_dim), lambda b, h, s: (b, h, 0, 0)),
+          pl.BlockSpec((None, None, group, head_dim), lambda b, h, s: (b, h, 0, 0)),
           pool_spec,
           pool_spec,
-          pl.BlockSpec((None, None, max_units_padded), lambda b, h, s: (b, h, 0)),
+          pl.BlockSpec((None, None, max_units), lambda b, h, s: (b, h, 0)),
           pl.BlockSpec((None, None, 1), lambda b, h, s: (b, h, 0)),
       ],
       out_specs=[
@@ -173,6 +179,8 @@ def _paged_decode_pallas(
 
   # Merge the splits (log-sum-exp in the log2 domain). A split that saw no token has
   # m = NEG, l = 0 and gets weight 0 (or weight 1 with l = 0 when every split is empty).
+  # Rows >= group were never written: slice them off first (XLA fuses the slice).
+  o, m, l = o[..., :group, :], m[..., :group], l[..., :group]
   m_max = m.max(axis=0)
   weight = jnp.exp2(m - m_max[None])
   l_total = (weight * l).sum(axis=0)
@@ -183,8 +191,7 @@ def _paged_decode_pallas(
       o_total / jnp.where(has_tokens, l_total, 1.0)[..., None],
       0.0,
   )
-  out = out[:, :, :group, :].reshape(batch, q_heads, head_dim)
-  return out.astype(q.dtype)
+  return out.reshape(batch, q_heads, head_dim).astype(q.dtype)
 
 
 def default_units_per_block(unit_size: int) -> int:
