@@ -1,0 +1,619 @@
+"""An OpenAI-compatible HTTP server over the engine (the `trtllm-serve` equivalent).
+
+    python -m sparse_jax.serve --model=path/to/hf_checkpoint --extra_llm_api_options=configs/rocket.yaml
+
+Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both stream with server-sent
+events when `stream` is true), `GET /v1/models`, `GET /health`.
+
+One background thread drives the engine (`EngineLoop`): it calls `engine.step()` while there is
+work and otherwise sleeps in `engine.wait_for_work()`, which `add_request` and `abort` end. The
+engine reports progress through each request's `on_update` callback (on the engine thread,
+under its lock); the callback only copies the request's text and hands it to the request's
+asyncio queue. A client that disconnects (streaming or not) aborts its request, which frees
+the request's batch slot and KV pages at the next engine step.
+
+Errors follow the OpenAI layout `{"error": {"message", "type", "param", "code"}}`: a malformed
+body, an unknown field, a wrong type or value, or a prompt longer than `max_seq_len -
+max_tokens` is a 400 naming the field; a full waiting queue is a 429; an unknown model a 404.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from sparse_jax.engine import Engine, QueueFullError, Request, SamplingParams
+
+log = logging.getLogger("sparse_jax.serve")
+
+# -- request bodies ----------------------------------------------------------------------------
+
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+
+
+class StreamOptions(BaseModel):
+  model_config = ConfigDict(extra="forbid")
+  include_usage: StrictBool = False
+
+
+class _SamplingFields(BaseModel):
+  """Fields common to both endpoints (OpenAI names; `top_k`, `ignore_eos` are vLLM extensions)."""
+  model_config = ConfigDict(extra="forbid")
+  model: StrictStr | None = None
+  temperature: Annotated[StrictFloat, Field(ge=0, le=2)] = 1.0
+  top_p: Annotated[StrictFloat, Field(gt=0, le=1)] = 1.0
+  top_k: Annotated[StrictInt, Field(ge=0)] = 0
+  seed: StrictInt | None = None
+  stop: StrictStr | list[StrictStr] | None = None
+  stream: StrictBool = False
+  stream_options: StreamOptions | None = None
+  n: StrictInt = 1
+  ignore_eos: StrictBool = False
+  user: StrictStr | None = None
+
+
+class CompletionRequest(_SamplingFields):
+  prompt: StrictStr | list[StrictInt]
+  max_tokens: PositiveInt = 16
+  echo: StrictBool = False
+
+
+class ChatMessage(BaseModel):
+  model_config = ConfigDict(extra="forbid")
+  role: Literal["system", "developer", "user", "assistant"]
+  content: StrictStr | list[dict[str, Any]]
+  name: StrictStr | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+  messages: Annotated[list[ChatMessage], Field(min_length=1)]
+  max_tokens: PositiveInt | None = None
+  max_completion_tokens: PositiveInt | None = None
+
+
+class ApiError(Exception):
+  """An error answered as an OpenAI-style error body."""
+
+  def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    super().__init__(message)
+    self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   kind: str = "invalid_request_error") -> JSONResponse:
+  return JSONResponse(status_code=status,
+                      content={"error": {"message": message, "type": kind, "param": param, "code": status}})
+
+
+def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
+  """A one-line message naming every bad field of a request body, and the first such field."""
+  problems: dict[str, list[str]] = {}  # field -> what is wrong (a union reports once per alternative)
+  got: dict[str, str] = {}
+  for err in errors:
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    field = ".".join(loc[:1] + [p for p in loc[1:] if not _is_type_tag(p)]) or "body"
+    kind = err.get("type")
+    if kind == "json_invalid":
+      detail = (err.get("ctx") or {}).get("error", err.get("msg", ""))
+      return f"malformed JSON body: {detail}", None
+    if kind == "extra_forbidden":
+      text = "unknown field"
+    elif kind == "missing":
+      text = "missing required field"
+    else:
+      text = err.get("msg", "invalid")
+      value = repr(err.get("input"))
+      got.setdefault(field, value if len(value) <= 80 else value[:77] + "...")
+    if text not in problems.setdefault(field, []):
+      problems[field].append(text)
+  parts = [f"{field}: {' or '.join(texts)}" + (f" (got {got[field]})" if field in got else "")
+           for field, texts in problems.items()]
+  return "invalid request: " + "; ".join(parts), next(iter(problems), None)
+
+
+def _is_type_tag(part: str) -> bool:
+  # pydantic names union alternatives in error locations ("str", "list[int]", "function-after[...]")
+  return part in ("str", "int", "float", "bool") or "[" in part
+
+
+# -- the engine thread ----------------------------------------------------------------------------
+
+class EngineLoop:
+  """Drives `engine.step()` on one daemon thread; sleeps in `engine.wait_for_work` when idle.
+
+  If a step raises, the loop stops, `error` holds the exception and `on_error(exc)` is called so
+  the server can fail the requests it is waiting on.
+  """
+
+  def __init__(self, engine: Engine, on_error=None, idle_timeout_s: float = 1.0):
+    self.engine = engine
+    self.on_error = on_error
+    self.idle_timeout_s = idle_timeout_s
+    self.error: BaseException | None = None
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="sparse_jax-engine", daemon=True)
+
+  @property
+  def alive(self) -> bool:
+    return self._thread.is_alive() and self.error is None
+
+  def start(self) -> "EngineLoop":
+    self._thread.start()
+    return self
+
+  def stop(self, timeout: float = 30.0) -> None:
+    self._stop.set()
+    self.engine.wake()
+    if self._thread.is_alive() and threading.current_thread() is not self._thread:
+      self._thread.join(timeout)
+
+  def _run(self) -> None:
+    try:
+      while not self._stop.is_set():
+        if self.engine.has_unfinished():
+          self.engine.step()
+        else:
+          self.engine.wait_for_work(self.idle_timeout_s)
+    except BaseException as e:  # the engine's state is unknown after a failed step: stop serving
+      log.exception("engine step failed; the server stops accepting requests")
+      self.error = e
+      if self.on_error is not None:
+        self.on_error(e)
+
+
+# -- per-request plumbing ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+  """What the engine thread hands the event loop: a copy of the request's progress."""
+  text: str
+  num_tokens: int
+  finish_reason: str | None
+  error: str | None = None
+
+
+class Stream:
+  """Connects one engine request to the asyncio task answering it."""
+
+  def __init__(self, loop: asyncio.AbstractEventLoop):
+    self.loop = loop
+    self.queue: asyncio.Queue[Update] = asyncio.Queue()
+    self.request: Request | None = None
+
+  def on_update(self, req: Request) -> None:  # engine thread, engine lock held: copy and hand off
+    self._put(Update(req.text, len(req.output_ids), req.finish_reason))
+
+  def fail(self, message: str) -> None:
+    self._put(Update("", 0, "error", message))
+
+  def _put(self, update: Update) -> None:
+    with contextlib.suppress(RuntimeError):  # the event loop has shut down
+      self.loop.call_soon_threadsafe(self.queue.put_nowait, update)
+
+  async def next(self) -> Update:
+    """The latest update (updates are cumulative, so older queued ones are skipped)."""
+    update = await self.queue.get()
+    while not self.queue.empty() and update.finish_reason is None:
+      update = self.queue.get_nowait()
+    return update
+
+
+def stream_safe_prefix(text: str, stop: list[str]) -> str:
+  """The part of an unfinished request's text that can be sent now: holds back an incomplete
+  UTF-8 character and a tail that may still become a stop string (the engine then cuts it)."""
+  end = len(text)
+  while end > 0 and text[end - 1] == "\ufffd":
+    end -= 1
+  hold = 0
+  for s in stop:
+    for k in range(min(len(s) - 1, end), hold, -1):
+      if text[end - k:end] == s[:k]:
+        hold = k
+        break
+  return text[:end - hold]
+
+
+class Server:
+  """The state behind the app: the LLM, its engine thread and the requests being answered."""
+
+  def __init__(self, llm, served_model_name: str):
+    self.llm = llm
+    self.engine: Engine = llm.engine
+    self.tokenizer = llm.tokenizer
+    self.served_model_name = served_model_name
+    self.created = int(time.time())
+    self.active: set[Stream] = set()
+    self.stats = {"requests": 0, "finished": 0, "aborted_by_client": 0, "rejected_queue_full": 0, "rejected_invalid": 0}
+    self._active_lock = threading.Lock()
+    self.chat_template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
+    self._jinja = None
+    if self.chat_template:
+      try:
+        import jinja2.sandbox
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent, ensure_ascii=False)
+        env.globals["raise_exception"] = _raise_template_error
+        self._jinja = env.from_string(self.chat_template)
+      except ImportError:
+        log.warning("the tokenizer has a chat template but jinja2 is not installed: using 'role: content' lines")
+    self.loop = EngineLoop(self.engine, on_error=self._fail_all).start()
+
+  def _fail_all(self, exc: BaseException) -> None:
+    with self._active_lock:
+      streams = list(self.active)
+    for s in streams:
+      s.fail(f"engine failed: {type(exc).__name__}: {exc}")
+
+  def check_model(self, model: str | None) -> None:
+    if model is not None and model != self.served_model_name:
+      raise ApiError(404, f"model '{model}' does not exist; this server serves '{self.served_model_name}'",
+                     "model", "model_not_found")
+
+  # -- prompts ---------------------------------------------------------------------------------
+  def encode(self, prompt: str | list[int], field: str) -> list[int]:
+    if isinstance(prompt, str):
+      if self.tokenizer is None:
+        raise ApiError(400, f"{field} is text but the model has no tokenizer; send a list of token ids", field)
+      if not prompt:
+        raise ApiError(400, f"{field} is empty", field)
+      return self.tokenizer.encode(prompt)
+    if not prompt:
+      raise ApiError(400, f"{field} is an empty list of token ids", field)
+    return list(prompt)
+
+  def render_chat(self, messages: list[ChatMessage]) -> str:
+    """The prompt text of a conversation: the tokenizer's chat template (jinja2) if it has one,
+    else one 'role: content' line per message and a final 'assistant:'."""
+    plain = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(messages)]
+    if self._jinja is not None:
+      tok = self.tokenizer
+      special = lambda i: tok.decode([i], skip_special_tokens=False) if i is not None else ""
+      eos = tok.eos_token_ids[0] if tok.eos_token_ids else None
+      try:
+        return self._jinja.render(messages=plain, add_generation_prompt=True, bos_token=special(tok.bos_token_id),
+                                  eos_token=special(eos))
+      except Exception as e:  # a template's raise_exception or a rendering bug: the request's fault
+        raise ApiError(400, f"messages: the chat template rejected them: {e}", "messages") from None
+    return "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"
+
+  def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    if self.tokenizer is None:
+      raise ApiError(400, "messages: the model has no tokenizer, so chat is unavailable; use /v1/completions "
+                     "with token ids", "messages")
+    ids = self.tokenizer.encode(self.render_chat(messages))
+    bos = self.tokenizer.bos_token_id
+    if bos is not None and ids[:2] == [bos, bos]:  # the template wrote BOS and the tokenizer added another
+      ids = ids[1:]
+    return ids
+
+  # -- submission -------------------------------------------------------------------------------
+  def sampling_params(self, body: _SamplingFields, max_tokens: int) -> SamplingParams:
+    if body.n != 1:
+      raise ApiError(400, f"n={body.n}: only n=1 is supported", "n")
+    return SamplingParams(max_tokens=max_tokens, temperature=float(body.temperature), top_p=float(body.top_p),
+                          top_k=body.top_k, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos)
+
+  def check_length(self, ids: list[int], max_tokens: int, field: str) -> None:
+    limit = self.engine.max_seq_len - max_tokens
+    if len(ids) > limit:
+      raise ApiError(400, f"{field} has {len(ids)} tokens, more than the {max(limit, 0)} allowed "
+                     f"(max_seq_len={self.engine.max_seq_len} minus max_tokens={max_tokens})", field)
+
+  def default_max_tokens(self, ids: list[int], field: str) -> int:
+    room = min(self.engine.max_seq_len, self.engine.allocator.num_pages * self.engine.page_size) - len(ids)
+    if room <= 0:
+      raise ApiError(400, f"{field} has {len(ids)} tokens, which leaves no room to generate "
+                     f"(max_seq_len={self.engine.max_seq_len})", field)
+    return room
+
+  def submit(self, ids: list[int], params: SamplingParams, prompt: str | None, request_id: str,
+             field: str) -> Stream:
+    if not self.loop.alive:
+      raise ApiError(503, f"the engine has stopped ({self.loop.error!r}); restart the server", None, "server_error")
+    stream = Stream(asyncio.get_running_loop())
+    try:
+      stream.request = self.engine.add_request(ids, params, prompt=prompt, request_id=request_id,
+                                               on_update=stream.on_update)
+    except QueueFullError as e:
+      self.stats["rejected_queue_full"] += 1
+      raise ApiError(429, f"{e} (max_queue_size={self.engine.max_queue_size})", None, "rate_limit_error") from None
+    except ValueError as e:
+      raise ApiError(400, f"{field}: {e}", field) from None
+    self.stats["requests"] += 1
+    with self._active_lock:
+      self.active.add(stream)
+    return stream
+
+  def release(self, stream: Stream, disconnected: bool) -> None:
+    """Called once the answer is over; aborts the engine request if it is still going."""
+    with self._active_lock:
+      self.active.discard(stream)
+    req = stream.request
+    if req is not None and not req.finished:
+      if disconnected:
+        self.stats["aborted_by_client"] += 1
+      self.engine.abort(req)
+    else:
+      self.stats["finished"] += 1
+
+  def shutdown(self) -> None:
+    self.loop.stop()
+    with self._active_lock:
+      streams = list(self.active)
+    for s in streams:
+      if s.request is not None:
+        self.engine.abort(s.request)
+
+
+def _raise_template_error(message: str):
+  raise ValueError(message)
+
+
+def _message_text(m: ChatMessage, i: int) -> str:
+  if isinstance(m.content, str):
+    return m.content
+  texts = []
+  for j, part in enumerate(m.content):
+    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+      raise ApiError(400, f"messages.{i}.content.{j}: only parts of type 'text' with a string 'text' are "
+                     f"supported, got {part!r}", "messages")
+    texts.append(part["text"])
+  return "".join(texts)
+
+
+def _usage(req: Request) -> dict[str, int]:
+  return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
+          "total_tokens": len(req.prompt_ids) + len(req.output_ids)}
+
+
+def _sse(obj: Any) -> str:
+  return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _wait_for_disconnect(http: HttpRequest) -> None:
+  while True:
+    message = await http.receive()
+    if message["type"] == "http.disconnect":
+      return
+
+
+async def _final_update(server: Server, stream: Stream, http: HttpRequest) -> Update | None:
+  """Waits for the request to finish; None if the client went away first (the request is aborted)."""
+  async def finished() -> Update:
+    while True:
+      update = await stream.next()
+      if update.finish_reason is not None:
+        return update
+
+  done_task = asyncio.ensure_future(finished())
+  gone_task = asyncio.ensure_future(_wait_for_disconnect(http))
+  disconnected = False
+  try:
+    await asyncio.wait({done_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+    if done_task.done():
+      return done_task.result()
+    disconnected = True
+    return None
+  finally:
+    for t in (done_task, gone_task):
+      t.cancel()
+    server.release(stream, disconnected=disconnected)
+
+
+async def _stream_updates(server: Server, stream: Stream, params: SamplingParams):
+  """Yields (text delta, finish_reason or None, error) until the request finishes; aborts it if
+  the consumer stops early (the client disconnected)."""
+  sent = ""
+  finished = False
+  try:
+    while True:
+      update = await stream.next()
+      if update.error is not None:
+        finished = True
+        yield "", "error", update.error
+        return
+      if update.finish_reason is None:
+        text = stream_safe_prefix(update.text, params.stop)
+      else:
+        text = update.text
+      if text.startswith(sent) and len(text) > len(sent):
+        delta, sent = text[len(sent):], text
+        yield delta, None, None
+      if update.finish_reason is not None:
+        finished = True
+        yield "", update.finish_reason, None
+        return
+  finally:
+    server.release(stream, disconnected=not finished)
+
+
+# -- the app ------------------------------------------------------------------------------------
+
+def create_app(llm, served_model_name: str | None = None) -> FastAPI:
+  """The OpenAI-compatible app over `llm` (an `LLM`); starts the engine thread now.
+
+  Stop it with `app.state.server.shutdown()` (uvicorn's shutdown does this). Tests may run the
+  app in-process (httpx.ASGITransport) or under uvicorn.
+  """
+  served_model_name = served_model_name or (os.path.basename(os.path.normpath(llm.model_path))
+                                            if getattr(llm, "model_path", None) else "sparse_jax")
+  server = Server(llm, served_model_name)
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app: FastAPI):
+    yield
+    server.shutdown()
+
+  app = FastAPI(title="sparse_jax OpenAI-compatible server", lifespan=lifespan)
+  app.state.server = server
+
+  @app.exception_handler(RequestValidationError)
+  async def _invalid(_, exc: RequestValidationError):
+    server.stats["rejected_invalid"] += 1
+    message, param = describe_validation_errors(exc.errors())
+    return error_response(400, message, param)
+
+  @app.exception_handler(ApiError)
+  async def _api_error(_, exc: ApiError):
+    if exc.status == 400:
+      server.stats["rejected_invalid"] += 1
+    return error_response(exc.status, exc.message, exc.param, exc.kind)
+
+  @app.get("/health")
+  async def health():
+    if not server.loop.alive:
+      return error_response(503, f"engine stopped: {server.loop.error!r}", None, "server_error")
+    return {"status": "ok", "waiting": server.engine.num_waiting, "running": server.engine.num_running,
+            "free_kv_pages": server.engine.allocator.free_pages, "kv_pages": server.engine.allocator.num_pages}
+
+  @app.get("/v1/models")
+  async def list_models():
+    return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": server.created,
+                                        "owned_by": "sparse_jax", "max_model_len": server.engine.max_seq_len}]}
+
+  @app.post("/v1/completions")
+  async def completions(body: CompletionRequest, http: HttpRequest):
+    server.check_model(body.model)
+    if body.echo:
+      raise ApiError(400, "echo=true is not supported", "echo")
+    ids = server.encode(body.prompt, "prompt")
+    server.check_length(ids, body.max_tokens, "prompt")
+    params = server.sampling_params(body, body.max_tokens)
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    stream = server.submit(ids, params, body.prompt if isinstance(body.prompt, str) else None, rid, "prompt")
+    head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": served_model_name}
+    if not body.stream:
+      update = await _final_update(server, stream, http)
+      if update is None:
+        return JSONResponse(status_code=499, content={})  # nobody is listening
+      if update.error is not None:
+        return error_response(500, update.error, None, "server_error")
+      choice = {"index": 0, "text": update.text, "logprobs": None, "finish_reason": update.finish_reason}
+      return {**head, "choices": [choice], "usage": _usage(stream.request)}
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    async def events():
+      async with contextlib.aclosing(_stream_updates(server, stream, params)) as updates:
+        async for delta, reason, error in updates:
+          if error is not None:
+            yield _sse({"error": {"message": error, "type": "server_error", "param": None, "code": 500}})
+            break
+          yield _sse({**head, "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": reason}]})
+        else:
+          if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(stream.request)})
+      yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
+    server.check_model(body.model)
+    ids = server.encode_chat(body.messages)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None:
+      max_tokens = server.default_max_tokens(ids, "messages")
+    else:
+      server.check_length(ids, max_tokens, "messages")
+    params = server.sampling_params(body, max_tokens)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    stream = server.submit(ids, params, None, rid, "messages")
+    head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": served_model_name}
+    if not body.stream:
+      update = await _final_update(server, stream, http)
+      if update is None:
+        return JSONResponse(status_code=499, content={})
+      if update.error is not None:
+        return error_response(500, update.error, None, "server_error")
+      choice = {"index": 0, "message": {"role": "assistant", "content": update.text}, "logprobs": None,
+                "finish_reason": update.finish_reason}
+      return {**head, "choices": [choice], "usage": _usage(stream.request)}
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunk_head = {**head, "object": "chat.completion.chunk"}
+
+    async def events():
+      yield _sse({**chunk_head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}]})
+      async with contextlib.aclosing(_stream_updates(server, stream, params)) as updates:
+        async for delta, reason, error in updates:
+          if error is not None:
+            yield _sse({"error": {"message": error, "type": "server_error", "param": None, "code": 500}})
+            break
+          choice_delta = {"content": delta} if delta else {}
+          yield _sse({**chunk_head, "choices": [{"index": 0, "delta": choice_delta, "logprobs": None,
+                                                 "finish_reason": reason}]})
+        else:
+          if include_usage:
+            yield _sse({**chunk_head, "choices": [], "usage": _usage(stream.request)})
+      yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+  return app
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def main(argv):
+  del argv
+  from absl import flags
+  FLAGS = flags.FLAGS
+  logging.basicConfig(level=FLAGS.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  import uvicorn
+
+  from sparse_jax.llm import LLM
+  model = FLAGS.model or None
+  if model is None:
+    import importlib.util
+    if importlib.util.find_spec("sparse_jax.defaults") is None:
+      raise SystemExit("error: no --model given and this build has no embedded default model "
+                       "(sparse_jax/defaults.py); pass --model=<Hugging Face checkpoint directory>")
+  try:
+    llm = LLM(model, dtype=FLAGS.dtype, backend=FLAGS.backend, max_batch_size=FLAGS.max_batch_size,
+              max_seq_len=FLAGS.max_seq_len, extra_llm_api_options=FLAGS.extra_llm_api_options or None,
+              max_queue_size=FLAGS.max_queue_size)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: cannot load the model: {e}") from None
+  app = create_app(llm, FLAGS.served_model_name or None)
+  name = app.state.server.served_model_name
+  print(f"serving '{name}' (max_seq_len={llm.engine.max_seq_len}, max_batch_size={llm.engine.max_batch_size}, "
+        f"backend={llm.backend}) on http://{FLAGS.host}:{FLAGS.port}/v1", flush=True)
+  uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level.lower())
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("model", "", "Hugging Face checkpoint directory (default: the embedded default model)")
+  flags.DEFINE_string("host", "127.0.0.1", "address to listen on")
+  flags.DEFINE_integer("port", 8000, "port to listen on", lower_bound=0, upper_bound=65535)
+  flags.DEFINE_string("extra_llm_api_options", "", "YAML in TensorRT-LLM's layout (e.g. configs/rocket.yaml)")
+  flags.DEFINE_integer("max_batch_size", None, "batch slots (default: the YAML's, else 8)", lower_bound=1)
+  flags.DEFINE_integer("max_seq_len", None, "prompt + generated tokens per request (default: the model's)",
+                       lower_bound=1)
+  flags.DEFINE_enum("backend", None, ["auto", "pallas", "reference"], "attention kernels (default: the YAML's, "
+                    "else auto: pallas on GPUs, reference on the CPU)")
+  flags.DEFINE_integer("max_queue_size", 1024, "requests that may wait for a slot; beyond it: HTTP 429",
+                       lower_bound=1)
+  flags.DEFINE_string("served_model_name", "", "model id in the API (default: the checkpoint directory's name)")
+  flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float16", "float32"], "weights and KV cache dtype")
+  flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "log level")
+
+
+if __name__ == "__main__":
+  from absl import app as absl_app
+  _define_flags()
+  absl_app.run(main)
