@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _compat
 
 
-def _token_addresses(pt_ref, keep_ref, count, chunk_index, *, chunk, page_size):
+def _token_addresses(pt_ref, slot, keep_ref, count, chunk_index, *, chunk, page_size):
   """Flat physical token rows (page * page_size + offset) of one chunk of kept tokens.
 
   Lanes j >= count (only in the last chunk) are redirected to the last kept token
@@ -47,19 +47,20 @@ def _token_addresses(pt_ref, keep_ref, count, chunk_index, *, chunk, page_size):
   last_src = keep_ref[last]
   src_pos = jnp.where(valid, keep_ref[pl.ds(base, chunk)], last_src)
   dst_pos = jnp.where(valid, j, last)
-  src_page = jnp.maximum(pt_ref[src_pos // page_size], 0)
-  dst_page = jnp.maximum(pt_ref[dst_pos // page_size], 0)
+  src_page = jnp.maximum(pt_ref[slot, src_pos // page_size], 0)
+  dst_page = jnp.maximum(pt_ref[slot, dst_pos // page_size], 0)
   src = src_page * page_size + src_pos % page_size
   dst = dst_page * page_size + dst_pos % page_size
   return src, dst
 
 
-def _compact_inplace_kernel(pt_ref, keep_ref, count_ref, *refs, num_pools: int,
+def _compact_inplace_kernel(pt_ref, slot_ref, keep_ref, count_ref, *refs, num_pools: int,
                             chunk: int, page_size: int, interpret: bool):
   """One program = one (compacted row, head, feature block); chunks run in order.
 
-  Refs: ``pt_ref [max_pages]`` page-table row; ``keep_ref [budget_padded]`` kept logical
-  positions of this (row, head); ``count_ref [1]``; then the pool inputs (unused: they are
+  Refs: ``pt_ref [batch_slots, max_pages]`` the page table; ``slot_ref [1]`` the row;
+  ``keep_ref [budget_padded]`` kept logical positions of this (row, head);
+  ``count_ref [1]``; then the pool inputs (unused: they are
   aliased to the outputs) and the pool outputs ``[num_pages * page_size, block_f]``.
   Every read and write goes through the *output* refs, i.e. the one aliased buffer.
 
@@ -81,9 +82,10 @@ def _compact_inplace_kernel(pt_ref, keep_ref, count_ref, *refs, num_pools: int,
   pool_refs = refs[num_pools:]
   budget = keep_ref.shape[0]
   count = jnp.clip(count_ref[0], 0, budget)
+  slot = slot_ref[0]
 
   def body(c, carry):
-    src, dst = _token_addresses(pt_ref, keep_ref, count, c, chunk=chunk,
+    src, dst = _token_addresses(pt_ref, slot, keep_ref, count, c, chunk=chunk,
                                 page_size=page_size)
     values = [ref[src] for ref in pool_refs]  # [chunk, block_f] each
     _compat.cta_barrier(interpret)
@@ -94,7 +96,7 @@ def _compact_inplace_kernel(pt_ref, keep_ref, count_ref, *refs, num_pools: int,
   lax.fori_loop(0, pl.cdiv(count, chunk), body, 0)
 
 
-def _gather_kernel(pt_ref, keep_ref, count_ref, *refs, num_pools: int, chunk: int,
+def _gather_kernel(pt_ref, slot_ref, keep_ref, count_ref, *refs, num_pools: int, chunk: int,
                    page_size: int, feature_blocks: Sequence[int]):
   """Two-pass, pass 1: one program = one (row, head, chunk): kept tokens -> scratch."""
   pool_refs, scratch_refs = refs[:num_pools], refs[num_pools:]
@@ -104,7 +106,7 @@ def _gather_kernel(pt_ref, keep_ref, count_ref, *refs, num_pools: int, chunk: in
 
   @pl.when(c * chunk < count)
   def _():
-    src, _ = _token_addresses(pt_ref, keep_ref, count, c, chunk=chunk,
+    src, _ = _token_addresses(pt_ref, slot_ref[0], keep_ref, count, c, chunk=chunk,
                               page_size=page_size)
     for pool_ref, scratch_ref, block_f in zip(pool_refs, scratch_refs, feature_blocks):
       for f in range(pool_ref.shape[-1] // block_f):
@@ -112,7 +114,7 @@ def _gather_kernel(pt_ref, keep_ref, count_ref, *refs, num_pools: int, chunk: in
         scratch_ref[:, cols] = pool_ref[src, cols]
 
 
-def _scatter_kernel(pt_ref, keep_ref, count_ref, *refs, num_pools: int, chunk: int,
+def _scatter_kernel(pt_ref, slot_ref, keep_ref, count_ref, *refs, num_pools: int, chunk: int,
                     page_size: int, feature_blocks: Sequence[int]):
   """Two-pass, pass 2: one program = one (row, head, chunk): scratch -> positions 0..count-1.
   Destinations of different chunks are disjoint and the pool is not read: race-free."""
@@ -123,7 +125,7 @@ def _scatter_kernel(pt_ref, keep_ref, count_ref, *refs, num_pools: int, chunk: i
 
   @pl.when(c * chunk < count)
   def _():
-    _, dst = _token_addresses(pt_ref, keep_ref, count, c, chunk=chunk,
+    _, dst = _token_addresses(pt_ref, slot_ref[0], keep_ref, count, c, chunk=chunk,
                               page_size=page_size)
     for pool_ref, scratch_ref, block_f in zip(pool_refs, scratch_refs, feature_blocks):
       for f in range(pool_ref.shape[-1] // block_f):
@@ -135,16 +137,16 @@ def _largest_power_of_two_divisor(x: int) -> int:
   return x & -x
 
 
-def _compact_group_pallas(flat_pools, rows_pt, keep, counts, *, page_size, method,
-                          chunk, feature_block, num_warps, num_stages, interpret):
+def _compact_group_pallas(flat_pools, page_table, slots, keep, counts, *, page_size,
+                          method, chunk, feature_block, num_warps, num_stages, interpret):
   """Compacts pools that share the flattened feature size F: each ``[heads, tokens, F]``."""
   heads, num_tokens, features = flat_pools[0].shape
-  n, max_pages = rows_pt.shape
-  budget_padded = keep.shape[-1]
+  n, _, budget_padded = keep.shape
   num_pools = len(flat_pools)
   block_f = min(feature_block, _largest_power_of_two_divisor(features))
   params = _compat.compiler_params(num_warps=num_warps, num_stages=num_stages)
-  pt_spec = pl.BlockSpec((None, max_pages), lambda i, h, f: (i, 0))
+  pt_spec = pl.BlockSpec(page_table.shape, lambda i, h, f: (0, 0))  # the slot is read inside
+  slot_spec = pl.BlockSpec((1,), lambda i, h, f: (i,))
   keep_spec = pl.BlockSpec((None, None, budget_padded), lambda i, h, f: (i, h, 0))
   count_spec = pl.BlockSpec((None, 1), lambda i, h, f: (i, 0))
   counts = counts.reshape(n, 1)
@@ -156,14 +158,14 @@ def _compact_group_pallas(flat_pools, rows_pt, keep, counts, *, page_size, metho
     return pl.pallas_call(
         kernel,
         grid=(n, heads, features // block_f),
-        in_specs=[pt_spec, keep_spec, count_spec] + [pool_spec] * num_pools,
+        in_specs=[pt_spec, slot_spec, keep_spec, count_spec] + [pool_spec] * num_pools,
         out_specs=[pool_spec] * num_pools,
         out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype) for p in flat_pools],
-        input_output_aliases={3 + k: k for k in range(num_pools)},
+        input_output_aliases={4 + k: k for k in range(num_pools)},
         compiler_params=params,
         interpret=interpret,
         name="compact_pages_inplace",
-    )(rows_pt, keep, counts, *flat_pools)
+    )(page_table, slots, keep, counts, *flat_pools)
 
   # two_pass
   num_chunks = budget_padded // chunk
@@ -174,27 +176,27 @@ def _compact_group_pallas(flat_pools, rows_pt, keep, counts, *, page_size, metho
       functools.partial(_gather_kernel, num_pools=num_pools, chunk=chunk,
                         page_size=page_size, feature_blocks=feature_blocks),
       grid=(n, heads, num_chunks),
-      in_specs=[pt_spec, keep_spec, count_spec] + [whole_pool_spec] * num_pools,
+      in_specs=[pt_spec, slot_spec, keep_spec, count_spec] + [whole_pool_spec] * num_pools,
       out_specs=[scratch_spec] * num_pools,
       out_shape=[jax.ShapeDtypeStruct((n, heads, budget_padded, features), p.dtype)
                  for p in flat_pools],
       compiler_params=params,
       interpret=interpret,
       name="compact_pages_gather",
-  )(rows_pt, keep, counts, *flat_pools)
+  )(page_table, slots, keep, counts, *flat_pools)
   return pl.pallas_call(
       functools.partial(_scatter_kernel, num_pools=num_pools, chunk=chunk,
                         page_size=page_size, feature_blocks=feature_blocks),
       grid=(n, heads, num_chunks),
-      in_specs=([pt_spec, keep_spec, count_spec] + [scratch_spec] * num_pools
+      in_specs=([pt_spec, slot_spec, keep_spec, count_spec] + [scratch_spec] * num_pools
                 + [whole_pool_spec] * num_pools),
       out_specs=[whole_pool_spec] * num_pools,
       out_shape=[jax.ShapeDtypeStruct(p.shape, p.dtype) for p in flat_pools],
-      input_output_aliases={3 + num_pools + k: k for k in range(num_pools)},
+      input_output_aliases={4 + num_pools + k: k for k in range(num_pools)},
       compiler_params=params,
       interpret=interpret,
       name="compact_pages_scatter",
-  )(rows_pt, keep, counts, *scratch, *flat_pools)
+  )(page_table, slots, keep, counts, *scratch, *flat_pools)
 
 
 def _check_inputs(pools, page_table, slots, keep_indices, keep_counts):
@@ -298,7 +300,8 @@ def compact_pages(
   if budget_padded != budget:
     keep = jnp.pad(keep, ((0, 0), (0, 0), (0, budget_padded - budget)),
                    constant_values=-1)
-  rows_pt = page_table.astype(jnp.int32)[slots.astype(jnp.int32)]
+  page_table = page_table.astype(jnp.int32)
+  slots = slots.astype(jnp.int32)
   counts = keep_counts.astype(jnp.int32)
 
   flat = [p.reshape(heads, num_pages * page_size, -1) for p in pools]
@@ -308,7 +311,7 @@ def compact_pages(
   out: list[jax.Array | None] = [None] * len(pools)
   for members in groups.values():
     results = _compact_group_pallas(
-        [flat[k] for k in members], rows_pt, keep, counts, page_size=page_size,
+        [flat[k] for k in members], page_table, slots, keep, counts, page_size=page_size,
         method=method, chunk=chunk, feature_block=feature_block, num_warps=num_warps,
         num_stages=num_stages, interpret=interpret)
     for k, r in zip(members, results):
