@@ -18,10 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_jax import rope as rope_lib
-from sparse_jax.cache import LayerCache, token_slots, write_tokens
+from sparse_jax.cache import LayerCache, gather_tokens, token_slots, write_tokens
 from sparse_jax.config import BaseSparseAttentionConfig, get_algorithm
 from pallas_kernels._compat import shard_map
-from sparse_jax.selection import dense_units, pool_as_units, to_units, unit_size_for
+from sparse_jax.selection import dense_units, pool_as_units, to_units, topk_selection, unit_size_for
 
 BACKENDS = ("reference", "pallas")
 TP_AXIS = "tp"
@@ -140,6 +140,53 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
   return out.reshape(batch, t, q_heads, -1).astype(q.dtype)
 
 
+def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_lens: jax.Array, k_ctx: jax.Array,
+                    v_ctx: jax.Array, ctx_lens: jax.Array, scale: float, *, query_chunk: int = 512) -> jax.Array:
+  """A prompt chunk attending to earlier context (any subset, no mask among it) and causally to itself.
+
+  q: [n, C, Hq, D]; k, v: [n, C, Hkv, D] the chunk's own keys; chunk_lens: int32[n];
+  k_ctx, v_ctx: [n, Hkv, U, D] earlier-context tokens per KV head, valid below ctx_lens
+  int32[n, Hkv]. Returns [n, C, Hq, D] in q.dtype; one softmax over both parts (float32).
+  """
+  n, c, q_heads, d = q.shape
+  kv_heads = k.shape[2]
+  group = q_heads // kv_heads
+  qg = q.reshape(n, c, kv_heads, group, d)
+  ctx_ok = jnp.arange(k_ctx.shape[2])[None, None, :] < ctx_lens[:, :, None]  # [n, H, U]
+  own_pos = jnp.arange(c)
+  own_ok = own_pos[None, :] < chunk_lens[:, None]  # [n, C]
+
+  def block(q_blk, q_pos):
+    l_ctx = jnp.einsum("bqhgd,bhud->bhgqu", q_blk, k_ctx, preferred_element_type=jnp.float32) * scale
+    l_ctx = jnp.where(ctx_ok[:, :, None, None, :], l_ctx, _MASK)
+    l_own = jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k, preferred_element_type=jnp.float32) * scale
+    own_mask = (own_pos[None, :] <= q_pos[:, None])[None, None, None] & own_ok[:, None, None, None, :]
+    l_own = jnp.where(own_mask, l_own, _MASK)
+    probs = jax.nn.softmax(jnp.concatenate([l_ctx, l_own], axis=-1), axis=-1)
+    u = k_ctx.shape[2]
+    return (jnp.einsum("bhgqu,bhud->bqhgd", probs[..., :u].astype(v.dtype), v_ctx) +
+            jnp.einsum("bhgqk,bkhd->bqhgd", probs[..., u:].astype(v.dtype), v))
+
+  if c <= query_chunk:
+    out = block(qg, own_pos)
+  else:
+    nb = -(-c // query_chunk)
+    qp = jnp.pad(qg, ((0, 0), (0, nb * query_chunk - c), (0, 0), (0, 0), (0, 0)))
+    qp = jnp.moveaxis(qp.reshape(n, nb, query_chunk, kv_heads, group, d), 1, 0)
+    out = jax.lax.map(lambda a: block(*a), (qp, jnp.arange(nb * query_chunk).reshape(nb, query_chunk)))
+    out = jnp.moveaxis(out, 0, 1).reshape(n, nb * query_chunk, kv_heads, group, -1)[:, :c]
+  return out.reshape(n, c, q_heads, -1).astype(q.dtype)
+
+
+def gather_units(pool: jax.Array, unit_ids: jax.Array, unit_size: int) -> jax.Array:
+  """Per-KV-head gather: pool [H, num_pages, page_size, D], unit_ids int32[n, H, M] (-1 read as 0;
+  mask them) -> [n, H, M * unit_size, D]."""
+  units = pool_as_units(pool, unit_size)
+  heads = units.shape[0]
+  g = units[jnp.arange(heads)[None, :, None], jnp.clip(unit_ids, 0)]  # [n, H, M, u, D]
+  return g.reshape(*unit_ids.shape[:2], -1, units.shape[-1])
+
+
 def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
@@ -208,8 +255,9 @@ class SparseAttention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
     # A learned predictor (nnx.Module) some algorithms attach (see Algorithm.build_predictor);
-    # it is called purely and receives this layer's input hidden states.
-    self.predictor = None
+    # it is called purely and receives this layer's input hidden states. Declared as data: NNX
+    # fixes an attribute's static/data status at its first assignment, and None alone is static.
+    self.predictor = nnx.data(None)
 
   def _predictor_kwargs(self, hidden: jax.Array) -> dict[str, Any]:
     return {} if self.predictor is None else dict(predictor=self.predictor, hidden=hidden)
@@ -238,18 +286,25 @@ class SparseAttention(nnx.Module):
     return self.output(causal_attention(q, k, v, lengths, self.scale, backend=backend))
 
   def prefill(self, x: jax.Array, lengths: jax.Array, layer: LayerCache, page_table_rows: jax.Array,
-              runtime: Runtime) -> tuple[jax.Array, LayerCache, jax.Array]:
-    """x: [n, T, hidden] right-padded prompts; lengths: int32[n]; page_table_rows: int32[n, max_pages]
-    (pages already allocated for `lengths` tokens). Returns (out [n, T, hidden], layer, kept
-    counts int32[n] = tokens each row now holds)."""
+              runtime: Runtime, starts: jax.Array | None = None,
+              final: bool = True) -> tuple[jax.Array, LayerCache, jax.Array]:
+    """x: [n, T, hidden] right-padded prompts (or prompt chunks); lengths: int32[n] tokens of x;
+    page_table_rows: int32[n, max_pages] (pages already allocated). With `starts` (int32[n]
+    tokens already stored: a chunked prefill), x holds positions starts.. and attends to the
+    stored context (dense, or the algorithm's selection within `prefill_budget`); `final`
+    marks a prompt's last chunk (prompt compression runs then). Returns (out [n, T, hidden],
+    layer, counts int32[n] = tokens each row now holds)."""
     n, t, _ = x.shape
     chex.assert_shape(lengths, (n,))
     chex.assert_shape(page_table_rows, (n, None))
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+    offset = jnp.zeros((n,), jnp.int32) if starts is None else starts
+    pos = offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     q, k, v = self.project(x, pos)
-    core = functools.partial(prefill_core, scale=self.scale, runtime=runtime, extra=self._predictor_kwargs(x))
-    out, layer, counts = runtime.per_kv_shard(core, (True, True, True, False, "layer", False),
-                                              (True, "layer", False))(q, k, v, lengths, layer, page_table_rows)
+    core = functools.partial(prefill_core, scale=self.scale, runtime=runtime, extra=self._predictor_kwargs(x),
+                             chunked=starts is not None, final=final)
+    out, layer, counts = runtime.per_kv_shard(core, (True, True, True, False, "layer", False, False),
+                                              (True, "layer", False))(q, k, v, lengths, layer, page_table_rows,
+                                                                      offset)
     return self.output(out), layer, counts
 
   def decode(self, x: jax.Array, positions: jax.Array, layer: LayerCache, page_table: jax.Array,
@@ -273,31 +328,71 @@ def _spec_for(q: jax.Array, layer: LayerCache, scale: float, runtime: Runtime) -
                        page_size=layer.k.shape[2], scale=scale, runtime=runtime)
 
 
-def prefill_core(q, k, v, lengths, layer: LayerCache, rows, *, scale, runtime: Runtime, extra):
+def _context_for_chunk(q, layer: LayerCache, rows, starts, chunk_lens, scale, runtime: Runtime):
+  """Units of the stored context a prompt chunk attends to: all of them (dense), or the
+  algorithm's top blocks within `prefill_budget`, scored by the max over sampled chunk queries."""
+  kv_heads, page_size = layer.k.shape[0], layer.k.shape[2]
+  algo = runtime.algorithm
+  if algo is None or algo.chunk_scores is None:
+    ids, lens = dense_units(rows, starts, kv_heads)
+    return ids, lens, page_size
+  spec = _spec_for(q, layer, scale, runtime)
+  samples = min(8, q.shape[1])
+  pick = (jnp.maximum(chunk_lens - 1, 0)[:, None] * jnp.arange(1, samples + 1)[None, :]) // samples  # [n, R]
+  q_rep = jnp.take_along_axis(q, pick[:, :, None, None], axis=1)  # [n, R, Hq, D]
+  score = lambda qr: algo.chunk_scores(runtime.sparse, spec, qr, layer, rows, starts)[0]
+  scores = jnp.max(jax.vmap(score, in_axes=1)(q_rep), axis=0)  # [n, H, blocks]
+  _, block_size = algo.chunk_scores(runtime.sparse, spec, q_rep[:, 0], layer, rows, starts)
+  budget_blocks = max(1, runtime.sparse.prefill_budget // block_size)
+  selection = topk_selection(scores, budget_blocks, block_size)
+  unit_size = unit_size_for(block_size, page_size)
+  ids, lens = to_units(selection, rows, starts, page_size, unit_size)
+  return ids, lens, unit_size
+
+
+def prefill_core(q, k, v, lengths, layer: LayerCache, rows, starts, *, scale, runtime: Runtime, extra,
+                 chunked: bool = False, final: bool = True):
   """Per-KV-head part of prefill: attention, cache write, predict_kv + compaction, aux update.
 
-  q: [n, T, Hq, D], k, v: [n, T, Hkv, D] roped; lengths: int32[n]; rows: int32[n, max_pages].
-  Returns (attention output [n, T, Hq, D], layer, kept counts int32[n]).
+  q: [n, T, Hq, D], k, v: [n, T, Hkv, D] roped; lengths: int32[n] tokens of this call;
+  rows: int32[n, max_pages]; starts: int32[n] tokens already stored (chunked prefill).
+  Returns (attention output [n, T, Hq, D], layer, counts int32[n] = tokens each row holds).
   """
   n, t, kv_heads = k.shape[0], k.shape[1], k.shape[2]
-  out = causal_attention(q, k, v, lengths, scale, backend=runtime.backend)
   page_size, num_pages = layer.k.shape[2], layer.k.shape[1]
-  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
-  slots = token_slots(rows, pos, pos < lengths[:, None], page_size, num_pages).reshape(-1)
+  if chunked:
+    ids, ctx_lens, unit_size = _context_for_chunk(q, layer, rows, starts, lengths, scale, runtime)
+    out = chunk_attention(q, k, v, lengths, gather_units(layer.k, ids, unit_size),
+                          gather_units(layer.v, ids, unit_size), ctx_lens, scale)
+  else:
+    out = causal_attention(q, k, v, lengths, scale, backend=runtime.backend)
+  pos = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  slots = token_slots(rows, pos, jnp.arange(t)[None, :] < lengths[:, None], page_size, num_pages).reshape(-1)
   layer = layer.replace(k=write_tokens(layer.k, slots, k.reshape(n * t, kv_heads, -1)),
                         v=write_tokens(layer.v, slots, v.reshape(n * t, kv_heads, -1)))
-  counts = lengths.astype(jnp.int32)
+  total = (starts + lengths).astype(jnp.int32)
+  counts = total
   algo = runtime.algorithm
   if algo is not None:
     spec = _spec_for(q, layer, scale, runtime)
-    keep = algo.predict_kv(runtime.sparse, spec, q, k, lengths, **extra)
-    stored = t
+    if chunked:
+      layer = algo.update_aux(runtime.sparse, spec, layer, rows, starts, total, t, **extra)
+      if not final:
+        return out, layer, counts
+      # The whole prompt's keys, read back from the pages, for prompt compression.
+      k_all = jnp.swapaxes(gather_tokens(layer.k, rows, rows.shape[1] * page_size), 1, 2)
+      keep = algo.predict_kv(runtime.sparse, spec, q, k_all, total, q_start=starts, **extra)
+      stored = k_all.shape[1]
+    else:
+      keep = algo.predict_kv(runtime.sparse, spec, q, k, lengths, **extra)
+      stored = t
     if keep is not None:
       chex.assert_shape(keep.indices, (n, kv_heads, None))
       layer = compact(layer, rows, keep.indices, keep.counts, runtime)
       counts = keep.counts
       stored = keep.indices.shape[-1]
-    layer = algo.update_aux(runtime.sparse, spec, layer, rows, jnp.zeros_like(counts), counts, stored, **extra)
+    if keep is not None or not chunked:
+      layer = algo.update_aux(runtime.sparse, spec, layer, rows, jnp.zeros_like(counts), counts, stored, **extra)
   if runtime.evict:  # fresh pages start with no importance
     imp = layer.aux[IMPORTANCE]
     ids = jnp.where(rows >= 0, rows, imp.shape[1]).reshape(-1)

@@ -84,6 +84,9 @@ class BaseSparseAttentionConfig:
   #: its lowest-scoring KV pages (by the algorithm's page scores accumulated over layers and
   #: steps; never the first or the newest page) are dropped, so memory stays bounded. None = off.
   decode_budget: int | None = dataclasses.field(default=None, kw_only=True)
+  #: Chunked sparse prefill: tokens of earlier context each prompt chunk attends to (the top
+  #: blocks by the algorithm's chunk scores); its own chunk is always attended densely.
+  prefill_budget: int = dataclasses.field(default=4096, kw_only=True)
 
   def validate_with(self, kv_cache_config: KvCacheConfig, enable_chunked_prefill: bool) -> None:
     """Rejects combinations with the cache/scheduler settings, saying why."""
@@ -100,6 +103,10 @@ class BaseSparseAttentionConfig:
       raise ConfigError(
           f"sparse_attention_config.algorithm={self.algorithm!r} needs kv_cache_config.enable_block_reuse=False: "
           "it compacts each request's KV pages after prefill, so pages cannot be shared between requests")
+    if isinstance(self.prefill_budget, bool) or not isinstance(self.prefill_budget, int) or self.prefill_budget <= 0:
+      _fail(type(self).__name__, "prefill_budget", self.prefill_budget, "must be a positive integer")
+    if enable_chunked_prefill and self.supports_chunked_prefill and get_algorithm(self).chunk_scores is None:
+      _fail(type(self).__name__, "algorithm", self.algorithm, "declares chunked prefill but has no chunk_scores")
     if enable_chunked_prefill and not self.supports_chunked_prefill:
       raise ConfigError(
           f"sparse_attention_config.algorithm={self.algorithm!r} does not support enable_chunked_prefill=True: "
@@ -116,6 +123,9 @@ class Algorithm:
   predict_attn(cfg, spec, q, layer, page_table, lengths) -> AttnSelection | None  (generation)
   page_scores(cfg, spec, q, layer, page_table, lengths) -> float32[batch, max_pages] | None
     (per-page importance, used to evict pages during long generation)
+  chunk_scores(cfg, spec, q, layer, page_table, lengths) -> (float32[batch, kv_heads, blocks], block_size):
+    scores of the stored context's blocks for one query per row (-inf = not a block); a
+    chunked sparse prefill takes each chunk's top blocks by the max over sampled queries.
   build_predictor(cfg, spec, layer_index) -> nnx.Module | None: a learned predictor the attention
     layer owns; when present, predict_kv / update_aux / predict_attn also receive
     `predictor=` and `hidden=` (the layer's input hidden states: [n, T, hidden]).
@@ -128,6 +138,7 @@ class Algorithm:
   predict_attn: Callable[..., Any]
   page_scores: Callable[..., Any] | None = None
   build_predictor: Callable[..., Any] | None = None
+  chunk_scores: Callable[..., Any] | None = None
 
 
 _REGISTRY: dict[str, Algorithm] = {}

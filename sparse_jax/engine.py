@@ -132,7 +132,8 @@ class Engine:
                sparse_attention_config: BaseSparseAttentionConfig | None = None, backend: str = "reference",
                max_batch_size: int = 8, max_seq_len: int | None = None, kv_dtype=jnp.float32,
                decode_chunk_size: int = 16, max_queue_size: int = 1024, max_prefill_tokens: int = 16384,
-               seed: int = 0, interpret: bool | None = None, tensor_parallel_size: int = 1):
+               seed: int = 0, interpret: bool | None = None, tensor_parallel_size: int = 1,
+               enable_chunked_prefill: bool = False, prefill_chunk_size: int = 4096):
     kv_cache_config = kv_cache_config or KvCacheConfig()
     if max_batch_size <= 0:
       raise ValueError(f"max_batch_size={max_batch_size} must be positive")
@@ -160,6 +161,10 @@ class Engine:
     self.decode_chunk_size = decode_chunk_size
     self.max_queue_size = max_queue_size
     self.max_prefill_tokens = max_prefill_tokens
+    if enable_chunked_prefill and (prefill_chunk_size <= 0 or prefill_chunk_size % kv_cache_config.tokens_per_block):
+      raise ValueError(f"prefill_chunk_size={prefill_chunk_size} must be a positive multiple of "
+                       f"tokens_per_block={kv_cache_config.tokens_per_block}")
+    self.chunk_size = prefill_chunk_size if enable_chunked_prefill else None
     self.seed = seed
     self.page_size = kv_cache_config.tokens_per_block
     self.layout = model.cache_layout(sparse_attention_config, self.page_size)
@@ -200,7 +205,8 @@ class Engine:
     self._samp = self._empty_sampling()
     self.stats = collections.Counter()
     self.peak_pages = 0
-    self._prefill_fn = jax.jit(self._prefill_impl, static_argnames=("n_pages",), donate_argnames=("cache",))
+    self._prefill_fn = jax.jit(self._prefill_impl, static_argnames=("n_pages", "chunked", "final"),
+                               donate_argnames=("cache",))
     self._evict_fn = jax.jit(self._evict_impl, donate_argnames=("cache",))
     self._decode_fn = jax.jit(self._decode_impl, static_argnames=("n_pages", "num_steps"),
                               donate_argnames=("cache",))
@@ -368,6 +374,10 @@ class Engine:
     for req in admitted:
       self._set_sampling(req.slot, req)
     # Group by padded length; cap rows x length at max_prefill_tokens (a long prompt goes alone).
+    if self.chunk_size is not None:
+      for req in [r for r in admitted if len(r.prompt_ids) > self.chunk_size]:
+        self._prefill_chunked(req)
+      admitted = [r for r in admitted if len(r.prompt_ids) <= self.chunk_size]
     admitted = sorted(admitted, key=lambda r: len(r.prompt_ids))
     groups, current = [], []
     for req in admitted:
@@ -396,10 +406,35 @@ class Engine:
     n_pages = min(self.max_pages_per_seq, _pow2_at_least(math.ceil(t / self.page_size)))
     self.cache, first, counts = self._prefill_fn(self.params, self.cache, jnp.asarray(self.allocator.table()),
                                                  jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slots),
-                                                 self._sampling_state(samp_rows), n_pages=n_pages)
-    first, counts = np.asarray(first), np.asarray(counts)
+                                                 jnp.zeros(rows, jnp.int32), self._sampling_state(samp_rows),
+                                                 n_pages=n_pages, chunked=False, final=True)
+    self._after_prefill(group, np.asarray(first), np.asarray(counts), int(lengths.sum()))
+
+  def _prefill_chunked(self, req: Request) -> None:
+    """A long prompt in chunks of `chunk_size` tokens; each attends to its stored context
+    (dense, or the algorithm's selection within prefill_budget) and to itself. The last chunk
+    is at least the algorithm's window long (it supplies the compression's queries)."""
+    n, c = len(req.prompt_ids), self.chunk_size
+    bounds = list(range(0, n, c)) + [n]
+    window = getattr(self.runtime.sparse, "window_size", 0) or 0
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] < window:
+      bounds[-2] = max(bounds[-3] + 1, n - window)
+    for i in range(len(bounds) - 1):
+      start, end = bounds[i], bounds[i + 1]
+      tokens = np.zeros((1, c), np.int32)
+      tokens[0, :end - start] = req.prompt_ids[start:end]
+      n_pages = min(self.max_pages_per_seq, _pow2_at_least(math.ceil(max(end, start + c) / self.page_size)))
+      final = end == n
+      self.cache, first, counts = self._prefill_fn(
+          self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(tokens),
+          jnp.asarray([end - start], jnp.int32), jnp.asarray([req.slot], jnp.int32), jnp.asarray([start], jnp.int32),
+          self._sampling_state(np.array([req.slot])), n_pages=n_pages, chunked=True, final=final)
+      self.stats["prefill_chunks"] += 1
+    self._after_prefill([req], np.asarray(first), np.asarray(counts), n)
+
+  def _after_prefill(self, group: list[Request], first: np.ndarray, counts: np.ndarray, tokens: int) -> None:
     self.stats["prefill_calls"] += 1
-    self.stats["prefill_tokens"] += int(lengths.sum())
+    self.stats["prefill_tokens"] += tokens
     now = time.perf_counter()
     with self._lock:
       for i, req in enumerate(group):
@@ -521,10 +556,11 @@ class Engine:
     req.done.set()
 
   # -- jitted steps --------------------------------------------------------------------------
-  def _prefill_impl(self, params, cache, table, tokens, lengths, slots, samp: SamplingState, *, n_pages: int):
+  def _prefill_impl(self, params, cache, table, tokens, lengths, slots, starts, samp: SamplingState, *,
+                    n_pages: int, chunked: bool, final: bool):
     model = nnx.merge(self.graphdef, params)
     view = cache.replace(page_table=table[:, :n_pages])
-    logits, view = model.prefill(tokens, lengths, slots, view, self.runtime)
+    logits, view = model.prefill(tokens, lengths, slots, view, self.runtime, starts if chunked else None, final)
     counts = jnp.take(view.lengths, slots, mode="fill", fill_value=0)
     return view.replace(page_table=table), sample(logits, samp), counts
 

@@ -71,6 +71,9 @@ class LLM:
   backend: "auto" (Pallas kernels on GPUs, pure-jnp references on the CPU), "pallas",
     "reference".
   extra_llm_api_options: a YAML path or dict in TensorRT-LLM's layout; explicit arguments win.
+  enable_chunked_prefill / max_num_tokens: prefill prompts longer than max_num_tokens in chunks
+    of that many tokens; with an algorithm that supports it (RocketKV, Quest) each chunk attends
+    only to the `prefill_budget` most relevant tokens of the earlier chunks (sparse prefill).
   """
 
   def __init__(self, model: Any = None, *, tokenizer: Any = None, dtype: str = "auto",
@@ -80,7 +83,7 @@ class LLM:
                max_batch_size: int | None = None, max_seq_len: int | None = None,
                tensor_parallel_size: int | None = None, extra_llm_api_options: Any = None,
                decode_chunk_size: int = 16, max_queue_size: int = 1024, seed: int = 0,
-               interpret: bool | None = None):
+               interpret: bool | None = None, max_num_tokens: int = 4096):
     import models
     opts = load_llm_api_options(extra_llm_api_options) if extra_llm_api_options is not None else LlmApiOptions()
     kv_cache_config = kv_cache_config or opts.kv_cache_config
@@ -93,8 +96,6 @@ class LLM:
         raise ConfigError(f"sparse_attention_config must be a sparse attention config, got "
                           f"{type(sparse_attention_config).__name__}")
       sparse_attention_config.validate_with(kv_cache_config, enable_chunked_prefill)
-    if enable_chunked_prefill:
-      raise ConfigError("enable_chunked_prefill=True is not supported by this engine build")
     backend = backend or opts.backend or "auto"
     backend = default_backend() if backend == "auto" else backend
     tensor_parallel_size = tensor_parallel_size or opts.tensor_parallel_size or 1
@@ -119,7 +120,8 @@ class LLM:
                          max_batch_size=max_batch_size or opts.max_batch_size or 8,
                          max_seq_len=max_seq_len or opts.max_seq_len, kv_dtype=self.dtype,
                          decode_chunk_size=decode_chunk_size, max_queue_size=max_queue_size, seed=seed,
-                         interpret=interpret, tensor_parallel_size=tensor_parallel_size)
+                         interpret=interpret, tensor_parallel_size=tensor_parallel_size,
+                         enable_chunked_prefill=enable_chunked_prefill, prefill_chunk_size=max_num_tokens)
 
   @property
   def max_seq_len(self) -> int:

@@ -160,12 +160,10 @@ def test_no_recompilation_between_decode_steps():
   assert llm.engine._decode_fn._cache_size() == compiled, "decode recompiled between steps"
 
 
-def test_rejects_block_reuse_and_chunked_prefill_with_reason():
+def test_rejects_block_reuse_with_reason():
   rk = RocketSparseAttentionConfig()
   with pytest.raises(ConfigError, match="enable_block_reuse=False: it compacts"):
     LLM(tiny_llama(0), sparse_attention_config=rk, kv_cache_config=KvCacheConfig(enable_block_reuse=True))
-  with pytest.raises(ConfigError, match="does not support enable_chunked_prefill"):
-    LLM(tiny_llama(0), sparse_attention_config=rk, enable_chunked_prefill=True)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -47,6 +47,7 @@ class RocketSparseAttentionConfig(BaseSparseAttentionConfig):
   """
   algorithm: ClassVar[str] = "rocket"
   compacts_prompt: ClassVar[bool] = True
+  supports_chunked_prefill: ClassVar[bool] = True
 
   prompt_budget: int = 2048
   window_size: int = 32
@@ -94,17 +95,19 @@ def aux_spec(cfg: RocketSparseAttentionConfig, spec) -> dict[str, AuxPoolSpec]:
 
 
 def snapkv_scores(cfg: RocketSparseAttentionConfig, q: jax.Array, k: jax.Array, lengths: jax.Array,
-                  scale: float) -> jax.Array:
+                  scale: float, q_start: jax.Array | None = None) -> jax.Array:
   """SnapKV++ importance of every prefix token, per KV head.
 
-  q: [n, T, q_heads, D], k: [n, T, kv_heads, D] (roped), lengths: int32[n].
+  q: [n, Tq, q_heads, D] holding positions q_start.. (0 by default; a chunked prefill passes
+  only its last chunk), k: [n, T, kv_heads, D] (roped, positions 0..), lengths: int32[n].
   Returns float32[n, kv_heads, T]: max-pooled, group- and window-summed attention of the last
   `window_size` queries over the prefix [0, length - window); -inf elsewhere.
   """
-  n, t, q_heads, d = q.shape
-  kv_heads = k.shape[2]
+  n, tq, q_heads, d = q.shape
+  t, kv_heads = k.shape[1], k.shape[2]
   w = cfg.window_size
-  win_pos = jnp.clip(lengths[:, None] - w + jnp.arange(w)[None, :], 0, t - 1)  # [n, W]
+  offset = lengths if q_start is None else lengths - q_start
+  win_pos = jnp.clip(offset[:, None] - w + jnp.arange(w)[None, :], 0, tq - 1)  # [n, W]
   q_win = jnp.take_along_axis(q, win_pos[:, :, None, None], axis=1)  # [n, W, Hq, D]
   q_win = q_win.reshape(n, w, kv_heads, q_heads // kv_heads, d)
   logits = jnp.einsum("nwhgd,nthd->nhgwt", q_win, k, preferred_element_type=jnp.float32) * scale
@@ -120,19 +123,19 @@ def snapkv_scores(cfg: RocketSparseAttentionConfig, q: jax.Array, k: jax.Array, 
 
 
 def predict_kv(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, k: jax.Array,
-               lengths: jax.Array) -> KeepSelection | None:
+               lengths: jax.Array, q_start: jax.Array | None = None) -> KeepSelection | None:
   """Tokens each KV head keeps after prefill (rows no longer than prompt_budget keep all).
 
   q: [n, T, q_heads, D], k: [n, T, kv_heads, D]; lengths: int32[n].
   Returns KeepSelection(indices int32[n, kv_heads, prompt_budget], counts int32[n]) or None
   when no row can exceed the budget (T <= prompt_budget).
   """
-  n, t = q.shape[:2]
+  n, t = k.shape[:2]
   budget, w = cfg.prompt_budget, cfg.window_size
   if t <= budget:
     return None
   kv_heads = k.shape[2]
-  scores = snapkv_scores(cfg, q, k, lengths, spec.scale)
+  scores = snapkv_scores(cfg, q, k, lengths, spec.scale, q_start)
   _, top = jax.lax.top_k(scores, budget - w)  # every row has >= budget - w prefix tokens when compressed
   prefix_idx = jnp.sort(top.astype(jnp.int32), axis=-1)
   window_idx = (lengths[:, None] - w + jnp.arange(w, dtype=jnp.int32)[None, :])[:, None, :]
@@ -186,6 +189,12 @@ def block_scores(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, layer: La
                              block_size=cfg.page_size, scale=spec.scale, **spec.runtime.kernel_kwargs())
 
 
+def chunk_scores(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, layer: LayerCache, page_table: jax.Array,
+                 lengths: jax.Array) -> tuple[jax.Array, int]:
+  """Block scores of the stored context for one query per row (chunked sparse prefill)."""
+  return block_scores(cfg, spec, q, layer, page_table, lengths), cfg.page_size
+
+
 def predict_attn(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, layer: LayerCache, page_table: jax.Array,
                  lengths: jax.Array) -> AttnSelection:
   """Top-`topk` blocks per KV head for one decode token per row (lengths include it)."""
@@ -208,4 +217,4 @@ def page_scores(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, layer: Lay
 
 register_algorithm(Algorithm(name="rocket", config_cls=RocketSparseAttentionConfig, aux_spec=aux_spec,
                              predict_kv=predict_kv, update_aux=update_aux, predict_attn=predict_attn,
-                             page_scores=page_scores))
+                             page_scores=page_scores, chunk_scores=chunk_scores))

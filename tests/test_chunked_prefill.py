@@ -1,0 +1,55 @@
+"""Chunked prefill: dense chunks equal one-shot prefill; sparse chunks (RocketKV) equal dense when
+the selection covers everything, and stay within budget when it does not."""
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from sparse_jax import LLM, KvCacheConfig, SamplingParams
+from sparse_jax.algorithms.rocket import RocketSparseAttentionConfig
+from sparse_jax.config import BaseSparseAttentionConfig, ConfigError
+from tests.model_fixtures import tiny_llama
+
+EXACT = dict(window_size=8, kernel_size=5, topr=1.0, page_size=4, kt_cache_dtype="float32")
+
+
+def _generate(sparse=None, chunked=False, prompts=None, max_tokens=8):
+  llm = LLM(tiny_llama(9, max_pos=2048), dtype="float32", sparse_attention_config=sparse,
+            kv_cache_config=KvCacheConfig(tokens_per_block=16), max_batch_size=2, max_seq_len=1024,
+            enable_chunked_prefill=chunked, max_num_tokens=64)
+  outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+  return [o.outputs[0].token_ids for o in outs], llm
+
+
+PROMPTS = [[int(t) for t in np.random.default_rng(i).integers(0, 97, size=n)] for i, n in enumerate((300, 200))]
+
+
+def test_dense_chunked_equals_one_shot():
+  plain, _ = _generate(prompts=PROMPTS)
+  chunked, llm = _generate(chunked=True, prompts=PROMPTS)
+  assert chunked == plain
+  assert llm.engine.stats["prefill_chunks"] == 5 + 4
+
+
+def test_sparse_chunked_with_full_selection_equals_dense():
+  full = RocketSparseAttentionConfig(prompt_budget=512, topk=256, prefill_budget=1024, **EXACT)
+  dense, _ = _generate(prompts=PROMPTS)
+  sparse, _ = _generate(full, chunked=True, prompts=PROMPTS)
+  assert sparse == dense
+
+
+def test_sparse_chunked_prefill_compresses_and_generates():
+  rk = RocketSparseAttentionConfig(prompt_budget=96, topk=16, prefill_budget=64, **EXACT)
+  outs, llm = _generate(rk, chunked=True, prompts=PROMPTS, max_tokens=12)
+  assert all(len(o) == 12 for o in outs)
+  assert llm.engine.allocator.free_pages == llm.engine.allocator.num_pages
+
+
+def test_algorithms_without_chunk_support_are_rejected():
+  @dataclasses.dataclass(frozen=True)
+  class NoChunks(BaseSparseAttentionConfig):
+    algorithm: ClassVar[str] = "no_chunks"
+
+  with pytest.raises(ConfigError, match="'no_chunks' does not support enable_chunked_prefill=True"):
+    NoChunks().validate_with(KvCacheConfig(), enable_chunked_prefill=True)
