@@ -1,0 +1,124 @@
+"""The eval CLI end to end on the CPU: a tiny random checkpoint, dense and RocketKV, a budget
+sweep with its plot, LongBench-v2 records, and the budget override rules."""
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from sparse_jax import eval as eval_lib
+from sparse_jax import tasks, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = train.ModelShape(vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
+ROCKET_YAML = """
+sparse_attention_config:
+  algorithm: rocket
+  prompt_budget: 128
+  window_size: 16
+  kernel_size: 7
+  topr: 1.0
+  topk: 8
+  page_size: 4
+  kt_cache_dtype: float32
+kv_cache_config:
+  enable_block_reuse: false
+  tokens_per_block: 16
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  """A random-init checkpoint in the trainer's format (no training needed for plumbing)."""
+  out = str(tmp_path_factory.mktemp("tiny_model"))
+  cfg = train.smoke_config(out, model=TINY)
+  train.write_static_files(out, TINY, tasks.build_tokenizer(TINY.vocab_size))
+  from flax import nnx
+  _, params = nnx.split(train.build_model(cfg, jnp.float32), nnx.Param)
+  train.write_weights(out, train.hf_tensors(params), cfg.max_shard_bytes)
+  return out
+
+
+@pytest.fixture(scope="module")
+def rocket_yaml(tmp_path_factory):
+  path = tmp_path_factory.mktemp("cfg") / "rocket.yaml"
+  path.write_text(ROCKET_YAML)
+  return str(path)
+
+
+def test_with_budget_rules():
+  from sparse_jax.config import load_sparse_attention_config
+  rocket = load_sparse_attention_config(os.path.join(REPO, "configs", "rocket.yaml"))
+  r = eval_lib.with_budget(rocket, 1024)
+  assert (r.prompt_budget, r.topk, r.page_size, r.window_size, r.kernel_size) == (1024, 256, 4, 32, 63)
+  quest = load_sparse_attention_config({"algorithm": "quest", "page_size": 16})
+  assert eval_lib.with_budget(quest, 512).topk == 32
+  snap = load_sparse_attention_config({"algorithm": "snapkv"})
+  assert eval_lib.with_budget(snap, 300).max_capacity_prompt == 300
+  stream = load_sparse_attention_config({"algorithm": "streaming", "sink_tokens": 4})
+  assert eval_lib.with_budget(stream, 256).window == 252
+  with pytest.raises(ValueError, match="budget=0"):
+    eval_lib.with_budget(rocket, 0)
+
+
+def test_cli_sweep_prints_points_and_writes_output_and_plot(checkpoint, rocket_yaml, tmp_path):
+  out, png = tmp_path / "res.json", tmp_path / "sweep.png"
+  cmd = [sys.executable, "-m", "sparse_jax.eval", f"--model={checkpoint}", "--task=niah_single",
+         "--context_length=256", "--num_samples=2", f"--extra_llm_api_options={rocket_yaml}", "--sweep_budgets=64",
+         f"--output={out}", f"--plot={png}", "--backend=reference", "--max_batch_size=2"]
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(l) for l in proc.stdout.strip().splitlines() if l.startswith("{")]
+  assert proc.stdout.strip().splitlines()[-1].startswith("{")
+  dense, rocket, final = lines[-3:]
+  assert dense["algorithm"] == "dense" and dense["budget"] is None
+  assert rocket["algorithm"] == "rocket" and rocket["budget"] == 64
+  for p in (dense, rocket):
+    assert p["task"] == "niah_single" and p["context_length"] == 256 and p["num_samples"] == 2
+    assert 0.0 <= p["accuracy"] <= 1.0
+  assert final["points"] == [dense, rocket]
+  assert {"task", "context_length", "num_samples", "accuracy", "algorithm"} <= set(final)
+  result = json.loads(out.read_text())
+  assert len(result["samples"]) == 4
+  for s in result["samples"]:
+    assert s["prompt_tokens"] <= 256 and s["score"] in (0.0, 1.0) and isinstance(s["prediction"], str)
+    assert s["score"] == tasks.score(s["prediction"], s["answers"])
+  assert png.exists() and png.stat().st_size > 1000
+  assert "sample" in proc.stderr  # the tqdm bar
+
+
+def test_longbench_v2_in_process(checkpoint, tmp_path, capsys):
+  rec = dict(_id="lb-1", domain="d", sub_domain="s", difficulty="easy", length="short", question="Which?",
+             choice_A="a", choice_B="b", choice_C="c", choice_D="d", answer="C", context="Some text here. " * 100)
+  data = tmp_path / "lb.jsonl"
+  data.write_text(json.dumps(rec) + "\n")
+  result = eval_lib.evaluate(task="longbench_v2", context_length=300, num_samples=0, model=checkpoint,
+                             data=str(data), backend="reference", max_tokens=4, progress=False)
+  last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert last["task"] == "longbench_v2" and last["num_samples"] == 1 and last["algorithm"] == "dense"
+  sample = result["samples"][0]
+  assert sample["_id"] == "lb-1" and sample["prompt_tokens"] <= 300
+  assert sample["score"] == tasks.score_choice(sample["prediction"], "C")
+
+
+def test_bad_arguments(checkpoint):
+  with pytest.raises(ValueError, match="--task='nope'"):
+    eval_lib.evaluate(task="nope", context_length=256, num_samples=1, model=checkpoint)
+  with pytest.raises(ValueError, match="--sweep_budgets needs --extra_llm_api_options"):
+    eval_lib.evaluate(task="niah_single", context_length=256, num_samples=1, model=checkpoint, sweep_budgets=[64])
+  with pytest.raises(ValueError, match="needs --data"):
+    eval_lib.evaluate(task="longbench_v2", context_length=256, num_samples=1, model=checkpoint)
+
+
+def test_default_model_path():
+  from sparse_jax import defaults
+  try:
+    path = defaults.default_model_path()
+  except FileNotFoundError as e:
+    assert defaults.DEFAULT_MODEL_DIR in str(e) and "sparse_jax.train" in str(e)
+  else:
+    assert os.path.exists(os.path.join(path, "config.json"))

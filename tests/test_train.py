@@ -1,0 +1,168 @@
+"""Training pipeline: packed rows, loss going down, HF checkpoints that transformers agrees with."""
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from sparse_jax import tasks, train
+
+TINY = train.ModelShape(vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def counter():
+  return tasks.TokenCounter(tasks.build_tokenizer(TINY.vocab_size))
+
+
+def test_make_row_layout(counter):
+  mixture = train.DEFAULT_MIXTURE
+  tokens, pos, tgt, w, stats = train.make_row(counter, 1024, 128, 123, mixture)
+  again = train.make_row(counter, 1024, 128, 123, mixture)
+  assert all(np.array_equal(a, b) for a, b in zip((tokens, pos, tgt, w), again[:4]))
+  other = train.make_row(counter, 1024, 128, 124, mixture)
+  assert not np.array_equal(tokens, other[0])
+  assert tokens.shape == (1024,) and pos.shape == tgt.shape == w.shape == (128,)
+  n = int(w.sum())
+  assert n > 0 and np.all(w[:n] == 1) and np.all(w[n:] == 0)
+  assert tokens[0] == train.BOS_ID
+  # Each supervised slot predicts the next token of the row from the position before it.
+  np.testing.assert_array_equal(tokens[pos[:n] + 1], tgt[:n])
+  # Every sample ends with a supervised EOS right after its answer; answers follow "Answer:".
+  eos = np.flatnonzero(tokens == train.EOS_ID)
+  assert len(eos) == sum(stats["samples"].values()) >= 1
+  assert set(eos.tolist()) <= set((pos[:n] + 1).tolist())
+  text = counter.tokenizer.decode(tokens[:eos[0] + 1].tolist())
+  first_answer = counter.tokenizer.decode(tgt[:n][tgt[:n] != train.EOS_ID].tolist())
+  assert text.split("Answer:")[1].strip().split("\n")[0] in first_answer
+  # Rows are filled close to their length (padding only after the last sample).
+  used = int(np.flatnonzero(tokens != train.PAD_ID)[-1]) + 1
+  assert used > 1024 - train.MIN_SAMPLE_TOKENS - 64
+
+
+def test_rows_only_use_train_split(counter, monkeypatch):
+  seen = []
+  real = tasks.build
+
+  def spy(task, length, seed, tok, *, split="eval", **kw):
+    seen.append((seed, split))
+    return real(task, length, seed, tok, split=split, **kw)
+
+  monkeypatch.setattr(tasks, "build", spy)
+  train.make_rows(counter, 512, 64, [1, 2, 3], train.DEFAULT_MIXTURE)
+  lo, hi = tasks.SPLITS["train"]
+  assert seen and all(split == "train" and lo <= seed < hi for seed, split in seen)
+
+
+def test_schedule():
+  cur = ((512, 0.25), (2048, 0.25), (8192, 0.5))
+  assert [train.phase_at(cur, p) for p in (0.0, 0.24, 0.26, 0.6, 1.0)] == [0, 0, 1, 2, 2]
+  cfg = train.TrainConfig(output_dir="x", lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+  assert train.lr_at(cfg, 0, 0.0) == pytest.approx(1e-4)
+  assert train.lr_at(cfg, 100, 0.0) == pytest.approx(1e-3)
+  assert train.lr_at(cfg, 100, 1.0) == pytest.approx(1e-4)
+  with pytest.raises(ValueError, match="ascending"):
+    train.TrainConfig(output_dir="x", curriculum=((2048, 0.5), (512, 0.5)))
+  with pytest.raises(ValueError, match="mixture"):
+    train.TrainConfig(output_dir="x", mixture=(("niah_nope", 1.0),))
+
+
+def test_loss_decreases_on_fixed_batch(counter):
+  cfg = train.smoke_config("unused", model=TINY, lr=3e-3, warmup_steps=1)
+  model = train.build_model(cfg, jnp.float32)
+  from flax import nnx
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = train.make_optimizer(cfg)
+  state = {"params": params, "opt": tx.init(params)}
+  batch = train.make_rows(counter, 256, 64, [11, 12, 13, 14], cfg.mixture)
+  batch = {k: jnp.asarray(batch[k]) for k in ("tokens", "pos", "tgt", "w")}
+  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, backend="reference"),
+                 donate_argnums=(0,))
+  losses = []
+  for _ in range(40):
+    state, m = step(state, batch, jnp.float32(3e-3))
+    losses.append(float(m["loss"]))
+  assert np.isfinite(losses).all()
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("smoke"))
+  record = train.train(train.smoke_config(out, max_steps=6, num_workers=2))
+  return out, record
+
+
+def test_smoke_run_writes_a_complete_checkpoint(trained):
+  out, record = trained
+  for f in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors",
+            "training_log.json"):
+    assert os.path.exists(os.path.join(out, f)), f
+  log = json.load(open(os.path.join(out, "training_log.json")))
+  assert log["steps"] == 6 and log["seed"] == 0 and log["tokens"] == 6 * 2048
+  assert set(log["final_eval"]["512"]) == set(tasks.RULER_TASKS)
+  assert log["log"] and all(np.isfinite(e["loss"]) for e in log["log"])
+  assert any("tok/s" in line for line in log["console"])
+  cfg = json.load(open(os.path.join(out, "config.json")))
+  assert cfg["model_type"] == "llama" and cfg["rope_parameters"]["rope_theta"] == 500000.0
+  assert cfg["num_key_value_heads"] == 2 and cfg["eos_token_id"] == train.EOS_ID
+
+
+def test_checkpoint_matches_transformers(trained):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  out, _ = trained
+  ours = models.from_pretrained(out, dtype=jnp.float32)
+  hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  ids = np.random.default_rng(0).integers(0, TINY.vocab_size, size=(2, 64))
+  with torch.no_grad():
+    ref = hf(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids, jnp.int32))), ref, atol=1e-4, rtol=0)
+  # Both tokenizers (ours via models.load_tokenizer, transformers' fast tokenizer) agree, BOS included.
+  hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  our_tok = models.load_tokenizer(out)
+  text = "One of the special magic numbers for calm-river is: 1234567.\nAnswer:"
+  assert hf_tok(text).input_ids == our_tok.encode(text) and our_tok.encode(text)[0] == train.BOS_ID
+  assert our_tok.eos_token_ids == (train.EOS_ID,)
+
+
+def test_sharded_save_loads_the_same(trained, tmp_path):
+  out, _ = trained
+  model = models.from_pretrained(out, dtype=jnp.float32)
+  from flax import nnx
+  _, params = nnx.split(model, nnx.Param)
+  tensors = train.hf_tensors(params)
+  total = sum(t.nbytes for t in tensors.values())
+  shard_dir = str(tmp_path / "sharded")
+  os.makedirs(shard_dir)
+  for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    with open(os.path.join(out, f)) as src, open(os.path.join(shard_dir, f), "w") as dst:
+      dst.write(src.read())
+  open(os.path.join(shard_dir, "model.safetensors"), "w").write("stale")  # must be removed
+  written = train.write_weights(shard_dir, tensors, max_shard_bytes=total // 3)
+  shards = [f for f in written if f.endswith(".safetensors")]
+  assert len(shards) >= 3 and "model.safetensors.index.json" in written
+  assert not os.path.exists(os.path.join(shard_dir, "model.safetensors"))
+  assert all(os.path.getsize(os.path.join(shard_dir, f)) < total // 3 + 4096 for f in shards)
+  index = json.load(open(os.path.join(shard_dir, "model.safetensors.index.json")))
+  assert set(index["weight_map"]) == set(tensors) and set(index["weight_map"].values()) == set(shards)
+  reloaded = models.from_pretrained(shard_dir, dtype=jnp.float32)
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, TINY.vocab_size, size=(1, 32)), jnp.int32)
+  np.testing.assert_array_equal(np.asarray(reloaded(ids)), np.asarray(model(ids)))
+  with pytest.raises(ValueError, match="exceeds max_shard_bytes"):
+    train.write_weights(shard_dir, tensors, max_shard_bytes=1000)
+
+
+def test_default_model_parameter_budget():
+  shape = train.ModelShape()
+  assert 10e6 < shape.num_params() < 16e6
+  assert shape.num_params() * 2 <= 2 * 15_000_000  # two bf16 shards under the 15 MB file limit
+  model = models.build_model(shape.hf_config(), abstract=True)
+  from flax import nnx
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert n == shape.num_params()
