@@ -344,12 +344,16 @@ class Engine:
       self.peak_pages = max(self.peak_pages, self.allocator.used_pages)
     return admitted
 
-  def _generation_tokens(self, req: Request) -> int:
-    """Tokens of room a request reserves for generation: all of max_tokens, or with eviction
-    what the decode budget plus one chunk can hold (evicted pages are recycled, see _evict)."""
+  def _generation_tokens(self, req: Request, kept: int | None = None) -> int:
+    """Tokens of room a request reserves beyond its prompt (`kept`: its tokens after prefill).
+
+    Without eviction: all of max_tokens. With a decode budget a sequence never holds more
+    than max(kept, budget) + one decode chunk (evicted pages are recycled, see _evict)."""
     if self.decode_budget is None:
       return req.params.max_tokens
-    return min(req.params.max_tokens, self.decode_budget + self.decode_chunk_size + self.page_size)
+    held = len(req.prompt_ids) if kept is None else kept
+    room = max(self.decode_budget - held, 0) + self.decode_chunk_size + self.page_size
+    return min(req.params.max_tokens, room)
 
   def _set_sampling(self, slot: int, req: Request) -> None:
     p = req.params
@@ -442,8 +446,9 @@ class Engine:
         kept = int(counts[i])
         req.kept_prompt_tokens = kept
         self._slot_len[slot] = kept
-        if kept < len(req.prompt_ids):  # compaction freed the tail of the prompt's pages
-          self.allocator.truncate(slot, kept + self._generation_tokens(req))
+        reserve = kept + self._generation_tokens(req, kept)
+        if reserve < len(self.allocator.pages(slot)) * self.page_size:  # compaction freed the tail
+          self.allocator.truncate(slot, reserve)
         req.pages_after_prefill = len(self.allocator.pages(slot))
         req.first_token_time = now
         self._samp["counters"][slot] = 1
