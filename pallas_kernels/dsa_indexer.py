@@ -8,8 +8,8 @@
 
 with N = max_pages * page_size, k[b, s] the key of logical token s of row b (page
 page_table[b, s // page_size], offset s % page_size), dequantized as k_q * scale per block
-of 128 channels when the pool is FP8. (The caller folds the indexer's scalings into w and
-Hadamard-rotates q for the FP8 cache; see sparse_jax/algorithms/dsa.py.)
+of 128 channels when the pool is FP8. (The caller folds the indexer's scalings into w; see
+sparse_jax/algorithms/dsa.py.)
 
 Kernel: grid (row, token span); each program keeps q [H, D] resident and walks its span in
 blocks of `block` tokens: gather the block's keys through the page table (each cached key

@@ -176,7 +176,7 @@ def sparse_mla_decode(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array
 
 def gather_latents(latent_pool, rope_pool, page_table, token_ids):
   """Reference gather: (latent [..., K, R], rope [..., K, r], valid bool[..., K]) of token ids
-  [B, ..., K] through page_table [B, max_pages]."""
+  [B, ..., K] through page_table [B, max_pages]; zeros where not valid (pool garbage never leaks)."""
   page_size = latent_pool.shape[1]
   batch = page_table.shape[0]
   rows = page_table.reshape(batch, *([1] * (token_ids.ndim - 2)), -1)
@@ -185,7 +185,8 @@ def gather_latents(latent_pool, rope_pool, page_table, token_ids):
   page = jnp.take_along_axis(rows, jnp.clip(tok // page_size, 0, page_table.shape[1] - 1), axis=-1)
   valid = (token_ids >= 0) & (page >= 0)
   page = jnp.maximum(page, 0)
-  return latent_pool[page, tok % page_size], rope_pool[page, tok % page_size], valid
+  zero = lambda x: jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
+  return zero(latent_pool[page, tok % page_size]), zero(rope_pool[page, tok % page_size]), valid
 
 
 def sparse_mla_decode_reference(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array, page_table: jax.Array,

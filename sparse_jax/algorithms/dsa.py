@@ -15,10 +15,16 @@ The indexer keys live in the paged cache as an auxiliary pool on the same page i
 MLA latent (`aux["indexer_k"]`, `[1, num_pages, page_size, index_head_dim]`). With the FP8
 cache (the default, as TensorRT-LLM and DeepSeek store it) each token holds its key in
 float8_e4m3fn plus one float32 scale per 128 channels (`aux["indexer_k_scale"]`): 132 bytes
-per token at index_head_dim 128. Before quantizing, keys (and, at scoring time, queries) are
-multiplied by the normalised Hadamard matrix, as DeepSeek's reference inference code does:
-the rotation preserves dot products exactly and spreads outlier channels over the whole
-128-channel block, so one scale per block loses less (tests/test_dsa.py measures it).
+per token at index_head_dim 128.
+
+No Hadamard rotation. DeepSeek's reference code rotates q and k by a Hadamard matrix before
+quantizing (dot products are unchanged) to spread outlier channels. For e4m3 -- a floating-
+point format with 3 mantissa bits over ~2^15 of range below the block's maximum -- a small
+channel keeps its relative precision unless it is 2^15 times below the largest one, which
+LayerNorm'ed keys never are; rotating mixes the few dominant channels into all 128, and the
+scores come out *less* accurate. tests/test_dsa.py measures it (Gaussian, outlier-channel
+and log-normal keys, and the model's own indexer keys): skipping the rotation costs nothing.
+Queries are not quantized (they stay in the model's dtype).
 
 DSA evicts nothing (`compacts_prompt = False`), so it works with block reuse
 (`kv_cache_config.enable_block_reuse=True`): shared prompt pages hold the same latent and
@@ -33,13 +39,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, ClassVar
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from sparse_jax.cache import AuxPoolSpec, LayerCache, write_tokens
@@ -59,7 +63,7 @@ class DSASparseAttentionConfig(BaseSparseAttentionConfig):
 
   index_topk: tokens each query attends to; None = the checkpoint's `index_topk`.
   indexer_k_dtype: the indexer key cache: "float8_e4m3fn" (one float32 scale per 128
-    channels, Hadamard-rotated before quantizing), "bfloat16", or "float32" (exact; tests).
+    channels), "bfloat16", or "float32" (exact; tests).
   skip_indexer_for_short_seqs: when no active sequence holds more than index_topk tokens,
     skip the indexer's scoring and top-k (the selection would be every token anyway).
 
@@ -86,10 +90,11 @@ class DSASparseAttentionConfig(BaseSparseAttentionConfig):
       _fail(name, "skip_indexer_for_short_seqs", self.skip_indexer_for_short_seqs, "must be true or false")
 
   def validate_with(self, kv_cache_config: KvCacheConfig, enable_chunked_prefill: bool) -> None:
-    # Block reuse is fine (nothing is evicted); only chunked prefill is unsupported.
+    # Block reuse is fine (nothing is evicted: compacts_prompt is False); say why chunked prefill is not.
     if enable_chunked_prefill:
       raise ConfigError("sparse_attention_config.algorithm='dsa' does not support enable_chunked_prefill=True: "
                         "the MLA prefill of this engine takes whole prompts")
+    super().validate_with(kv_cache_config, enable_chunked_prefill)
 
   def topk(self, checkpoint_topk: int) -> int:
     return checkpoint_topk if self.index_topk is None else self.index_topk
@@ -154,24 +159,7 @@ ALGORITHM = register_algorithm(Algorithm(
     update_aux=_gqa_only("update_aux"), predict_attn=_gqa_only("predict_attn")))
 
 
-# -- FP8 keys, Hadamard rotation --------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def hadamard(n: int) -> np.ndarray:
-  """Normalised Sylvester Hadamard matrix float32[n, n] (orthogonal; fast_hadamard_transform's order)."""
-  if n <= 0 or n & (n - 1):
-    raise ValueError(f"the Hadamard rotation needs a power-of-two index_head_dim, got {n}")
-  h = np.ones((1, 1), np.float32)
-  while h.shape[0] < n:
-    h = np.block([[h, h], [h, -h]])
-  return (h / np.sqrt(n)).astype(np.float32)
-
-
-def rotate(x: jax.Array) -> jax.Array:
-  """x @ H (normalised Hadamard over the last axis), in float32. Preserves dot products."""
-  return jnp.einsum("...d,de->...e", x.astype(jnp.float32), jnp.asarray(hadamard(x.shape[-1])),
-                    precision=jax.lax.Precision.HIGHEST)
-
+# -- FP8 keys --------------------------------------------------------------------------
 
 def quantize_fp8(k: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per-token block quantization: k [..., D] -> (float8_e4m3fn [..., D], float32 scales [..., D // 128]).
@@ -197,18 +185,13 @@ def dequantize_fp8(q: jax.Array, scale: jax.Array) -> jax.Array:
 def encode_keys(cfg: DSASparseAttentionConfig, k: jax.Array) -> tuple[jax.Array, jax.Array | None]:
   """Indexer keys [..., D] as the cache stores them: (keys, FP8 scales or None)."""
   if cfg.fp8:
-    return quantize_fp8(rotate(k))
+    return quantize_fp8(k)
   return k.astype(INDEXER_K_DTYPES[cfg.indexer_k_dtype]), None
 
 
 def decode_keys(keys: jax.Array, scales: jax.Array | None) -> jax.Array:
-  """What `encode_keys` stored, as float32 (still rotated for FP8; queries get `encode_queries`)."""
+  """What `encode_keys` stored, as float32."""
   return keys.astype(jnp.float32) if scales is None else dequantize_fp8(keys, scales)
-
-
-def encode_queries(cfg: DSASparseAttentionConfig, q: jax.Array) -> jax.Array:
-  """Indexer queries in the key cache's basis (Hadamard-rotated for FP8), in q's dtype."""
-  return rotate(q).astype(q.dtype) if cfg.fp8 else q
 
 
 def write_indexer_keys(cfg: DSASparseAttentionConfig, layer: LayerCache, flat_slots: jax.Array,
@@ -331,7 +314,7 @@ def select_prefill(cfg: DSASparseAttentionConfig, ix: IndexerSpec, q: jax.Array,
 
   def sparse(_):
     keys = decode_keys(*encode_keys(cfg, k))             # what decode will read back
-    qf = encode_queries(cfg, q).astype(jnp.float32)
+    qf = q.astype(jnp.float32)
     chunk = max(1, min(t, (1 << 27) // max(1, n * h * t)))
     chunk = 1 << (chunk.bit_length() - 1)
     n_chunks = -(-t // chunk)
@@ -382,7 +365,6 @@ def select_decode(cfg: DSASparseAttentionConfig, ix: IndexerSpec, q: jax.Array, 
   topk = min(cfg.topk(ix.index_topk), n_tokens)
   keys = layer.aux[INDEXER_K][0]
   scales = layer.aux[INDEXER_K_SCALE][0] if cfg.fp8 else None
-  q = encode_queries(cfg, q)
 
   def sparse(_):
     scores = dsa_indexer_scores(q, w, keys, scales, page_table, lengths, **runtime.kernel_kwargs())

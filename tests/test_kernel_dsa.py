@@ -1,0 +1,147 @@
+"""DSA kernels (interpret mode) against their plain-jnp references: the lightning-indexer
+scores over a paged FP8 / bf16 / f32 key cache, and the exact top-k select."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pallas_kernels.dsa_indexer import dsa_indexer_scores, dsa_indexer_scores_reference
+from pallas_kernels.dsa_topk import dsa_topk, dsa_topk_reference
+from sparse_jax.algorithms import dsa
+
+
+# -- top-k -------------------------------------------------------------------------------------
+
+def _topk_pair(scores, k, **kw):
+  x = jnp.asarray(scores, jnp.float32)
+  return np.asarray(dsa_topk(x, k, interpret=True, **kw)), np.asarray(dsa_topk_reference(x, k))
+
+
+def _check_contract(out, scores, k):
+  """Exactly min(k, valid) ascending unique ids of the largest valid scores, then -1."""
+  for row, x in zip(out, np.asarray(scores, np.float32)):
+    valid = np.isfinite(x) | (x == np.inf)
+    n = min(k, int(valid.sum()))
+    assert np.all(row[n:] == -1) and np.all(np.diff(row[:n]) > 0)
+    if n:
+      chosen = x[row[:n]]
+      assert np.all(valid[row[:n]])
+      rest = np.delete(np.where(valid, x, -np.inf), row[:n])
+      assert rest.size == 0 or chosen.min() >= rest.max()
+
+
+def _scenario_rows(rng, n):
+  """One row per situation the select must get exactly right (one compile for all of them)."""
+  pos = np.arange(n)
+  return np.stack([
+      rng.standard_normal(n),                                              # distinct values
+      np.round(rng.standard_normal(n) * 2) / 2,                            # ties at the k-th place
+      np.ones(n),                                                          # all equal: lowest ids
+      np.where(pos < 5, rng.standard_normal(n), -np.inf),                  # fewer valid than k
+      np.full(n, -np.inf),                                                 # nothing valid
+      np.where(pos % 3, np.nan, 1.0),                                      # NaN is invalid
+      np.where(pos % 2, -0.0, 0.0) - (pos % 7 == 0),                       # signed zeros, negatives
+      rng.standard_normal(n) * 10.0 ** rng.integers(-30, 30, size=n),      # every exponent
+      np.where(pos % 50 == 0, np.inf, rng.standard_normal(n)),             # +inf is valid
+  ]).astype(np.float32)
+
+
+@pytest.mark.parametrize("n,k,plan", [(256, 16, dict(block=16, chunks=4)),      # several chunks per row
+                                      (300, 16, {}),                             # default plan, ragged N
+                                      (20, 32, {})])                             # k > N
+def test_topk_matches_reference(n, k, plan):
+  scores = _scenario_rows(np.random.default_rng(0), n)
+  out, ref = _topk_pair(scores, k, **plan)
+  assert out.shape == (scores.shape[0], k) and out.dtype == np.int32
+  np.testing.assert_array_equal(out, ref)
+  _check_contract(out, scores, k)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from([-np.inf, -2.0, -0.5, 0.0, 0.25, 0.5, 1.0, 3.0]), min_size=2 * 192,
+                max_size=2 * 192))
+def test_topk_ties_property(values):
+  """Few distinct values, so ties straddle the k-th place in most rows and across chunks:
+  the kernel must take exactly k, the lowest-index ones among the tied."""
+  scores = np.asarray(values, np.float32).reshape(2, 192)
+  out, ref = _topk_pair(scores, 24, block=16, chunks=6)
+  np.testing.assert_array_equal(out, ref)
+  _check_contract(out, scores, 24)
+
+
+# -- indexer scores ------------------------------------------------------------------------------
+
+def _indexer_case(seed, *, batch, heads, dim, page_size, max_pages, dtype, lengths):
+  """Random queries/weights and a paged key cache; each row's pages a random permutation of
+  the pool, -1 past its length; NaN in every pool slot no row owns (must never be read)."""
+  rng = np.random.default_rng(seed)
+  num_pages = batch * max_pages + 3
+  perm = rng.permutation(num_pages)
+  table = np.full((batch, max_pages), -1, np.int32)
+  owned = np.zeros((num_pages, page_size), bool)
+  for b, n in enumerate(lengths):
+    used = -(-n // page_size)
+    table[b, :used] = perm[b * max_pages:b * max_pages + used]
+    for t in range(n):
+      owned[table[b, t // page_size], t % page_size] = True
+  keys = rng.standard_normal((num_pages, page_size, dim)).astype(np.float32)
+  keys[:, :, :3] *= 20.0                                   # outlier channels
+  q = jnp.asarray(rng.standard_normal((batch, heads, dim)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((batch, heads)), jnp.float32)
+  cfg = dsa.DSASparseAttentionConfig(indexer_k_dtype=dtype)
+  k_pool, scales = dsa.encode_keys(cfg, jnp.asarray(keys))
+  if scales is not None:
+    scales = jnp.where(jnp.asarray(owned)[..., None], scales, jnp.nan)
+  else:
+    k_pool = jnp.where(jnp.asarray(owned)[..., None], k_pool, jnp.nan).astype(k_pool.dtype)
+  if dtype == "bfloat16":
+    q = q.astype(jnp.bfloat16)
+  return q, w, k_pool, scales, jnp.asarray(table), jnp.asarray(np.asarray(lengths, np.int32))
+
+
+INDEXER_CASES = {
+    # name: case kwargs, kernel kwargs
+    "fp8_d128_ragged": (dict(batch=3, heads=16, dim=128, page_size=16, max_pages=6, dtype="float8_e4m3fn",
+                             lengths=[0, 37, 96]), dict(block=16, span=32)),
+    "fp8_d256_two_scales": (dict(batch=2, heads=8, dim=256, page_size=8, max_pages=5, dtype="float8_e4m3fn",
+                                 lengths=[40, 13]), dict(block=16, span=16)),
+    "bf16_h12_page4": (dict(batch=2, heads=12, dim=64, page_size=4, max_pages=9, dtype="bfloat16",
+                            lengths=[33, 1]), dict(block=16, span=64)),
+    "f32_one_span": (dict(batch=2, heads=4, dim=32, page_size=32, max_pages=3, dtype="float32",
+                          lengths=[96, 50]), {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INDEXER_CASES))
+def test_indexer_scores_match_reference(name):
+  case_kw, kernel_kw = INDEXER_CASES[name]
+  args = _indexer_case(0, **case_kw)
+  out = np.asarray(dsa_indexer_scores(*args, interpret=True, **kernel_kw))
+  ref = np.asarray(dsa_indexer_scores_reference(*args))
+  lengths = np.asarray(args[-1])
+  n_tokens = args[4].shape[1] * args[2].shape[1]
+  assert out.shape == (len(lengths), n_tokens)
+  valid = np.arange(n_tokens)[None, :] < lengths[:, None]
+  assert np.all(np.isneginf(out[~valid])) and np.all(np.isneginf(ref[~valid]))
+  assert np.all(np.isfinite(out[valid]))                          # no NaN slot was read
+  scale = np.abs(ref[valid]).max() if valid.any() else 1.0
+  tol = 2e-2 if case_kw["dtype"] == "bfloat16" else 1e-5
+  np.testing.assert_allclose(out[valid], ref[valid], rtol=0, atol=tol * scale)
+
+
+def test_indexer_then_topk_selects_like_exact_scores():
+  """FP8 cache + kernels end to end: the selection overlaps the float32 one (Jaccard >= 0.9)."""
+  rng = np.random.default_rng(3)
+  dim, heads, n = 128, 16, 512
+  keys = jnp.asarray(rng.standard_normal((n // 16, 16, dim)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((2, heads, dim)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((2, heads)), jnp.float32)
+  table = jnp.asarray(np.stack([rng.permutation(n // 16)] * 2).astype(np.int32))
+  lengths = jnp.asarray([n, 300], jnp.int32)
+  fp8, scales = dsa.quantize_fp8(keys)
+  got = np.asarray(dsa_topk(dsa_indexer_scores(q, w, fp8, scales, table, lengths, interpret=True, span=256), 64,
+                            interpret=True))
+  exact = np.asarray(dsa_topk_reference(dsa_indexer_scores_reference(q, w, keys, None, table, lengths), 64))
+  jac = np.mean([len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in zip(got, exact)])
+  assert jac >= 0.9
