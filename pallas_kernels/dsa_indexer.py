@@ -34,13 +34,15 @@ FP8_BLOCK = 128
 
 
 def gather_rows(ref, rows, col_start, width, ok):
-  """ref[rows, col_start:col_start + width] for int32[block] rows; zero where not ok.
+  """ref[rows, col_start:col_start + width] for int32[block] rows; rows not ok are not read
+  and hold garbage (the caller masks their scores).
 
-  All-array indices (not a row array plus a slice): Triton lowers both, interpret mode only these.
+  All-array indices (not a row array plus a slice): Triton lowers both, interpret mode only
+  these. No `other=`: Triton cannot splat a fill value into float8.
   """
   cols = col_start + jnp.arange(width, dtype=jnp.int32)
   mask = jnp.broadcast_to(ok[:, None], (rows.shape[0], width))
-  return plt.load(ref.at[rows[:, None], cols[None, :]], mask=mask, other=0)
+  return plt.load(ref.at[rows[:, None], cols[None, :]], mask=mask)
 
 
 def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, o_ref, *, page_size, n_tokens, span, block,

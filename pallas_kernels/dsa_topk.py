@@ -77,13 +77,14 @@ def _next_state(state, hist, k, level):
   above = jnp.sum(jnp.where(flat > d_star, hist, 0))
   new_prefix = (d_star - 128) if level == 1 else prefix * 256 + d_star
   new_k_rem = k_rem - above
+  # Selects between traced values only: Triton's lowering mistypes selects of weak constants.
   if level == 1:
     all_valid = total <= k          # fewer valid keys than k: take them all (level 0, full)
-    return (jnp.where(all_valid, 0, new_prefix), jnp.where(all_valid, total, new_k_rem),
-            all_valid | (in_bucket == new_k_rem), jnp.where(all_valid, 0, 1))
+    return (jnp.where(all_valid, new_prefix * 0, new_prefix), jnp.where(all_valid, total, new_k_rem),
+            all_valid | (in_bucket == new_k_rem), 1 - all_valid.astype(jnp.int32))
   keep = full
   return (jnp.where(keep, prefix, new_prefix), jnp.where(keep, k_rem, new_k_rem),
-          keep | (in_bucket == new_k_rem), jnp.where(keep, done, level))
+          keep | (in_bucket == new_k_rem), jnp.where(keep, done, done * 0 + level))
 
 
 def _state_after(hists, k, levels):
@@ -97,13 +98,14 @@ def _state_after(hists, k, levels):
 def _classify(key, valid, state):
   """(strictly above the threshold bucket, inside it) for keys under a final state."""
   prefix, _, _, done = state
-  above = jnp.zeros_like(valid)
-  equal = jnp.zeros_like(valid)
+  above = valid & (done == 0)                      # level 0: every valid key, none "equal"
+  equal = valid & False
   for level in range(1, _PASSES + 1):
     top = _top_bits(key, level)
-    above = jnp.where(done == level, valid & (top > prefix), above)
-    equal = jnp.where(done == level, valid & (top == prefix), equal)
-  return jnp.where(done == 0, valid, above), jnp.where(done == 0, False, equal)
+    at = done == level
+    above = above | (valid & at & (top > prefix))
+    equal = equal | (valid & at & (top == prefix))
+  return above, equal
 
 
 # -- kernels ------------------------------------------------------------------------------
@@ -118,12 +120,9 @@ def _load_block(scores_ref, row, start, block, n):
 def _hist_kernel(scores_ref, hist_in_ref, hist_ref, *, level, k, n, chunk, block):
   del hist_in_ref  # aliased with hist_ref
   row, c = pl.program_id(0), pl.program_id(1)
-  state = _state_after(lambda lv: hist_ref[lv - 1, row], k, level - 1)
-  prefix, _, full, _ = state
   lanes = jnp.arange(16, dtype=jnp.int32)
 
-  @pl.when(jnp.logical_not(full))
-  def _():
+  def histogram(prefix):
     def body(i, acc):
       _, key, valid = _load_block(scores_ref, row, c * chunk + i * block, block, n)
       match = valid if level == 1 else valid & (_top_bits(key, level - 1) == prefix)
@@ -135,6 +134,12 @@ def _hist_kernel(scores_ref, hist_in_ref, hist_ref, *, level, k, n, chunk, block
     acc = jax.lax.fori_loop(0, chunk // block, body, jnp.zeros((16, 16), jnp.float32))
     # Index the whole ref (not a `.at` view): interpret mode's discharge mishandles views.
     plt.atomic_add(hist_ref, (jnp.int32(level - 1), row, slice(None), slice(None)), acc.astype(jnp.int32))
+
+  if level == 1:
+    histogram(None)
+    return
+  prefix, _, full, _ = _state_after(lambda lv: hist_ref[lv - 1, row], k, level - 1)
+  pl.when(jnp.logical_not(full))(lambda: histogram(prefix))
 
 
 def _count_kernel(scores_ref, hist_ref, counts_ref, *, k, n, chunk, block):

@@ -85,10 +85,11 @@ def _kernel(q_ref, lat_ref, rope_ref, pt_ref, ids_ref, count_ref, o_ref, lse_ref
   row, split, hb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rank = lat_ref.shape[1]
   heads = pl.ds(hb * block_h, block_h)
-  q = q_ref[row, heads, :]                                                  # [bh, R + r]
+  q_lat = q_ref[row, heads, pl.ds(0, rank)]                                 # [bh, R]  (R + r is no power of 2)
+  q_rope = q_ref[row, heads, pl.ds(rank, rope_ref.shape[1])]                # [bh, r]
   start = split * per_split
   stop = jnp.minimum(start + per_split, count_ref[row])
-  acc, m, l = attend_tokens(q[:, :rank], q[:, rank:], lat_ref, rope_ref, ids_ref, pt_ref, ids_row=row, pt_row=row,
+  acc, m, l = attend_tokens(q_lat, q_rope, lat_ref, rope_ref, ids_ref, pt_ref, ids_row=row, pt_row=row,
                             start=start, stop=stop, block_k=block_k, page_size=page_size, scale=scale)
   out = acc / jnp.where(l > 0, l, 1.0)[:, None]
   o_ref[row, split, heads, :] = out.astype(o_ref.dtype)

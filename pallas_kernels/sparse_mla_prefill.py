@@ -38,8 +38,9 @@ def _kernel(q_ref, lat_ref, rope_ref, pt_ref, ids_ref, o_ref, *, queries, block_
   rank = lat_ref.shape[1]
   heads = pl.ds(hb * block_h, block_h)
   flat = row * queries + t
-  q = q_ref[flat, heads, :]                                                 # [bh, R + r]
-  acc, _, l = attend_tokens(q[:, :rank], q[:, rank:], lat_ref, rope_ref, ids_ref, pt_ref, ids_row=flat, pt_row=row,
+  q_lat = q_ref[flat, heads, pl.ds(0, rank)]                                # [bh, R]  (R + r is no power of 2)
+  q_rope = q_ref[flat, heads, pl.ds(rank, rope_ref.shape[1])]               # [bh, r]
+  acc, _, l = attend_tokens(q_lat, q_rope, lat_ref, rope_ref, ids_ref, pt_ref, ids_row=flat, pt_row=row,
                             start=0, stop=ids_ref.shape[1], block_k=block_k, page_size=page_size, scale=scale)
   o_ref[flat, heads, :] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
 
