@@ -28,6 +28,7 @@ extracted letter.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -914,6 +915,7 @@ PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|pad|>", "<|bos|>", "<|eos|>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)  # ids 0, 1, 2
 
 
+@functools.lru_cache(maxsize=4)
 def build_tokenizer(vocab_size: int = 4096, corpus_seed: int = 0):
   """A byte-level BPE `tokenizers.Tokenizer` trained on `tokenizer_corpus(corpus_seed)`.
 
@@ -921,6 +923,7 @@ def build_tokenizer(vocab_size: int = 4096, corpus_seed: int = 0):
   Byte-level pre-tokenization round-trips any text. Ids 0, 1, 2 are <|pad|>, <|bos|>, <|eos|>;
   the post-processor prepends <|bos|> (as `transformers` tokenizers do with
   add_special_tokens=True). Deterministic: the same arguments give the same tokenizer.json.
+  Cached per arguments (treat the result as read-only).
   """
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
   if vocab_size < 300:

@@ -148,7 +148,7 @@ class TrainConfig:
   log_every: int = 25
   background_compile: bool = True
   max_shard_bytes: int = 15_000_000
-  prefetch_batches: int = 4
+  prefetch_batches: int = 8
   tokenizer_corpus_seed: int = 0
 
   def __post_init__(self):
@@ -398,7 +398,9 @@ class BatchLoader:
     if self.pool is None:
       jobs = [functools.partial(make_rows, self.counter, length, slots, c, cfg.mixture) for c in chunks]
     else:
-      jobs = [self.pool.apply_async(_worker_rows, (length, slots, c, cfg.mixture)).get for c in chunks]
+      # A worker that dies never answers: time out rather than hang the run.
+      jobs = [functools.partial(self.pool.apply_async(_worker_rows, (length, slots, c, cfg.mixture)).get, 300)
+              for c in chunks]
     self.pending[length].append(jobs)
 
   def prime(self, length: int) -> None:
@@ -584,6 +586,7 @@ def write_weights(output_dir: str, tensors: dict[str, np.ndarray], max_shard_byt
   if total <= max_shard_bytes:
     path = os.path.join(output_dir, "model.safetensors")
     save_file({n: tensors[n] for n in names}, path + ".tmp", metadata=meta)
+    os.chmod(path + ".tmp", 0o644)
     os.replace(path + ".tmp", path)
     written = ["model.safetensors"]
   else:
@@ -605,6 +608,7 @@ def write_weights(output_dir: str, tensors: dict[str, np.ndarray], max_shard_byt
       fname = f"model-{i:05d}-of-{count:05d}.safetensors"
       path = os.path.join(output_dir, fname)
       save_file({n: tensors[n] for n in shard}, path + ".tmp", metadata=meta)
+      os.chmod(path + ".tmp", 0o644)
       os.replace(path + ".tmp", path)
       weight_map.update({n: fname for n in shard})
       written.append(fname)
@@ -667,9 +671,10 @@ class Compiler:
         self.log(f"COMPILE FAILED for {key}: {self.errors[key]}")
       self.done[key].set()
 
-  def get(self, key, block: bool):
+  def get(self, key, block: bool, timeout: float | None = None):
+    """The executable for `key`, or None if it is not ready (after waiting `timeout` s when blocking)."""
     if block:
-      self.done[key].wait()
+      self.done[key].wait(timeout)
     return self.results.get(key) if self.done[key].is_set() else None
 
   def failed(self, key) -> bool:
@@ -713,8 +718,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   for length in cfg.eval_lengths:
     for task in cfg.eval_tasks:
       args = (task, length, cfg.slots(length), cfg.eval_samples, cfg.seed)
-      eval_jobs[(task, length)] = (pool.apply_async(_worker_eval, args).get if pool is not None else
-                                   functools.partial(make_eval_rows, counter, *args))
+      eval_jobs[(task, length)] = (functools.partial(pool.apply_async(_worker_eval, args).get, 120)
+                                   if pool is not None else functools.partial(make_eval_rows, counter, *args))
   loader = BatchLoader(cfg, counter, pool)
   lengths = [l for l, _ in cfg.curriculum]
   loader.prime(lengths[0])
@@ -776,8 +781,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   def evaluate(params, limit=None, block=False):
     result = {}
     for length in cfg.eval_lengths:
-      fn = compiler.get(("eval", length), block=block)
+      # The final eval waits for a late compile only while the budget allows (saving needs ~10 s).
+      wait = max(0.0, cfg.time_budget_s - 10.0 - clock()) if block else None
+      fn = compiler.get(("eval", length), block=block, timeout=wait)
       if fn is None:
+        if block:
+          log(f"skipping the eval at {length}: not compiled in time")
         continue
       acc = run_eval(fn, params, get_eval_data(length), cfg.batch_size(length), limit)
       result[str(length)] = acc
@@ -815,10 +824,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   length = curriculum[0][0]
   step, tokens_seen, answer_tokens = 0, 0, 0
   inflight: collections.deque = collections.deque()
-  window = {"loss": 0.0, "acc": 0.0, "lm": 0.0, "n": 0, "tokens": 0, "t": time.monotonic()}
+  window = {"loss": 0.0, "acc": 0.0, "lm": 0.0, "n": 0, "tokens": 0, "wait": 0.0, "t": time.monotonic()}
   samples_seen: collections.Counter = collections.Counter()
   last_save = last_eval = clock()
   step_time = collections.defaultdict(lambda: 0.0)
+  snapshot, probation = None, 0
+  diverged = False
   errors = 0
   stop_reason = "time budget"
 
@@ -845,13 +856,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         entry = {"step": s + 1, "length": l, "loss": window["loss"] / window["n"],
                  "lm_loss": window["lm"] / window["n"], "answer_token_acc":
                  window["acc"] / window["n"], "tokens_per_s": window["tokens"] / dt, "lr": lr_at(cfg, s, progress_now()),
-                 "grad_norm": float(m["grad_norm"]), "tokens": tokens_seen, "time_s": clock()}
+                 "grad_norm": float(m["grad_norm"]), "tokens": tokens_seen, "time_s": clock(),
+                 "data_wait": window["wait"] / dt}
         history.append(entry)
         log(f"step {s + 1:5d} | L={l:5d} B={cfg.batch_size(l):3d} | loss {entry['loss']:.4f} | "
             f"lm {entry['lm_loss']:.3f} | "
             f"ans-acc {entry['answer_token_acc']:.3f} | {entry['tokens_per_s'] / 1e3:7.1f}k tok/s | "
-            f"lr {entry['lr']:.2e} | gnorm {entry['grad_norm']:.2f}")
-        window.update(loss=0.0, acc=0.0, lm=0.0, n=0, tokens=0, t=time.monotonic())
+            f"lr {entry['lr']:.2e} | gnorm {entry['grad_norm']:.2f} | data-wait {100 * entry['data_wait']:.0f}%")
+        window.update(loss=0.0, acc=0.0, lm=0.0, n=0, tokens=0, wait=0.0, t=time.monotonic())
 
   try:
     while True:
@@ -871,20 +883,47 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if fn is None:
           break  # not compiled yet: keep training the current length
         drain(0)
+        # A new shape may still fail when it first runs (e.g. out of memory): keep a host copy of
+        # the state so its first steps can be undone and the previous length resumed.
+        snapshot = (jax.device_get(state), length, compiled)
+        probation = 2
         loader.drop(length)
         phase += 1
         length, compiled = nxt, fn
         loader.prime(length)
         log(f"phase {phase}: length {length}, batch {cfg.batch_size(length)}")
+      t_wait = time.monotonic()
       batch = loader.next(length)
+      window["wait"] += time.monotonic() - t_wait
       samples_seen.update(batch.pop("samples"))
       errors += batch.pop("errors")
       n_ans = int(batch["w"].sum())
       t0 = time.monotonic()
       lr = np.float32(lr_at(cfg, step, progress))
-      state, metrics = compiled(state, jax.device_put(batch), lr)
+      try:
+        state, metrics = compiled(state, jax.device_put(batch), lr)
+        inflight.append((step, metrics, batch["tokens"].size, n_ans, length, t0))
+        if probation:
+          drain(0)
+      except Exception as e:
+        if not probation or snapshot is None:
+          raise
+        host_state, prev_length, prev_compiled = snapshot
+        log(f"WARNING: the first steps at length {length} failed ({type(e).__name__}: {e}); "
+            f"resuming length {prev_length}")
+        state = jax.device_put(host_state)
+        inflight.clear()
+        loader.drop(length)
+        curriculum.pop(phase)
+        phase -= 1
+        length, compiled = prev_length, prev_compiled
+        snapshot, probation = None, 0
+        continue
+      if probation:
+        probation -= 1
+        if not probation:
+          snapshot = None
       tokens_seen += batch["tokens"].size
-      inflight.append((step, metrics, batch["tokens"].size, n_ans, length, t0))
       step += 1
       drain(2)
       # Rolling per-length step time (dispatch-to-dispatch with 2 steps in flight ~ device time).
@@ -911,6 +950,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   except Exception as e:  # keep what was trained: evaluate and save below when the state survived
     log(f"TRAINING STOPPED by {type(e).__name__}: {e}\n{traceback.format_exc()}")
     stop_reason = f"error: {type(e).__name__}: {e}"
+    if isinstance(e, FloatingPointError):
+      diverged = True
   train_time = clock() - t_start
   record.update(steps=step, tokens=tokens_seen, answer_tokens=answer_tokens, samples=dict(samples_seen),
                 sample_errors=errors, train_time_s=train_time, stop_reason=stop_reason,
@@ -918,11 +959,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   log(f"trained {step} steps, {tokens_seen / 1e6:.1f}M tokens in {train_time:.0f}s "
       f"({tokens_seen / max(train_time, 1e-6) / 1e3:.0f}k tok/s); stop: {stop_reason}")
   try:
+    if diverged:
+      raise FloatingPointError("the parameters diverged")
     params_host = jax.device_get(state["params"])
   except Exception as e:
-    log(f"parameters unavailable after the error ({e}); the last periodic checkpoint stands")
+    log(f"parameters unusable after the error ({e}); the last periodic checkpoint stands")
     if saver is not None:
       saver.join()
+    record["console"] = list(log.lines)
+    _write_json(os.path.join(cfg.output_dir, "training_log.json"), _jsonable(record))
     if pool is not None:
       pool.terminate()
     return record

@@ -166,3 +166,23 @@ def test_default_model_parameter_budget():
   from flax import nnx
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert n == shape.num_params()
+
+
+def test_failing_new_length_falls_back_to_the_previous_one(tmp_path, monkeypatch):
+  """A shape that compiles but fails when it first runs (e.g. out of memory on the GPU) is
+  undone from the host snapshot and training goes on at the previous length."""
+  real_get = train.Compiler.get
+
+  def get(self, key, block):
+    fn = real_get(self, key, block)
+    if key == ("train", 512) and fn is not None:
+      def boom(*args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: simulated")
+      return boom
+    return fn
+
+  monkeypatch.setattr(train.Compiler, "get", get)
+  record = train.train(train.smoke_config(str(tmp_path), max_steps=4, num_workers=0, eval_lengths=(256,)))
+  assert record["steps"] == 4 and record["final_length"] == 256
+  assert any("resuming length 256" in line for line in record["console"])
+  assert os.path.exists(os.path.join(str(tmp_path), "model.safetensors"))
