@@ -1,6 +1,8 @@
 """Contract of every registered GQA algorithm: selections sorted, unique, in range, -1 padded,
 counts right, shapes fixed by configuration, for prompts shorter, equal and longer than the budget."""
 import functools
+import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -12,14 +14,38 @@ from sparse_jax.attention import AttentionSpec, Runtime
 from sparse_jax.cache import LayerCache, write_tokens, token_slots
 from sparse_jax.config import registered_algorithms
 from sparse_jax.algorithms.rocket import RocketSparseAttentionConfig
+from sparse_jax.algorithms import indexer as indexer_lib
+from sparse_jax.algorithms.oracle import OracleSparseAttentionConfig
+from sparse_jax.algorithms.quest import QuestSparseAttentionConfig
+from sparse_jax.algorithms.snapkv import SnapKVSparseAttentionConfig
+from sparse_jax.algorithms.streaming import StreamingSparseAttentionConfig
 
 Q_HEADS, KV_HEADS, D, PAGE, MAX_PAGES, T = 4, 2, 16, 8, 12, 96
+HIDDEN = 24  # width of the hidden states given to learned predictors
+INDEXER_WEIGHTS = os.path.join(tempfile.mkdtemp(prefix="contract_indexer_"), "indexer.safetensors")
 
 # One small config per registered GQA algorithm; an algorithm without one fails test_every_algorithm_is_covered.
 CONTRACT_CONFIGS = {
     "rocket": RocketSparseAttentionConfig(prompt_budget=40, window_size=8, kernel_size=5, topr=8, topk=6, page_size=4,
                                           kt_cache_dtype="float32"),
+    "quest": QuestSparseAttentionConfig(topk=6, page_size=4, minmax_dtype="float32"),
+    "snapkv": SnapKVSparseAttentionConfig(max_capacity_prompt=40, window_size=8, kernel_size=5),
+    "streaming": StreamingSparseAttentionConfig(sink_tokens=4, window=36, block_size=8),
+    "oracle": OracleSparseAttentionConfig(topk=5, block_size=6),
+    "indexer": indexer_lib.IndexerSparseAttentionConfig(weights_path=INDEXER_WEIGHTS, topk=6, block_size=8,
+                                                        index_heads=2, index_head_dim=8, rope_dim=4,
+                                                        index_k_dtype="float32"),
 }
+
+
+def _write_indexer_weights():
+  if not os.path.exists(INDEXER_WEIGHTS):
+    indexer_lib.save_indexers(INDEXER_WEIGHTS, indexer_lib.init_indexers(
+        CONTRACT_CONFIGS["indexer"], hidden_size=HIDDEN, kv_heads=KV_HEADS, num_layers=1))
+
+
+# Algorithms with a learned predictor (Algorithm.build_predictor): writes the weights it loads.
+PREDICTOR_SETUP = {"indexer": _write_indexer_weights}
 MLA_ONLY = {"dsa"}
 
 
@@ -31,6 +57,22 @@ def test_every_algorithm_is_covered():
 def _spec():
   return AttentionSpec(q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=D, page_size=PAGE, scale=D ** -0.5,
                        runtime=Runtime())
+
+
+@functools.lru_cache(maxsize=None)
+def _predictor(name):
+  """The learned predictor of an algorithm that has one (built as the engine does), else None."""
+  algo = registered_algorithms()[name]
+  if algo.build_predictor is None:
+    return None
+  PREDICTOR_SETUP[name]()
+  return algo.build_predictor(CONTRACT_CONFIGS[name], _spec(), 0)
+
+
+def predictor_kwargs(name, key, n, t):
+  """predictor= and hidden= ([n, t, HIDDEN] random) for a learned predictor, else {}."""
+  predictor = _predictor(name)
+  return {} if predictor is None else dict(predictor=predictor, hidden=jax.random.normal(key, (n, t, HIDDEN)))
 
 
 def filled_layer(cfg, key, lengths, page_table, num_pages=MAX_PAGES * 4):
@@ -46,7 +88,8 @@ def filled_layer(cfg, key, lengths, page_table, num_pages=MAX_PAGES * 4):
   slots = token_slots(page_table, pos, pos < lengths[:, None], PAGE, num_pages).reshape(-1)
   layer = layer.replace(k=write_tokens(layer.k, slots, jax.random.normal(kk, (n * t, KV_HEADS, D))),
                         v=write_tokens(layer.v, slots, jax.random.normal(kv, (n * t, KV_HEADS, D))))
-  return algo.update_aux(cfg, _spec(), layer, page_table, jnp.zeros_like(lengths), lengths, t)
+  extra = predictor_kwargs(cfg.algorithm, jax.random.fold_in(key, 2), n, t)
+  return algo.update_aux(cfg, _spec(), layer, page_table, jnp.zeros_like(lengths), lengths, t, **extra)
 
 
 def permuted_table(rng, n, num_pages=MAX_PAGES * 4):
@@ -74,7 +117,7 @@ def test_predict_kv_contract(name, data):
   seed = data.draw(st.integers(0, 2 ** 16))
   q = jax.random.normal(jax.random.PRNGKey(seed), (3, T, Q_HEADS, D))
   k = jax.random.normal(jax.random.PRNGKey(seed + 1), (3, T, KV_HEADS, D))
-  sel = _predict_kv(name, q, k, jnp.asarray(lengths))
+  sel = _predict_kv(name, q, k, jnp.asarray(lengths), **predictor_kwargs(name, jax.random.PRNGKey(seed + 2), 3, T))
   if sel is None:
     return
   idx, counts = np.asarray(sel.indices), np.asarray(sel.counts)
@@ -94,8 +137,8 @@ def _jitted(name, fn):
   return jax.jit(functools.partial(getattr(algo, fn), cfg, _spec()))
 
 
-def _predict_kv(name, q, k, lengths):
-  return _jitted(name, "predict_kv")(q, k, lengths)
+def _predict_kv(name, q, k, lengths, **extra):
+  return _jitted(name, "predict_kv")(q, k, lengths, **extra)
 
 
 @pytest.mark.parametrize("name", sorted(CONTRACT_CONFIGS))
@@ -108,7 +151,8 @@ def test_predict_attn_contract(name, data):
   table = permuted_table(rng, 2)
   layer = _filled(name, jax.random.PRNGKey(int(rng.integers(1 << 30))), lengths, table)
   q = jax.random.normal(jax.random.PRNGKey(int(rng.integers(1 << 30))), (2, Q_HEADS, D))
-  sel = _jitted(name, "predict_attn")(q, layer, table, lengths)
+  extra = predictor_kwargs(name, jax.random.PRNGKey(int(rng.integers(1 << 30))), 2, 1)
+  sel = _jitted(name, "predict_attn")(q, layer, table, lengths, **extra)
   if sel is None:
     return
   idx = np.asarray(sel.indices)
