@@ -1,0 +1,382 @@
+"""Distils lightning indexers (sparse_jax/algorithms/indexer.py) onto a frozen GQA model.
+
+    python -m sparse_jax.distill --model=CHECKPOINT_DIR --output=indexer.safetensors
+    python -m sparse_jax.distill --model=random --output=/tmp/indexer.safetensors   # tiny random model
+
+DeepSeek-V3.2's dense warm-up stage: the model is frozen and runs dense attention; only the
+indexers train, one per layer, to minimise, for every query t and KV head g,
+
+    KL( p_g[t, :] || softmax_s(I_g[t, :]) )
+
+where p_g[t, :] is the layer's causal dense attention distribution summed over g's group of
+query heads and renormalised (i.e. averaged), and I_g the indexer's scores (indexer.py). The
+loss is averaged over queries, KV heads and layers; optax Adam with warmup + cosine decay and
+global-norm clipping.
+
+Data: for a checkpoint with a tokenizer, samples of the project's task generators
+(`sparse_jax.tasks`, RULER tasks + kv_lookup) from the *train* split, tokenized and cut to
+`--seq_len`; the held-out recall is measured on eval-split samples. Without a tokenizer
+(`--model=random`, or `--data=random`) uniformly random token sequences, with held-out
+sequences from another seed.
+
+Recall: on held-out sequences, for every query t in [seq_len // 2, length), the blocks of
+`--block_size` tokens the indexer ranks in its top `--topk` (by block logsumexp of I, the
+newest block always included) against the oracle's (by true block attention mass, the
+newest block always included: `oracle.select_topk_blocks`); `selection_recall` averaged
+over queries, KV heads and layers. The CLI prints it before and after training, next to the
+recency baseline (the newest `topk` blocks).
+
+`--model=random` builds a tiny Llama (2 layers, hidden 64, 4 query / 2 KV heads of 16,
+vocab 256) whose q/k projections are scaled by `--random_qk_gain`: at the usual 0.02
+initialisation a random model attends almost uniformly, and the top-k of a uniform
+distribution is noise that no predictor can (or needs to) learn.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sparse_jax.algorithms.indexer import (IndexerSparseAttentionConfig, LightningIndexer, block_logsumexp,
+                                           index_scores, init_indexers, save_indexers)
+from sparse_jax.algorithms.oracle import block_sum, select_topk_blocks, selection_recall
+from sparse_jax.attention import causal_attention
+
+_MASK = -1e30
+Batch = tuple[np.ndarray, np.ndarray]  # tokens int32[B, T], lengths int32[B]
+
+
+# -- teacher: the frozen model's layer inputs and dense attention --------------------------
+
+def group_attention(q: jax.Array, k: jax.Array, lengths: jax.Array, scale: float) -> jax.Array:
+  """Causal dense attention averaged over each KV head's query group.
+
+  q: [B, T, q_heads, D], k: [B, T, kv_heads, D] (roped); lengths: int32[B].
+  Returns float32[B, kv_heads, T(query), T(key)], 0 for keys after the query or past lengths.
+  """
+  b, t, q_heads, d = q.shape
+  kv_heads = k.shape[2]
+  qg = q.reshape(b, t, kv_heads, q_heads // kv_heads, d)
+  logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
+  mask = _causal_mask(t, lengths)[:, None, None]  # [B, 1, 1, T, T]
+  probs = jax.nn.softmax(jnp.where(mask, logits, _MASK), axis=-1)
+  return jnp.where(mask, probs, 0.0).mean(axis=2)
+
+
+def _causal_mask(t: int, lengths: jax.Array) -> jax.Array:
+  """bool[B, T, T]: key s visible to query t (s <= t and s < length)."""
+  pos = jnp.arange(t)
+  return (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lengths[:, None, None])
+
+
+def teacher(model: nnx.Module, tokens: jax.Array, lengths: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+  """Runs the frozen model densely. Per layer: (its attention input x [B, T, hidden], the
+  group-averaged dense attention p [B, kv_heads, T, T]). Llama-family models (models/llama.py)."""
+  b, t = tokens.shape
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  h = model.embed_tokens(tokens)
+  out = []
+  for layer in model.layers:
+    def attend(attn, x):
+      q, k, v = attn.project(x, pos)
+      out.append((x, group_attention(q, k, lengths, attn.scale)))
+      return attn.output(causal_attention(q, k, v, lengths, attn.scale))
+    h = layer(h, attend)
+  return out
+
+
+# -- student: index scores, loss, recall ------------------------------------------------------
+
+def index_logits(indexer: LightningIndexer, x: jax.Array) -> jax.Array:
+  """I[b, g, t, s] for every query and key of a sequence (unmasked): float32[B, kv_heads, T, T]."""
+  b, t, _ = x.shape
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  q, w = indexer.queries(x, pos)
+  k = indexer.rope_keys(jnp.swapaxes(indexer.keys(x), 1, 2))
+  return index_scores(q, w, k)
+
+
+def kl_loss(logits: jax.Array, p: jax.Array, lengths: jax.Array) -> jax.Array:
+  """Mean over valid queries and KV heads of KL(p[t] || softmax(logits[t])) on visible keys.
+
+  logits, p: float32[B, kv_heads, T, T]; lengths: int32[B]."""
+  t = p.shape[-1]
+  mask = _causal_mask(t, lengths)[:, None]
+  log_q = jax.nn.log_softmax(jnp.where(mask, logits, _MASK), axis=-1)
+  kl = jnp.sum(jnp.where(mask & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0), axis=-1)
+  valid = (jnp.arange(t)[None, :] < lengths[:, None])[:, None, :]  # [B, 1, T]
+  return jnp.sum(jnp.where(valid, kl, 0.0)) / (jnp.maximum(jnp.sum(valid), 1) * p.shape[1])
+
+
+def block_recall(logits: jax.Array, p: jax.Array, lengths: jax.Array, *, block_size: int, topk: int,
+                 query_from: int) -> dict[str, jax.Array]:
+  """Top-k block recall of the index scores (and of the recency baseline) against the oracle.
+
+  logits, p: float32[B, kv_heads, T, T]; lengths: int32[B]. Queries t in [query_from, length)
+  select among the blocks of keys [0, t]. Returns sums and the query-head count:
+  {"indexer": sum of recalls, "recency": ..., "count": number of (query, KV head) pairs}.
+  """
+  b, g, t, _ = p.shape
+  tq = t - query_from
+  mask = _causal_mask(t, lengths)[:, None, query_from:]  # [B, 1, Tq, T]
+  to_rows = lambda s: jnp.swapaxes(s, 1, 2).reshape(b * tq, g, -1)  # [B, g, Tq, nb] -> [B*Tq, g, nb]
+  oracle = to_rows(block_sum(p[:, :, query_from:], block_size))
+  learned = to_rows(block_logsumexp(jnp.where(mask, logits[:, :, query_from:], -jnp.inf), block_size))
+  recency = jnp.broadcast_to(jnp.arange(oracle.shape[-1], dtype=jnp.float32), oracle.shape)
+  q_pos = jnp.arange(query_from, t)
+  q_len = jnp.broadcast_to(q_pos[None, :] + 1, (b, tq)).reshape(-1)
+  weight = (q_pos[None, :] < lengths[:, None]).reshape(-1, 1).astype(jnp.float32)  # [B*Tq, 1]
+  ref = select_topk_blocks(oracle, q_len, block_size, topk)
+  out = {name: jnp.sum(selection_recall(select_topk_blocks(s, q_len, block_size, topk), ref) * weight)
+         for name, s in (("indexer", learned), ("recency", recency))}
+  out["count"] = jnp.sum(weight) * g
+  return out
+
+
+# -- training ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+  """steps / lr / warmup_steps / clip: the optimisation; block_size / topk: the recall measured
+  (queries from `query_from`, default half the sequence)."""
+  steps: int = 300
+  lr: float = 1e-2
+  warmup_steps: int = 20
+  clip: float = 1.0
+  seed: int = 0
+  block_size: int = 16
+  topk: int = 4
+  query_from: int | None = None
+  log_every: int = 50
+
+
+class Indexers(nnx.Module):
+  """The indexers of every layer (what is trained)."""
+
+  def __init__(self, layers: Sequence[LightningIndexer]):
+    self.layers = nnx.List(list(layers))
+
+
+def _model_geometry(model) -> tuple[int, int, int]:
+  cfg = model.config
+  return cfg.hidden_size, cfg.num_key_value_heads, cfg.num_hidden_layers
+
+
+def make_steps(model: nnx.Module, indexers: Sequence[LightningIndexer], dcfg: DistillConfig, *, total_steps: int):
+  """Jitted (train_step, eval_step) closures over the frozen model and the optimiser."""
+  mgraph, mstate = nnx.split(model)
+  igraph, _ = nnx.split(Indexers(indexers))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, dcfg.lr, max(1, min(dcfg.warmup_steps, total_steps - 1)),
+                                                max(total_steps, 2), end_value=dcfg.lr * 0.05)
+  tx = optax.chain(optax.clip_by_global_norm(dcfg.clip), optax.adam(schedule))
+
+  def loss_fn(iparams, layers):
+    ixs = nnx.merge(igraph, iparams)
+    losses = [kl_loss(index_logits(ix, x), p, lens) for ix, (x, p, lens) in zip(ixs.layers, layers)]
+    return sum(losses) / len(losses)
+
+  def layer_targets(mstate, tokens, lengths):
+    m = nnx.merge(mgraph, mstate)
+    return [(x, p, lengths) for x, p in jax.lax.stop_gradient(teacher(m, tokens, lengths))]
+
+  @jax.jit
+  def train_step(iparams, opt_state, mstate, tokens, lengths):
+    loss, grads = jax.value_and_grad(loss_fn)(iparams, layer_targets(mstate, tokens, lengths))
+    updates, opt_state = tx.update(grads, opt_state, iparams)
+    return optax.apply_updates(iparams, updates), opt_state, loss
+
+  @jax.jit
+  def eval_step(iparams, mstate, tokens, lengths):
+    ixs = nnx.merge(igraph, iparams)
+    query_from = dcfg.query_from if dcfg.query_from is not None else tokens.shape[1] // 2
+    sums = {"indexer": 0.0, "recency": 0.0, "count": 0.0, "loss": 0.0}
+    per_layer = []
+    for ix, (x, p, lens) in zip(ixs.layers, layer_targets(mstate, tokens, lengths)):
+      logits = index_logits(ix, x)
+      r = block_recall(logits, p, lens, block_size=dcfg.block_size, topk=dcfg.topk, query_from=query_from)
+      per_layer.append(r["indexer"] / jnp.maximum(r["count"], 1))
+      for key in ("indexer", "recency", "count"):
+        sums[key] = sums[key] + r[key]
+      sums["loss"] = sums["loss"] + kl_loss(logits, p, lens) / len(ixs.layers)
+    return sums, jnp.stack(per_layer)
+
+  return tx, mstate, train_step, eval_step
+
+
+def evaluate(eval_step, iparams, mstate, batches: Sequence[Batch]) -> dict[str, Any]:
+  """Mean recall (indexer, recency baseline, per layer) and KL over held-out batches."""
+  tot = {"indexer": 0.0, "recency": 0.0, "count": 0.0, "loss": 0.0}
+  per_layer = 0.0
+  for tokens, lengths in batches:
+    sums, layers = eval_step(iparams, mstate, jnp.asarray(tokens), jnp.asarray(lengths))
+    for key in tot:
+      tot[key] += float(sums[key])
+    per_layer = per_layer + np.asarray(layers)
+  count = max(tot["count"], 1.0)
+  return dict(recall=tot["indexer"] / count, recency_recall=tot["recency"] / count,
+              recall_per_layer=[float(x) for x in np.asarray(per_layer) / len(batches)],
+              kl=tot["loss"] / len(batches))
+
+
+def distill(model: nnx.Module, index_cfg: IndexerSparseAttentionConfig, train_batches: Iterator[Batch],
+            eval_batches: Sequence[Batch], dcfg: DistillConfig = DistillConfig(),
+            log: Callable[[str], None] | None = print) -> tuple[list[LightningIndexer], dict[str, Any]]:
+  """Trains fresh indexers (geometry from index_cfg, seed dcfg.seed) on `train_batches` for
+  dcfg.steps steps. Returns (trained indexers, report with recall and KL before and after,
+  the loss history and seconds)."""
+  hidden, kv_heads, num_layers = _model_geometry(model)
+  indexers = init_indexers(index_cfg, hidden_size=hidden, kv_heads=kv_heads, num_layers=num_layers, seed=dcfg.seed)
+  tx, mstate, train_step, eval_step = make_steps(model, indexers, dcfg, total_steps=dcfg.steps)
+  igraph, iparams = nnx.split(Indexers(indexers))
+  opt_state = tx.init(iparams)
+  before = evaluate(eval_step, iparams, mstate, eval_batches)
+  if log:
+    log(f"before: recall@{dcfg.topk}x{dcfg.block_size} {before['recall']:.3f} (recency baseline "
+        f"{before['recency_recall']:.3f}), KL {before['kl']:.3f}")
+  history = []
+  start = time.perf_counter()
+  for step, (tokens, lengths) in zip(range(dcfg.steps), train_batches):
+    iparams, opt_state, loss = train_step(iparams, opt_state, mstate, jnp.asarray(tokens), jnp.asarray(lengths))
+    history.append(float(loss))
+    if log and ((step + 1) % dcfg.log_every == 0 or step + 1 == dcfg.steps):
+      log(f"step {step + 1}/{dcfg.steps}: KL {np.mean(history[-dcfg.log_every:]):.4f} "
+          f"({time.perf_counter() - start:.1f}s)")
+  seconds = time.perf_counter() - start
+  after = evaluate(eval_step, iparams, mstate, eval_batches)
+  if log:
+    log(f"after:  recall@{dcfg.topk}x{dcfg.block_size} {after['recall']:.3f} (recency baseline "
+        f"{after['recency_recall']:.3f}), KL {after['kl']:.3f}; per layer "
+        f"{[round(r, 3) for r in after['recall_per_layer']]}")
+  trained = list(nnx.merge(igraph, iparams).layers)
+  return trained, dict(before=before, after=after, history=history, train_seconds=seconds, steps=len(history))
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def random_batches(vocab_size: int, batch_size: int, seq_len: int, seed: int) -> Iterator[Batch]:
+  """Endless batches of uniformly random tokens (every row full length)."""
+  rng = np.random.default_rng(seed)
+  while True:
+    yield (rng.integers(0, vocab_size, size=(batch_size, seq_len)).astype(np.int32),
+           np.full(batch_size, seq_len, np.int32))
+
+
+def task_batches(tokenizer, batch_size: int, seq_len: int, seed: int, split: str) -> Iterator[Batch]:
+  """Endless batches of `sparse_jax.tasks` samples of `split` (RULER tasks; + kv_lookup for
+  train) fitted to seq_len tokens, right padded."""
+  from sparse_jax import tasks
+  names = tasks.RULER_TASKS + (tasks.TRAIN_ONLY_TASKS if split == "train" else ())
+  counter = tasks.TokenCounter(tokenizer)
+  index = itertools.count()
+  while True:
+    tokens = np.zeros((batch_size, seq_len), np.int32)
+    lengths = np.zeros(batch_size, np.int32)
+    for row in range(batch_size):
+      i = next(index)
+      task = names[i % len(names)]
+      sample_seed = tasks.split_seed(split, seed, i, f"distill:{task}:{seq_len}")
+      prompt = tasks.generate_sample(task, seq_len, sample_seed, tokenizer, split=split, counter=counter)["prompt"]
+      ids = counter.prompt_ids(prompt)[:seq_len]
+      tokens[row, :len(ids)] = ids
+      lengths[row] = len(ids)
+    yield tokens, lengths
+
+
+def random_model(seed: int = 0, *, vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
+                 num_heads: int = 4, num_kv_heads: int = 2, head_dim: int = 16, max_position_embeddings: int = 4096,
+                 qk_gain: float = 10.0):
+  """A tiny random Llama whose q/k projections are multiplied by `qk_gain` (logits by its
+  square), so that its attention is peaked as a trained model's is."""
+  from models.llama import LlamaConfig, LlamaForCausalLM
+  from sparse_jax.rope import RopeSpec
+  cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                    num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                    head_dim=head_dim, rope=RopeSpec(head_dim, theta=10000.0,
+                                                     max_position_embeddings=max_position_embeddings),
+                    max_position_embeddings=max_position_embeddings)
+  model = LlamaForCausalLM(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed))
+  for attn in model.attention_layers():
+    attn.q_proj.kernel[...] = attn.q_proj.kernel[...] * qk_gain
+    attn.k_proj.kernel[...] = attn.k_proj.kernel[...] * qk_gain
+  return model
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+def define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_string("model", None, "HF checkpoint directory, or 'random' for a tiny random model.")
+  flags.DEFINE_string("output", None, "Where to write the indexer weights (safetensors).")
+  flags.DEFINE_integer("steps", 300, "Training steps.")
+  flags.DEFINE_integer("batch_size", 8, "Sequences per step.")
+  flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
+  flags.DEFINE_float("lr", 1e-2, "Peak learning rate (Adam, warmup + cosine).")
+  flags.DEFINE_integer("warmup_steps", 20, "Linear warmup steps.")
+  flags.DEFINE_integer("seed", 0, "Seed of the indexers' initialisation and of the data.")
+  flags.DEFINE_enum("data", "auto", ["auto", "tasks", "random"],
+                    "auto: task generators (train split) when the model has a tokenizer, else random tokens.")
+  flags.DEFINE_integer("eval_batches", 4, "Held-out batches for the recall.")
+  flags.DEFINE_integer("block_size", 16, "Block size of the recall measurement.")
+  flags.DEFINE_integer("topk", 4, "Blocks selected in the recall measurement.")
+  flags.DEFINE_integer("index_heads", 4, "Index query heads per KV head.")
+  flags.DEFINE_integer("index_head_dim", 64, "Index query/key width.")
+  flags.DEFINE_integer("rope_dim", 32, "Leading index channels rotated by RoPE (even).")
+  flags.DEFINE_float("rope_theta", 10000.0, "RoPE base of the indexer.")
+  flags.DEFINE_float("random_qk_gain", 10.0, "--model=random: q/k projection gain (peaked attention).")
+
+
+def main(argv) -> None:
+  from absl import app, flags
+  del argv
+  FLAGS = flags.FLAGS
+  if not FLAGS.model or not FLAGS.output:
+    raise app.UsageError("--model and --output are required")
+  tokenizer = None
+  if FLAGS.model == "random":
+    model = random_model(FLAGS.seed, qk_gain=FLAGS.random_qk_gain)
+  else:
+    import models
+    model = models.from_pretrained(FLAGS.model, dtype="float32")
+    tokenizer = models.load_tokenizer(FLAGS.model)
+  data = FLAGS.data
+  if data == "auto":
+    data = "tasks" if tokenizer is not None else "random"
+  if data == "tasks" and tokenizer is None:
+    raise app.UsageError(f"--data=tasks needs a tokenizer.json in {FLAGS.model}")
+  if data == "tasks":
+    train = task_batches(tokenizer, FLAGS.batch_size, FLAGS.seq_len, FLAGS.seed, "train")
+    held_out = task_batches(tokenizer, FLAGS.batch_size, FLAGS.seq_len, FLAGS.seed, "eval")
+  else:
+    vocab = model.config.vocab_size
+    train = random_batches(vocab, FLAGS.batch_size, FLAGS.seq_len, FLAGS.seed)
+    held_out = random_batches(vocab, FLAGS.batch_size, FLAGS.seq_len, FLAGS.seed + 1_000_003)
+  eval_batches = list(itertools.islice(held_out, FLAGS.eval_batches))
+  index_cfg = IndexerSparseAttentionConfig(weights_path=FLAGS.output, index_heads=FLAGS.index_heads,
+                                           index_head_dim=FLAGS.index_head_dim, rope_dim=FLAGS.rope_dim,
+                                           rope_theta=FLAGS.rope_theta)
+  dcfg = DistillConfig(steps=FLAGS.steps, lr=FLAGS.lr, warmup_steps=FLAGS.warmup_steps, seed=FLAGS.seed,
+                       block_size=FLAGS.block_size, topk=FLAGS.topk)
+  print(f"distilling indexers for {FLAGS.model} ({data} data, {FLAGS.steps} steps of {FLAGS.batch_size} x "
+        f"{FLAGS.seq_len} tokens)")
+  indexers, report = distill(model, index_cfg, train, eval_batches, dcfg)
+  save_indexers(FLAGS.output, indexers)
+  b, a = report["before"], report["after"]
+  print(f"top-{dcfg.topk} recall vs oracle (blocks of {dcfg.block_size}): before {b['recall']:.3f} -> after "
+        f"{a['recall']:.3f} (recency baseline {a['recency_recall']:.3f}); {report['steps']} steps in "
+        f"{report['train_seconds']:.1f}s")
+  print(f"wrote {FLAGS.output}; use it with: algorithm: indexer, weights_path: {FLAGS.output}, index_heads: "
+        f"{FLAGS.index_heads}, index_head_dim: {FLAGS.index_head_dim}, rope_dim: {FLAGS.rope_dim}, rope_theta: "
+        f"{FLAGS.rope_theta}")
+
+
+if __name__ == "__main__":
+  from absl import app
+  define_flags()
+  app.run(main)
