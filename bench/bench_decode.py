@@ -83,11 +83,13 @@ def main(_):
     n_pages = eng.max_pages_per_seq
     cache, eng.cache = eng.cache, None
 
-    @jax.jit
+    # Random K/V, one pool at a time and donated (two copies of a 34 GB cache do not fit).
+    rand_pool = jax.jit(lambda x, key: jax.random.normal(key, x.shape, x.dtype), donate_argnums=0)
+
     def fill(cache, key, ctx):
-      ks = jax.random.split(key, 2 * cache.num_layers)
-      k = tuple(jax.random.normal(ks[i], x.shape, x.dtype) for i, x in enumerate(cache.k))
-      v = tuple(jax.random.normal(ks[-1 - i], x.shape, x.dtype) for i, x in enumerate(cache.v))
+      keys = jax.random.split(key, 2 * cache.num_layers)
+      k = tuple(rand_pool(x, keys[i]) for i, x in enumerate(cache.k))
+      v = tuple(rand_pool(x, keys[-1 - i]) for i, x in enumerate(cache.v))
       full = jnp.full_like(cache.lengths, ctx)
       return cache.replace(k=k, v=v, lengths=full, positions=full)
 

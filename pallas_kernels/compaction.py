@@ -251,8 +251,8 @@ def compact_pages(
     interpret: bool | None = None,
     method: str = "inplace",
     chunk: int = 256,
-    feature_block: int = 32,
-    num_warps: int = 4,
+    feature_block: int = 64,   # best on the H100 (BENCHMARKS.md: 66 us, 76% of the copy ceiling)
+    num_warps: int = 8,
     num_stages: int = 2,
 ) -> tuple[jax.Array, ...]:
   """Moves kept tokens to the front of each compacted sequence, in place.

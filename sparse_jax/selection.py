@@ -101,10 +101,15 @@ def to_units(selection: AttnSelection, page_table: jax.Array, lengths: jax.Array
   n_units = (lengths[:, None, None, None] + u - 1) // u
   ok = (blocks >= 0) & (logical < end_unit) & (logical < n_units) & (logical < max_logical_units)
   logical = jnp.where(ok, logical, -1).reshape(batch, kv_heads, max_blocks * span)
-  logical = sort_padded(logical)
-  # Drop repeats (adjacent after sorting).
-  prev = jnp.concatenate([jnp.full_like(logical[..., :1], -2), logical[..., :-1]], axis=-1)
-  logical = sort_padded(jnp.where(logical == prev, -1, logical))
+  if bs % u:
+    # Units may be shared by neighbouring blocks: sort, then drop repeats (adjacent after sorting).
+    logical = sort_padded(logical)
+    prev = jnp.concatenate([jnp.full_like(logical[..., :1], -2), logical[..., :-1]], axis=-1)
+    logical = sort_padded(jnp.where(logical == prev, -1, logical))
+  else:
+    # Aligned units: ascending unique blocks give ascending unique units already; only the
+    # units past `lengths` (all in the last selected block) may need moving to the end.
+    logical = sort_padded(logical) if span > 1 else logical
   max_units = min(logical.shape[-1], max_logical_units)
   logical = logical[..., :max_units]
   valid = logical >= 0
