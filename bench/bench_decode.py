@@ -91,7 +91,7 @@ def main(_):
       k = tuple(rand_pool(x, keys[i]) for i, x in enumerate(cache.k))
       v = tuple(rand_pool(x, keys[-1 - i]) for i, x in enumerate(cache.v))
       full = jnp.full_like(cache.lengths, ctx)
-      return cache.replace(k=k, v=v, lengths=full, positions=full)
+      return cache.replace(k=k, v=v, lengths=full, positions=jnp.full_like(cache.positions, ctx))
 
     tokens = jnp.ones((b,), jnp.int32)
     active = jnp.ones((b,), bool)
