@@ -129,7 +129,9 @@ def _pallas(q, latent_pool, rope_pool, page_table, token_ids, *, scale, interpre
   counts = jnp.sum(token_ids >= 0, axis=1).astype(jnp.int32)
   kernel = functools.partial(_kernel, block_h=block_h, block_k=block_k, per_split=per_split, page_size=page_size,
                              scale=scale)
-  part_dtype = jnp.float32 if splits > 1 else q.dtype
+  # Split partials in q's dtype (bf16 on the GPU: at 2K tokens the partials are as many bytes
+  # as the latents read; the merge weights stay float32), float32 for float32 queries.
+  part_dtype = q.dtype
   out, lse = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((batch, splits, heads_pad, rank), part_dtype),
@@ -156,13 +158,14 @@ def _check(q, latent_pool, rope_pool, page_table, token_ids):
 
 def sparse_mla_decode(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array, page_table: jax.Array,
                       token_ids: jax.Array, scale: float, *, backend: str = "pallas", interpret: bool | None = None,
-                      block_h: int = 64, block_k: int = 32, num_splits: int | None = None, num_warps: int = 4,
-                      num_stages: int = 2) -> jax.Array:
+                      block_h: int = 64, block_k: int = 32, num_splits: int | None = None,
+                      num_warps: int | None = None, num_stages: int = 2) -> jax.Array:
   """Absorbed MLA decode over the listed tokens of each row (see module docstring).
 
   backend: "pallas" or "reference"; interpret: None = interpret mode only off-GPU.
   block_h: heads per program; block_k: tokens per step; num_splits: programs per row and
-  head block (None: enough to fill an H100).
+  head block (None: enough to fill an H100); num_warps: None = 8 for 64+ heads per program
+  (the [block_h, R] float32 accumulator needs the registers), else 4.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
@@ -170,6 +173,8 @@ def sparse_mla_decode(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array
   if backend == "reference":
     return sparse_mla_decode_reference(q, latent_pool, rope_pool, page_table, token_ids, scale)
   interpret = _compat.resolve_interpret(interpret)
+  if num_warps is None:
+    num_warps = 8 if block_h >= 64 else 4
   return _pallas(q, latent_pool, rope_pool, page_table, token_ids.astype(jnp.int32), scale=float(scale),
                  interpret=interpret, block_h=block_h, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
                  num_stages=num_stages)
@@ -193,7 +198,8 @@ def gather_latents(latent_pool, rope_pool, page_table, token_ids):
 def sparse_mla_decode_reference(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array, page_table: jax.Array,
                                 token_ids: jax.Array, scale: float, *, backend: str = "reference",
                                 interpret: bool | None = None, block_h: int = 64, block_k: int = 32,
-                                num_splits: int | None = None, num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+                                num_splits: int | None = None, num_warps: int | None = None,
+                                num_stages: int = 2) -> jax.Array:
   """Plain jnp: gather the listed tokens, softmax in float32."""
   del backend, interpret, block_h, block_k, num_splits, num_warps, num_stages
   _check(q, latent_pool, rope_pool, page_table, token_ids)

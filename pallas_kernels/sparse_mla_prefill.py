@@ -76,14 +76,18 @@ def _check(q, latent_pool, rope_pool, page_table, token_ids):
 
 def sparse_mla_prefill(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array, page_table: jax.Array,
                        token_ids: jax.Array, scale: float, *, backend: str = "pallas", interpret: bool | None = None,
-                       block_h: int = 64, block_k: int = 32, num_warps: int = 4, num_stages: int = 2) -> jax.Array:
-  """Absorbed MLA attention of each prompt query over its own token ids (see module docstring)."""
+                       block_h: int = 64, block_k: int = 32, num_warps: int | None = None,
+                       num_stages: int = 2) -> jax.Array:
+  """Absorbed MLA attention of each prompt query over its own token ids (see module docstring).
+  num_warps: None = 8 for 64+ heads per program, else 4."""
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
   _check(q, latent_pool, rope_pool, page_table, token_ids)
   if backend == "reference":
     return sparse_mla_prefill_reference(q, latent_pool, rope_pool, page_table, token_ids, scale)
   interpret = _compat.resolve_interpret(interpret)
+  if num_warps is None:
+    num_warps = 8 if block_h >= 64 else 4
   return _pallas(q, latent_pool, rope_pool, page_table, token_ids.astype(jnp.int32), scale=float(scale),
                  interpret=interpret, block_h=block_h, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
 
@@ -91,7 +95,8 @@ def sparse_mla_prefill(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Arra
 def sparse_mla_prefill_reference(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array, page_table: jax.Array,
                                  token_ids: jax.Array, scale: float, *, backend: str = "reference",
                                  interpret: bool | None = None, block_h: int = 64, block_k: int = 32,
-                                 num_warps: int = 4, num_stages: int = 2, query_chunk: int = 256) -> jax.Array:
+                                 num_warps: int | None = None, num_stages: int = 2,
+                                 query_chunk: int = 256) -> jax.Array:
   """Plain jnp, queries in chunks (the gathered [chunk, K, R] latents bound the memory)."""
   del backend, interpret, block_h, block_k, num_warps, num_stages
   _check(q, latent_pool, rope_pool, page_table, token_ids)

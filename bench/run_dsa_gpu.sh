@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# DeepSeek Sparse Attention kernels on one GPU (H100), under 4 minutes, one process:
+#   1. correctness of every DSA Pallas kernel (indexer scores, radix top-k, sparse MLA decode
+#      and prefill, the whole DSA step) vs its reference on the GPU, at a small NaN-poisoned
+#      shape and at the bench size ("CHECK ... OK|FAIL" lines, "CHECK SUMMARY");
+#   2. timings at 128K / 64K / 32K context, batch 8, DeepSeek-V3.2 attention shapes: config
+#      sweeps at 128K, then ours vs lax.top_k / approx_max_k / plain XLA; the DSA step vs its
+#      byte limit and vs dense absorbed MLA (self-limits to ~200 s).
+# Logs and JSON (bench_dsa.json) go to $OUT (default /tmp/sparse_jax_bench_out). Usage, from
+# the repository root:
+#   bash bench/run_dsa_gpu.sh
+#   SMOKE=1 OUT=/tmp/d bash bench/run_dsa_gpu.sh      # CPU dry run (interpret mode, tiny shapes)
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+# 128K-token pools plus the plain-XLA baselines' gathered copies: allocate on demand.
+export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
+OUT="${OUT:-/tmp/sparse_jax_bench_out}"
+export OUT
+mkdir -p "$OUT"
+SMOKE_FLAG=""
+if [ "${SMOKE:-0}" = "1" ]; then SMOKE_FLAG="--smoke"; fi
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
+python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" 2>&1 \
+  | tee "$OUT/jax.txt"
+t0=$SECONDS
+timeout --signal=TERM --kill-after=10 225 python3 bench/bench_dsa.py --budget-s 200 $SMOKE_FLAG 2>&1 \
+  | tee "$OUT/bench_dsa.log"
+rc=${PIPESTATUS[0]}
+echo "=== bench_dsa: exit $rc after $((SECONDS - t0))s ==="
+grep -h "^CHECK" "$OUT/bench_dsa.log" | grep -v " OK$" || echo "all DSA kernel checks OK"
+ls -l "$OUT"
+exit $rc
