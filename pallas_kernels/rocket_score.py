@@ -193,10 +193,13 @@ def _select_channels(q, kv_heads, topr):
   ``sign`` ([B, Hkv, D] bool) per the RocketKV rule; ties as ``lax.top_k``."""
   batch, q_heads, head_dim = q.shape
   qg = q.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).astype(jnp.float32)
-  importance = jnp.abs(qg).mean(axis=2)  # [B, Hkv, D]
-  _, channels = lax.top_k(importance, topr)  # [B, Hkv, topr]
-  keep = (channels[..., :, None] == jnp.arange(head_dim)).any(axis=-2)  # [B, Hkv, D]
-  qm = jnp.where(keep[:, :, None, :], qg, 0.0)
+  if topr == head_dim:  # every channel: no top-k to run
+    qm = qg
+  else:
+    importance = jnp.abs(qg).mean(axis=2)  # [B, Hkv, D]
+    _, channels = lax.top_k(importance, topr)  # [B, Hkv, topr]
+    keep = (channels[..., :, None] == jnp.arange(head_dim)).any(axis=-2)  # [B, Hkv, D]
+    qm = jnp.where(keep[:, :, None, :], qg, 0.0)
   sign = qm.sum(axis=2) > 0
   return qm, sign
 
