@@ -18,7 +18,8 @@ timings; `compilations_timed` counts any compilation that still happened during 
 Reported per point: output tokens/s, requests/s, time to first token and time per output token
 (mean/p50/p99), tokens/s per user, decode throughput over the steps that ran no prefill
 (`decode_tokens_per_s`, `per_user_decode_tokens_per_s`), peak KV memory (peak pages x bytes per
-page, K+V+aux of every layer), compilations, and the device.
+page, K+V+aux of every layer; the peak is at admission, which reserves prompt + max_tokens),
+KV memory while decoding (after prompt compaction), compilations, and the device.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class BenchArgs:
   extra_llm_api_options: Sequence[str] = ("dense",)
   backend: str = "auto"
   max_batch_size: Sequence[str] = ("8",)
+  points: Sequence[str] = ()
   max_batch_cap: int = 256
   max_seq_len: int = 0
   kv_max_tokens: int = 0
@@ -89,6 +91,12 @@ class BenchArgs:
         raise ValueError(f"--max_batch_size has {b!r}: each entry must be a positive integer or 'max'")
     if not self.max_batch_size:
       raise ValueError("--max_batch_size is empty")
+    for point in self.points:
+      n, _, b = str(point).partition(":")
+      if not (n.isdigit() and int(n) > 0 and (b == "max" or (b.isdigit() and int(b) > 0))):
+        raise ValueError(f"--points has {point!r}: each entry must be INPUT_LEN:BATCH, e.g. 32768:2 or 8192:max")
+    if self.points and self.dataset:
+      raise ValueError("--points sets synthetic input lengths; it cannot be combined with --dataset")
     if not self.extra_llm_api_options:
       raise ValueError("--extra_llm_api_options is empty (use 'dense' for no sparse attention)")
 
@@ -222,6 +230,7 @@ class StepRecord:
   prefilled: bool
   decode_tokens: int
   running: int
+  used_pages: int  # KV pages held when the step began
 
 
 def drive(engine, prompts: list[list[int]], max_tokens: list[int], in_flight: int, bar=None):
@@ -237,12 +246,12 @@ def drive(engine, prompts: list[list[int]], max_tokens: list[int], in_flight: in
     while pending and len(requests) - finished < in_flight and engine.num_waiting < engine.max_queue_size:
       i = pending.popleft()
       requests.append(engine.add_request(prompts[i], SamplingParams(max_tokens=max_tokens[i], ignore_eos=True)))
-    running = engine.num_running
+    running, used = engine.num_running, engine.allocator.used_pages
     prefills, decoded = engine.stats["prefill_calls"], engine.stats["decode_tokens"]
     s0 = time.perf_counter()
     engine.step()
     steps.append(StepRecord(time.perf_counter() - s0, engine.stats["prefill_calls"] > prefills,
-                            engine.stats["decode_tokens"] - decoded, running))
+                            engine.stats["decode_tokens"] - decoded, running, used))
     done = sum(r.finished for r in requests)
     if bar is not None and done > finished:
       bar.update(done - finished)
@@ -277,6 +286,7 @@ def summarize(requests, steps: list[StepRecord], wall: float) -> dict[str, Any]:
       "decode_time_s": decode_s,
       "prefill_time_s": sum(s.seconds for s in steps if s.prefilled),
       "mean_kept_prompt_tokens": float(np.mean([r.kept_prompt_tokens for r in requests])),
+      "decode_kv_pages": max((s.used_pages for s in decode), default=None),
   }
   for name, values in (("ttft", ttft), ("tpot", tpot)):
     for k, v in _stats(values, 1e3).items():
@@ -339,8 +349,10 @@ def run_point(args: BenchArgs, model, tokenizer, dtype: str, source: Workload | 
   if max_seq_len < request_tokens:
     raise ValueError(f"--max_seq_len={max_seq_len} is shorter than the longest request "
                      f"({request_tokens} tokens = prompt + max_tokens)")
+  # The whole options file applies (e.g. enable_chunked_prefill); the sizing arguments here win over it.
   common = dict(tokenizer=tokenizer, dtype=dtype, sparse_attention_config=sparse, backend=backend,
-                max_seq_len=max_seq_len, decode_chunk_size=args.decode_chunk_size, seed=args.seed)
+                max_seq_len=max_seq_len, decode_chunk_size=args.decode_chunk_size, seed=args.seed,
+                extra_llm_api_options=options_name if options is not None else None)
   probe = LLM(model, kv_cache_config=dataclasses.replace(kv, max_tokens=page), max_batch_size=1, **common)
   page_bytes = probe.engine._page_bytes(probe.engine.kv_dtype)
   del probe
@@ -406,6 +418,10 @@ def run_point(args: BenchArgs, model, tokenizer, dtype: str, source: Workload | 
       "compilations_timed": c2[0] - c1[0] if compiles.available else None,
       "compile_s_timed": c2[1] - c1[1] if compiles.available else None,
   }
+  if row["decode_kv_pages"] is not None:  # KV held while decoding (after any prompt compaction)
+    row["decode_kv_memory_gb"] = row["decode_kv_pages"] * page_bytes / 1e9
+  else:
+    row["decode_kv_memory_gb"] = None
   del requests, engine, llm
   gc.collect()
   return row
@@ -427,7 +443,7 @@ def warmup_waves(engine, workload: Workload, batch: int, in_flight: int) -> list
 
 
 COMPARED = ("per_user_decode_tokens_per_s", "decode_tokens_per_s", "per_user_tokens_per_s", "output_tokens_per_s",
-            "tpot_p50_ms", "peak_kv_memory_gb")
+            "tpot_p50_ms", "peak_kv_memory_gb", "decode_kv_memory_gb")
 
 
 def comparisons(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -451,7 +467,8 @@ def print_table(points: list[dict[str, Any]], comps: list[dict[str, Any]]) -> No
           ("req/s", "requests_per_s", "{:.2f}"), ("out tok/s", "output_tokens_per_s", "{:.1f}"),
           ("decode tok/s", "decode_tokens_per_s", "{:.1f}"), ("per-user tok/s", "per_user_decode_tokens_per_s", "{:.1f}"),
           ("TTFT p50 ms", "ttft_p50_ms", "{:.1f}"), ("TPOT p50 ms", "tpot_p50_ms", "{:.2f}"),
-          ("peak KV GB", "peak_kv_memory_gb", "{:.3f}"), ("compiles (timed)", "compilations_timed", "{}")]
+          ("peak KV GB", "peak_kv_memory_gb", "{:.3f}"), ("decode KV GB", "decode_kv_memory_gb", "{:.3f}"),
+          ("compiles (timed)", "compilations_timed", "{}")]
   print("| " + " | ".join(c[0] for c in cols) + " |")
   print("|" + "---|" * len(cols))
   for p in points:
@@ -465,7 +482,8 @@ def print_table(points: list[dict[str, Any]], comps: list[dict[str, Any]]) -> No
       r = lambda k: "-" if c[k] is None else f"{c[k]:.2f}x"
       print(f"  {c['config']} in={c['input_len']} batch={c['batch']} (dense {c['dense_batch']}): per-user decode "
             f"{r('per_user_decode_tokens_per_s_ratio')}, decode throughput {r('decode_tokens_per_s_ratio')}, "
-            f"output throughput {r('output_tokens_per_s_ratio')}, peak KV {r('peak_kv_memory_gb_ratio')}")
+            f"output throughput {r('output_tokens_per_s_ratio')}, peak KV {r('peak_kv_memory_gb_ratio')}, "
+            f"KV while decoding {r('decode_kv_memory_gb_ratio')}")
 
 
 def plot(points: list[dict[str, Any]], path: str) -> None:
@@ -501,10 +519,15 @@ def run_benchmark(args: BenchArgs) -> dict[str, Any]:
   model, tokenizer, model_desc, dtype = build_model(args)
   build_s = time.perf_counter() - t_begin
   options = [load_options(e) for e in args.extra_llm_api_options]
-  if args.dataset:
-    sources = [dataset_workload(args.dataset, tokenizer, args.output_len, model.config.vocab_size, args.num_requests)]
+  if args.points:
+    sweep = [(int(p.partition(":")[0]), p.partition(":")[2]) for p in args.points]
   else:
-    sources = [int(n) for n in args.input_len]
+    if args.dataset:
+      sources = [dataset_workload(args.dataset, tokenizer, args.output_len, model.config.vocab_size,
+                                  args.num_requests)]
+    else:
+      sources = [int(n) for n in args.input_len]
+    sweep = [(source, spec) for source in sources for spec in args.max_batch_size]
   device = jax.devices()[0]
   result = {
       "device": f"{getattr(device, 'device_kind', device)} ({device.platform})", "jax": jax.__version__,
@@ -517,25 +540,37 @@ def run_benchmark(args: BenchArgs) -> dict[str, Any]:
       "points": [], "comparisons": [],
   }
   print(f"# {result['device']}, jax {jax.__version__}, model {model_desc} built in {build_s:.1f}s", flush=True)
-  for source in sources:
-    for spec in args.max_batch_size:
-      for name, opts in options:
-        if args.time_budget_s and time.perf_counter() - t_begin > args.time_budget_s:
-          label = source.label if isinstance(source, Workload) else str(source)
-          result["points"].append({"config": name, "input_len": label, "batch_spec": spec,
-                                   "skipped": f"time budget of {args.time_budget_s:.0f}s spent"})
-          continue
-        t0 = time.perf_counter()
+  durations = []
+  for source, spec in sweep:
+    for name, opts in options:
+      expected = float(np.mean(durations)) if durations else 0.0
+      if args.time_budget_s and time.perf_counter() - t_begin + expected > args.time_budget_s:
+        label = source.label if isinstance(source, Workload) else str(source)
+        result["points"].append({"config": name, "input_len": label, "batch_spec": spec,
+                                 "skipped": f"time budget: it would end after --time_budget_s={args.time_budget_s:.0f}"})
+        continue
+      t0 = time.perf_counter()
+      try:
         row = run_point(args, model, tokenizer, dtype, source, spec, name, opts, compiles)
-        row["point_s"] = time.perf_counter() - t0
-        result["points"].append(row)
-        print(f"# {name} in={row['input_len']} batch={row['max_batch_size']}: "
-              f"{row['output_tokens_per_s']:.1f} out tok/s, per-user decode "
-              f"{_fmt(row['per_user_decode_tokens_per_s'])} tok/s, TPOT p50 {_fmt(row['tpot_p50_ms'])} ms, "
-              f"peak KV {row['peak_kv_memory_gb']:.3f} GB ({row['point_s']:.0f}s)", flush=True)
-        result["comparisons"] = comparisons(result["points"])
+      except RuntimeError as e:  # e.g. device out of memory: record it, go on with the next point
+        label = source.label if isinstance(source, Workload) else str(source)
+        print(f"# {name} in={label} batch={spec}: FAILED: {type(e).__name__}: {e}", flush=True)
+        result["points"].append({"config": name, "input_len": label, "batch_spec": spec,
+                                 "skipped": f"failed: {type(e).__name__}: {str(e)[:500]}"})
+        gc.collect()
         if args.output:
           write_json(args.output, result)
+        continue
+      row["point_s"] = time.perf_counter() - t0
+      durations.append(row["point_s"])
+      result["points"].append(row)
+      print(f"# {name} in={row['input_len']} batch={row['max_batch_size']}: "
+            f"{row['output_tokens_per_s']:.1f} out tok/s, per-user decode "
+            f"{_fmt(row['per_user_decode_tokens_per_s'])} tok/s, TPOT p50 {_fmt(row['tpot_p50_ms'])} ms, "
+            f"peak KV {row['peak_kv_memory_gb']:.3f} GB ({row['point_s']:.0f}s)", flush=True)
+      result["comparisons"] = comparisons(result["points"])
+      if args.output:
+        write_json(args.output, result)
   result["total_s"] = time.perf_counter() - t_begin
   print_table(result["points"], result["comparisons"])
   if args.output:
@@ -578,6 +613,8 @@ def _define_flags():
   flags.DEFINE_enum("backend", "auto", ["auto", "pallas", "reference"], "attention kernels")
   flags.DEFINE_list("max_batch_size", ["8"], "batch slots; a comma list sweeps; 'max' = the largest batch whose "
                     "KV fits (device memory x --kv_memory_fraction, or --kv_max_tokens)")
+  flags.DEFINE_list("points", [], "explicit INPUT_LEN:BATCH pairs run in this order (e.g. 32768:2,1024:2,32768:max),"
+                    " instead of every --input_len x --max_batch_size")
   flags.DEFINE_integer("max_batch_cap", 256, "upper bound on a 'max' batch")
   flags.DEFINE_integer("max_seq_len", 0, "per-request token limit (0: the longest request)")
   flags.DEFINE_integer("kv_max_tokens", 0, "KV pool size in tokens (0: every slot's longest request, or device "
@@ -589,7 +626,8 @@ def _define_flags():
   flags.DEFINE_integer("warmup_requests", -1, "warm-up requests per engine (-1: waves of 1, 2, 4, ... up to "
                        "one prefill group; 0: none, compilation then counts in the timings)")
   flags.DEFINE_integer("seed", 0, "seed of the synthetic prompts")
-  flags.DEFINE_float("time_budget_s", 0.0, "skip the points that would start after this many seconds (0: none)")
+  flags.DEFINE_float("time_budget_s", 0.0, "skip a point when the time spent plus the mean time of a point so far "
+                     "would pass this many seconds (0: no limit)")
   flags.DEFINE_string("output", "", "JSON results (rewritten after every point)")
   flags.DEFINE_string("plot", "", "PNG of latency against context (needs several --input_len values)")
 

@@ -14,7 +14,7 @@ from sparse_jax.bench import BenchArgs, plan_batch, run_benchmark
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORTED = ["output_tokens_per_s", "requests_per_s", "ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms",
             "tpot_p50_ms", "tpot_p99_ms", "per_user_tokens_per_s", "decode_tokens_per_s",
-            "per_user_decode_tokens_per_s", "peak_kv_memory_gb", "peak_kv_pages", "page_bytes",
+            "per_user_decode_tokens_per_s", "peak_kv_memory_gb", "peak_kv_pages", "decode_kv_memory_gb", "page_bytes",
             "compilations_warmup", "compilations_timed", "max_batch_size", "num_requests"]
 # RocketKV with a budget small enough to compact the tiny model's prompts.
 SMALL_ROCKET = """sparse_attention_config:
@@ -86,6 +86,8 @@ def test_latency_mode_max_batch_and_sparse_comparison(tmp_path):
   # RocketKV (pages of 16): 7 pages to admit, then it keeps 32 prompt tokens: 44 tokens = 3 pages.
   assert rocket["batch_fit"] == plan_batch(64, 16, 112, 44) == 20 and rocket["max_batch_size"] == 20
   assert rocket["mean_kept_prompt_tokens"] == 32 and dense["mean_kept_prompt_tokens"] == 100
+  # While decoding, each RocketKV request holds 3 pages of 16 (compacted), each dense one 4 of 32.
+  assert rocket["decode_kv_pages"] == 2 * 3 and dense["decode_kv_pages"] == 2 * 4  # 2 in flight
   [comp] = result["comparisons"]
   assert comp["config"] == str(yaml) and comp["batch"] == 20 and comp["dense_batch"] == 8
   assert comp["per_user_decode_tokens_per_s_ratio"] == pytest.approx(
@@ -103,7 +105,16 @@ def test_dataset_jsonl(tmp_path):
   assert p["output_tokens"] == 5 + 3 + 5 and p["input_tokens"] == 19 + 30 + 3
 
 
+def test_points_run_in_order_and_the_time_budget_skips(tmp_path):
+  result = run_benchmark(BenchArgs(weights="random", config="tiny-llama", points=("64:2", "16:max"),
+                                   kv_max_tokens=512, time_budget_s=1e-3, progress=False))
+  assert [(p["input_len"], p["batch_spec"], p["config"]) for p in result["points"]] == [
+      ("64", "2", "dense"), ("16", "max", "dense")]
+  assert all("time_budget_s" in p["skipped"] for p in result["points"]) and result["comparisons"] == []
+
+
 @pytest.mark.parametrize("flags, needle", [
+    (["--weights=random", "--config=tiny-llama", "--points=64"], "--points has '64'"),
     (["--weights=random", "--config=tiny-llama", "--max_batch_size=0"], "--max_batch_size has '0'"),
     (["--weights=random"], "--weights=random needs --config"),
     (["--weights=random", "--config=no-such-model"], "no-such-model"),
