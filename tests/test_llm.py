@@ -11,7 +11,6 @@ pytest.importorskip("transformers")
 
 import models
 from sparse_jax import LLM, KvCacheConfig, SamplingParams
-from sparse_jax.config import ConfigError
 from tests.hf_checkpoints import LLAMA_FAMILY_CASES, write_checkpoint
 from tests.model_fixtures import tiny_llama
 
@@ -142,8 +141,3 @@ def test_sharded_checkpoint_loads(tmp_path, checkpoints):
   b = models.from_pretrained(str(tmp_path / "sharded"))
   ids = jnp.asarray([[1, 2, 3, 4]])
   np.testing.assert_array_equal(np.asarray(a(ids)), np.asarray(b(ids)))
-
-
-def test_chunked_prefill_without_support_is_rejected():
-  with pytest.raises(ConfigError, match="enable_chunked_prefill"):
-    LLM(tiny_llama(0), enable_chunked_prefill=True)
