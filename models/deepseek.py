@@ -317,24 +317,28 @@ class DeepseekV32ForCausalLM(nnx.Module):
 
   # -- cached ---------------------------------------------------------------------
   def prefill(self, tokens: jax.Array, lengths: jax.Array, slots: jax.Array, cache: PagedKVCache,
-              runtime: Runtime = Runtime()) -> tuple[jax.Array, PagedKVCache]:
+              runtime: Runtime = Runtime(), starts: jax.Array | None = None,
+              final: bool = True) -> tuple[jax.Array, PagedKVCache]:
     """tokens: int32[n, T] right-padded fresh prompts for batch slots `slots` (int32[n]) whose
-    pages are already in cache.page_table. Returns (logits of each row's last prompt token
-    float32[n, vocab], cache with lengths/positions of those slots set)."""
+    pages are already in cache.page_table; or, with `starts` (int32[n] tokens already stored),
+    the next chunk of each prompt (chunked prefill). Returns (logits of each row's last token
+    of this call float32[n, vocab], cache with lengths/positions of those slots set)."""
     n, t = tokens.shape
     chex.assert_shape((lengths, slots), (n,))
-    rows = cache.page_table[slots]
+    # Padding rows carry an out-of-range slot: they see no pages, so they write nothing.
+    rows = jnp.take(cache.page_table, slots, axis=0, mode="fill", fill_value=-1)
     h = self.embed_tokens(tokens)
+    stored = lengths
     for i, layer in enumerate(self.layers):
       def attend(attn, x, i=i):
-        nonlocal cache
-        out, new_layer, _ = attn.prefill(x, lengths, cache.layer(i), rows, runtime)
+        nonlocal cache, stored
+        out, new_layer, stored = attn.prefill(x, lengths, cache.layer(i), rows, runtime, starts, final)
         cache = cache.with_layer(i, new_layer)
         return out
       h = layer(h, attend)
     last = jnp.take_along_axis(h, jnp.clip(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-    cache = cache.replace(lengths=cache.lengths.at[slots].set(lengths.astype(jnp.int32)),
-                          positions=cache.positions.at[slots].set(lengths.astype(jnp.int32)))
+    cache = cache.replace(lengths=cache.lengths.at[slots].set(stored.astype(jnp.int32), mode="drop"),
+                          positions=cache.positions.at[slots].set(stored.astype(jnp.int32), mode="drop"))
     return self.logits(last), cache
 
   def decode(self, tokens: jax.Array, cache: PagedKVCache, active: jax.Array,

@@ -30,7 +30,7 @@ from flax import nnx
 from sparse_jax import rope as rope_lib
 from sparse_jax.algorithms import dsa
 from sparse_jax.attention import RMSNorm, Runtime, causal_attention
-from sparse_jax.cache import LayerCache, token_slots, write_tokens
+from sparse_jax.cache import LayerCache, gather_tokens, token_slots, write_tokens
 from sparse_jax.config import ConfigError, get_algorithm
 
 _MASK = -1e30
@@ -213,35 +213,83 @@ class MLAttention(nnx.Module):
 
   # -- cached ----------------------------------------------------------------------------
   def prefill(self, x: jax.Array, lengths: jax.Array, layer: LayerCache, page_table_rows: jax.Array,
-              runtime: Runtime) -> tuple[jax.Array, LayerCache, jax.Array]:
-    """x: [n, T, hidden] right-padded prompts; lengths: int32[n]; page_table_rows: int32[n, max_pages]
-    (pages allocated). Writes latent, rope key (and indexer keys) and returns (out [n, T, hidden],
-    layer, tokens stored int32[n] = lengths: DSA evicts nothing)."""
+              runtime: Runtime, starts: jax.Array | None = None,
+              final: bool = True) -> tuple[jax.Array, LayerCache, jax.Array]:
+    """x: [n, T, hidden] right-padded prompts (lengths: int32[n]); page_table_rows: int32[n,
+    max_pages] with pages allocated. With `starts` (int32[n] tokens already stored: chunked
+    prefill) x holds positions starts.. and attends to everything stored before it too.
+    Writes latent, rope key (and indexer keys); returns (out [n, T, hidden], layer, tokens
+    stored int32[n]: DSA evicts nothing). `final` changes nothing here (no prompt compression)."""
+    del final
     n, t, _ = x.shape
     chex.assert_shape(lengths, (n,))
     chex.assert_shape(page_table_rows, (n, None))
     cfg = self.sparse_config(runtime)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+    offset = jnp.zeros((n,), jnp.int32) if starts is None else starts.astype(jnp.int32)
+    pos = offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     p = self.project(x, pos)
     page_size, num_pages = layer.k.shape[2], layer.k.shape[1]
-    slots = token_slots(page_table_rows, pos, pos < lengths[:, None], page_size, num_pages).reshape(-1)
+    valid = jnp.arange(t)[None, :] < lengths[:, None]
+    slots = token_slots(page_table_rows, pos, valid, page_size, num_pages).reshape(-1)
     layer = layer.replace(k=write_tokens(layer.k, slots, p.latent.reshape(n * t, 1, -1)),
                           v=write_tokens(layer.v, slots, p.k_rope.reshape(n * t, 1, -1)))
-    counts = lengths.astype(jnp.int32)
+    stored = (offset + lengths).astype(jnp.int32)
+    width = page_table_rows.shape[1] * page_size          # logical tokens the rows can hold
+    ids = None
     if cfg is not None:
       ix = self.indexer.spec(page_size)
       iq, w = self.indexer.queries(x, p.q_resid, p.cos, p.sin)
       ik = self.indexer.keys(x, p.cos, p.sin)
       layer = dsa.write_indexer_keys(cfg, layer, slots, ik.reshape(n * t, -1))
-      if cfg.topk(ix.index_topk) < t:
-        ids = dsa.select_prefill(cfg, ix, iq, w, ik, lengths, runtime)
-        from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill
-        out = sparse_mla_prefill(self.absorbed_query(p), layer.k[0], layer.v[0], page_table_rows, ids, self.scale,
-                                 **runtime.kernel_kwargs())
-        return self.output(out), layer, counts
-    q, k, v = self.expand(p)
-    out = causal_attention(q, k, v, lengths, self.scale, backend=runtime.backend)
-    return self._output_expanded(out), layer, counts
+      if starts is None and cfg.topk(ix.index_topk) < t:
+        keys = dsa.decode_keys(*dsa.encode_keys(cfg, ik))  # what decode will read back
+        ids = dsa.select_prefill(cfg, ix, iq, w, keys, lengths, pos, runtime)
+      elif starts is not None and cfg.topk(ix.index_topk) < width:
+        ids = dsa.select_prefill(cfg, ix, iq, w, dsa.stored_keys(cfg, layer, page_table_rows, width), stored, pos,
+                                 runtime)
+    if ids is not None:
+      from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill
+      out = sparse_mla_prefill(self.absorbed_query(p), layer.k[0], layer.v[0], page_table_rows, ids, self.scale,
+                               **runtime.kernel_kwargs())
+      return self.output(out), layer, stored
+    if starts is None:                                    # fresh prompts: expand K/V, causal attention
+      q, k, v = self.expand(p)
+      out = causal_attention(q, k, v, lengths, self.scale, backend=runtime.backend)
+      return self._output_expanded(out), layer, stored
+    return self.output(self.attend_stored(p, layer, page_table_rows, pos, stored)), layer, stored
+
+  def attend_stored(self, p: Projection, layer: LayerCache, rows: jax.Array, q_pos: jax.Array,
+                    stored: jax.Array) -> jax.Array:
+    """Dense absorbed attention of a chunk's queries over every stored token (plain XLA).
+
+    q_pos: int32[n, T] positions; stored: int32[n] tokens stored. Key s is seen by the query
+    at position p iff s <= p and s < stored. Returns the weighted latents [n, T, H, R].
+    Queries go in chunks so the [chunk, H, S] logits stay within a fixed memory budget.
+    """
+    n, t = q_pos.shape
+    width = rows.shape[1] * layer.k.shape[2]
+    lat = gather_tokens(layer.k, rows, width)[:, 0].astype(jnp.float32)          # [n, S, R]
+    kr = gather_tokens(layer.v, rows, width)[:, 0].astype(jnp.float32)           # [n, S, r]
+    q = self.absorbed_query(p).astype(jnp.float32)                               # [n, T, H, R + r]
+    chunk = max(1, min(t, (1 << 27) // max(1, n * self.num_heads * width)))
+    chunk = 1 << (chunk.bit_length() - 1)
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+    qc = jnp.moveaxis(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(n, n_chunks, chunk, *q.shape[2:]), 1, 0)
+    pc = jnp.moveaxis(jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1).reshape(n, n_chunks, chunk), 1, 0)
+    key_pos = jnp.arange(width)
+    hp = jax.lax.Precision.HIGHEST
+
+    def one(args):
+      qi, pi = args
+      logits = (jnp.einsum("bqhr,bsr->bqhs", qi[..., :self.kv_lora_rank], lat, precision=hp)
+                + jnp.einsum("bqhr,bsr->bqhs", qi[..., self.kv_lora_rank:], kr, precision=hp)) * self.scale
+      ok = (key_pos[None, None, :] <= pi[:, :, None]) & (key_pos[None, None, :] < stored[:, None, None])
+      probs = jax.nn.softmax(jnp.where(ok[:, :, None, :], logits, _MASK), axis=-1)
+      return jnp.einsum("bqhs,bsr->bqhr", probs, lat, precision=hp)
+
+    out = jnp.moveaxis(jax.lax.map(one, (qc, pc)), 0, 1).reshape(n, n_chunks * chunk, self.num_heads, -1)
+    return out[:, :t].astype(p.q_nope.dtype)
 
   def decode(self, x: jax.Array, positions: jax.Array, layer: LayerCache, page_table: jax.Array,
              lengths: jax.Array, active: jax.Array, runtime: Runtime) -> tuple[jax.Array, LayerCache]:

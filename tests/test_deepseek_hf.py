@@ -191,7 +191,8 @@ def test_indexer_topk_sets_match_transformers(checkpoint, model, indexer_k_dtype
     p = attn.project(x, pos)
     q, w = attn.indexer.queries(x, p.q_resid, p.cos, p.sin)
     k = attn.indexer.keys(x, p.cos, p.sin)
-    ours = dsa.select_prefill(cfg, attn.indexer.spec(4), q, w, k, jnp.full((2,), t, jnp.int32), Runtime())
+    keys = dsa.decode_keys(*dsa.encode_keys(cfg, k))          # as the cache stores them
+    ours = dsa.select_prefill(cfg, attn.indexer.spec(4), q, w, keys, jnp.full((2,), t, jnp.int32), pos, Runtime())
     ours = np.asarray(ours)[:, 8:]
     sims.append(jaccard(ours, np.asarray(theirs)[:, 8:]))
   print(f"indexer top-k Jaccard vs transformers ({indexer_k_dtype}): {[round(s, 4) for s in sims]}")
@@ -227,3 +228,21 @@ def test_rope_scaling_layout_and_first_k_dense_replace(checkpoint):
   legacy["rope_scaling"] = params
   v4 = models.build_model(legacy, abstract=True).config
   assert v4 == v5
+
+
+def test_llm_api_with_dsa_matches_transformers(checkpoint):
+  """End to end through sparse_jax.LLM (continuous batching, jitted prefill and multi-step
+  decode, block reuse allowed with DSA): greedy tokens equal transformers' generate."""
+  from sparse_jax import LLM, KvCacheConfig, SamplingParams
+  path, hf_model = checkpoint
+  llm = LLM(path, dtype="float32", sparse_attention_config=dsa.DSASparseAttentionConfig(indexer_k_dtype="float32"),
+            kv_cache_config=KvCacheConfig(tokens_per_block=8, enable_block_reuse=True), max_batch_size=2,
+            max_seq_len=64, decode_chunk_size=8)
+  rng = np.random.default_rng(7)
+  prompts = [rng.integers(3, 128, size=n).tolist() for n in (6, 17)]
+  outs = llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
+  for prompt, out in zip(prompts, outs):
+    with torch.no_grad():
+      ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert out.outputs[0].token_ids == ref

@@ -53,14 +53,14 @@ def test_config_rejects_bad_values_by_name(field, value):
     DSA(**{field: value})
 
 
-def test_yaml_layout_block_reuse_and_chunked_prefill():
+def test_yaml_layout_block_reuse_and_chunked_prefill_accepted():
   opts = load_llm_api_options("configs/dsa.yaml")
   assert opts.sparse_attention_config == DSA(index_topk=2048, indexer_k_dtype="float8_e4m3fn",
                                              skip_indexer_for_short_seqs=True)
   assert opts.kv_cache_config.enable_block_reuse            # accepted: DSA evicts nothing
   assert not DSA.compacts_prompt
-  with pytest.raises(ConfigError, match="enable_chunked_prefill"):
-    load_llm_api_options({"sparse_attention_config": {"algorithm": "dsa"}, "enable_chunked_prefill": True})
+  chunked = load_llm_api_options({"sparse_attention_config": {"algorithm": "dsa"}, "enable_chunked_prefill": True})
+  assert chunked.enable_chunked_prefill and DSA.supports_chunked_prefill
   with pytest.raises(ConfigError, match="unknown key.*index_top_k"):
     load_llm_api_options({"sparse_attention_config": {"algorithm": "dsa", "index_top_k": 5}})
   assert get_algorithm("dsa").config_cls is DSA
@@ -120,6 +120,37 @@ def test_cached_prefill_and_decode_equal_the_no_cache_forward(q_lora_rank):
   ref = forward(model, seqs)
   worst = max(float(np.abs(cached[i] - ref[i, len(p) - 1:len(p) - 1 + steps]).max()) for i, p in enumerate(prompts))
   print(f"cached vs no-cache logits (q_lora_rank={q_lora_rank}): {worst:.2e}")
+  assert worst <= 1e-4
+
+
+@pytest.mark.parametrize("sparse", [DSA(indexer_k_dtype="float32"), None], ids=["dsa", "dense"])
+def test_chunked_prefill_equals_the_no_cache_forward(model, sparse):
+  """A 29-token prompt prefilled in chunks of 8 (each chunk attends to the stored ones: top-8
+  of up to 29 tokens with DSA, every token without) over permuted pages: every chunk's last
+  logits equal the no-cache forward's at that position."""
+  rng = np.random.default_rng(6)
+  prompt = rng.integers(0, 97, size=29)
+  chunk, page_size, pages = 8, 4, 9
+  runtime = Runtime(sparse=sparse)
+  cache = create_cache_for(model.cache_layout(sparse, page_size), num_pages=pages + 3, page_size=page_size,
+                           batch_slots=2, max_pages_per_seq=pages, dtype=jnp.float32)
+  table = np.full((2, pages), -1, np.int32)
+  table[1] = rng.permutation(pages + 3)[:pages]
+  cache = cache.replace(page_table=jnp.asarray(table))
+  graphdef, params = nnx.split(model)
+  step = jax.jit(lambda params, tok, n, start, cache: nnx.merge(graphdef, params).prefill(
+      tok, n, jnp.array([1], jnp.int32), cache, runtime, start))
+  ref = forward(model, prompt[None], **({} if sparse else dict(index_topk=len(prompt))))[0]   # dense: no top-k
+  worst = 0.0
+  for start in range(0, len(prompt), chunk):
+    piece = prompt[start:start + chunk]
+    tok = np.zeros((1, chunk), np.int32)
+    tok[0, :len(piece)] = piece
+    logits, cache = step(params, jnp.asarray(tok), jnp.asarray([len(piece)], jnp.int32),
+                         jnp.asarray([start], jnp.int32), cache)
+    worst = max(worst, float(np.abs(np.asarray(logits)[0] - ref[start + len(piece) - 1]).max()))
+  assert int(cache.lengths[1]) == int(cache.positions[1]) == len(prompt)
+  print(f"chunked prefill vs no-cache logits ({'dsa' if sparse else 'dense'}): {worst:.2e}")
   assert worst <= 1e-4
 
 

@@ -46,9 +46,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax.cache import AuxPoolSpec, LayerCache, write_tokens
-from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, ConfigError, KvCacheConfig, _fail,
-                               register_algorithm)
+from sparse_jax.cache import AuxPoolSpec, LayerCache, gather_tokens, write_tokens
+from sparse_jax.config import Algorithm, BaseSparseAttentionConfig, ConfigError, _fail, register_algorithm
 
 INDEXER_K_DTYPES = {"float8_e4m3fn": jnp.float8_e4m3fn, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
 FP8_BLOCK = 128       # channels per FP8 scale (DeepSeek / TensorRT-LLM layout)
@@ -67,11 +66,13 @@ class DSASparseAttentionConfig(BaseSparseAttentionConfig):
   skip_indexer_for_short_seqs: when no active sequence holds more than index_topk tokens,
     skip the indexer's scoring and top-k (the selection would be every token anyway).
 
-  DSA evicts nothing, so `kv_cache_config.enable_block_reuse=True` is accepted.
+  DSA evicts nothing, so `kv_cache_config.enable_block_reuse=True` is accepted, and
+  supports chunked prefill.
   """
   algorithm: ClassVar[str] = "dsa"
   compacts_prompt: ClassVar[bool] = False
-  supports_chunked_prefill: ClassVar[bool] = False
+  #: a chunk's queries score every stored indexer key (earlier chunks' read back from the cache).
+  supports_chunked_prefill: ClassVar[bool] = True
   #: served by MLA attention layers (models/deepseek.py), not by the GQA `SparseAttention`.
   supports_mla: ClassVar[bool] = True
 
@@ -89,12 +90,10 @@ class DSASparseAttentionConfig(BaseSparseAttentionConfig):
     if not isinstance(self.skip_indexer_for_short_seqs, bool):
       _fail(name, "skip_indexer_for_short_seqs", self.skip_indexer_for_short_seqs, "must be true or false")
 
-  def validate_with(self, kv_cache_config: KvCacheConfig, enable_chunked_prefill: bool) -> None:
-    # Block reuse is fine (nothing is evicted: compacts_prompt is False); say why chunked prefill is not.
-    if enable_chunked_prefill:
-      raise ConfigError("sparse_attention_config.algorithm='dsa' does not support enable_chunked_prefill=True: "
-                        "the MLA prefill of this engine takes whole prompts")
-    super().validate_with(kv_cache_config, enable_chunked_prefill)
+  def validate_with(self, kv_cache_config, enable_chunked_prefill: bool) -> None:
+    # Chunked prefill is native to the MLA layer (a chunk's queries score every stored indexer
+    # key), so the GQA chunk contract (Algorithm.chunk_scores) does not apply.
+    super().validate_with(kv_cache_config, False)
 
   def topk(self, checkpoint_topk: int) -> int:
     return checkpoint_topk if self.index_topk is None else self.index_topk
@@ -292,53 +291,64 @@ def prompt_scores(q: jax.Array, w: jax.Array, k: jax.Array, lengths: jax.Array |
   return jnp.where(ok, scores, -jnp.inf)
 
 
-def select_prefill(cfg: DSASparseAttentionConfig, ix: IndexerSpec, q: jax.Array, w: jax.Array, k: jax.Array,
-                   lengths: jax.Array, runtime) -> jax.Array:
-  """Each prompt query's top-k tokens, scored against the keys as the cache stores them.
+def stored_keys(cfg: DSASparseAttentionConfig, layer: LayerCache, rows: jax.Array, width: int) -> jax.Array:
+  """float32[n, width, D]: the indexer keys the cache holds for the first `width` logical
+  tokens of each row (rows: int32[n, max_pages]; tokens of missing pages are garbage: mask them)."""
+  keys = gather_tokens(layer.aux[INDEXER_K], rows, width)[:, 0]
+  scales = gather_tokens(layer.aux[INDEXER_K_SCALE], rows, width)[:, 0] if cfg.fp8 else None
+  return decode_keys(keys, scales)
 
-  q: [n, T, H, D] indexer queries; w: float32[n, T, H]; k: [n, T, D] fresh indexer keys;
-  lengths: int32[n]. Returns int32[n, T, min(topk, T)] ascending token positions, -1 padded
-  (query t chooses among min(t + 1, length) tokens). Queries go in chunks so the
-  [chunk, H, T] dot products stay within a fixed memory budget.
+
+def select_prefill(cfg: DSASparseAttentionConfig, ix: IndexerSpec, q: jax.Array, w: jax.Array, keys: jax.Array,
+                   key_lengths: jax.Array, q_pos: jax.Array, runtime) -> jax.Array:
+  """Each prompt query's top-k tokens.
+
+  q: [n, T, H, D] indexer queries; w: float32[n, T, H]; keys: float32[n, S, D] the indexer
+  keys as the cache stores them (decoded); key_lengths: int32[n] keys stored per row; q_pos:
+  int32[n, T] the queries' positions. Key s is a candidate of query (b, t) iff
+  s <= q_pos[b, t] and s < key_lengths[b]. Returns int32[n, T, min(topk, S)] ascending token
+  positions, -1 padded. Queries go in chunks so the [chunk, H, S] dot products stay within a
+  fixed memory budget.
   """
   from pallas_kernels.dsa_topk import dsa_topk
   n, t, h, d = q.shape
+  s_len = keys.shape[1]
   chex.assert_shape(w, (n, t, h))
-  chex.assert_shape(k, (n, t, d))
-  topk = min(cfg.topk(ix.index_topk), t)
-  key_pos = jnp.arange(t, dtype=jnp.int32)
+  chex.assert_shape(keys, (n, s_len, d))
+  chex.assert_shape(q_pos, (n, t))
+  topk = min(cfg.topk(ix.index_topk), s_len)
+  key_pos = jnp.arange(s_len, dtype=jnp.int32)
+
+  def candidates(pos):                                   # pos [n, c] -> bool[n, c, S]
+    return (key_pos[None, None, :] <= pos[:, :, None]) & (key_pos[None, None, :] < key_lengths[:, None, None])
 
   def dense(_):
-    causal = (key_pos[None, :] <= key_pos[:, None])[None] & (key_pos[None, None, :] < lengths[:, None, None])
-    return jnp.where(causal, key_pos, -1)[..., :topk]
+    return jnp.where(candidates(q_pos)[..., :topk], key_pos[:topk], -1)
 
   def sparse(_):
-    keys = decode_keys(*encode_keys(cfg, k))             # what decode will read back
-    qf = q.astype(jnp.float32)
-    chunk = max(1, min(t, (1 << 27) // max(1, n * h * t)))
+    chunk = max(1, min(t, (1 << 27) // max(1, n * h * s_len)))
     chunk = 1 << (chunk.bit_length() - 1)
     n_chunks = -(-t // chunk)
     pad = n_chunks * chunk - t
-    qc = jnp.pad(qf, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(n, n_chunks, chunk, h, d)
+    qc = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(n, n_chunks, chunk, h, d)
     wc = jnp.pad(w, ((0, 0), (0, pad), (0, 0))).reshape(n, n_chunks, chunk, h)
+    pc = jnp.pad(q_pos, ((0, 0), (0, pad)), constant_values=-1).reshape(n, n_chunks, chunk)
 
     def one_chunk(args):
-      qi, wi, c = args                                  # [n, chunk, H, D], [n, chunk, H]
+      qi, wi, pi = args                                 # [n, chunk, H, D], [n, chunk, H], [n, chunk]
       dots = jnp.einsum("bqhd,bsd->bqhs", qi, keys, precision=jax.lax.Precision.HIGHEST)
       scores = jnp.einsum("bqh,bqhs->bqs", wi, jax.nn.relu(dots), precision=jax.lax.Precision.HIGHEST)
-      q_pos = c * chunk + jnp.arange(chunk)
-      ok = (key_pos[None, None, :] <= q_pos[None, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
-      scores = jnp.where(ok, scores, -jnp.inf).reshape(n * chunk, t)
+      scores = jnp.where(candidates(pi), scores, -jnp.inf).reshape(n * chunk, s_len)
       return dsa_topk(scores, topk, **runtime.kernel_kwargs()).reshape(n, chunk, topk)
 
-    ids = jax.lax.map(one_chunk, (jnp.moveaxis(qc, 1, 0), jnp.moveaxis(wc, 1, 0), jnp.arange(n_chunks)))
+    ids = jax.lax.map(one_chunk, (jnp.moveaxis(qc, 1, 0), jnp.moveaxis(wc, 1, 0), jnp.moveaxis(pc, 1, 0)))
     return jnp.moveaxis(ids, 0, 1).reshape(n, n_chunks * chunk, topk)[:, :t]
 
-  if topk >= t:
+  if topk >= s_len:
     return dense(None)
   if not cfg.skip_indexer_for_short_seqs:
     return sparse(None)
-  return jax.lax.cond(jnp.max(lengths) <= topk, dense, sparse, None)
+  return jax.lax.cond(jnp.max(key_lengths) <= topk, dense, sparse, None)
 
 
 def dense_token_ids(lengths: jax.Array, width: int) -> jax.Array:
