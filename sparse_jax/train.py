@@ -149,6 +149,9 @@ class TrainConfig:
   background_compile: bool = True
   max_shard_bytes: int = 15_000_000
   prefetch_batches: int = 8
+  gate_phase: int = 1
+  gate_answer_acc: float = 0.7
+  gate_max_progress: float = 0.5
   tokenizer_corpus_seed: int = 0
 
   def __post_init__(self):
@@ -509,6 +512,46 @@ def phase_at(curriculum: Sequence[tuple[int, float]], progress: float) -> int:
   return len(curriculum) - 1
 
 
+class Schedule:
+  """Which curriculum phase each moment of training uses.
+
+  The phases follow their time fractions, except that training stays at or below phase
+  `gate_phase` until the answer-token accuracy reaches `gate_acc` (the retrieval circuits have
+  formed: before that, longer contexts only slow learning down) or progress reaches `gate_max`.
+  Once the gate opens, the later phases share the time left in proportion to their fractions
+  (opening on time gives exactly the nominal schedule). gate_phase < 0 disables the gate.
+  """
+
+  def __init__(self, curriculum: Sequence[tuple[int, float]], gate_phase: int, gate_acc: float, gate_max: float):
+    self.curriculum = list(curriculum)
+    self.gate_phase = gate_phase
+    self.gate_acc, self.gate_max = gate_acc, gate_max
+    self.opened_at: float | None = None if 0 <= gate_phase < len(self.curriculum) - 1 else 0.0
+
+  def drop(self, index: int) -> None:
+    """Removes phase `index` (its shape failed); later phases move up."""
+    self.curriculum.pop(index)
+    if index <= self.gate_phase:
+      self.gate_phase -= 1
+    if self.opened_at is None and not 0 <= self.gate_phase < len(self.curriculum) - 1:
+      self.opened_at = 0.0
+
+  def phase(self, progress: float, answer_acc: float) -> int:
+    nominal = phase_at(self.curriculum, progress)
+    k = self.gate_phase
+    if self.opened_at is None:
+      if nominal <= k:
+        return nominal
+      if answer_acc < self.gate_acc and progress < self.gate_max:
+        return k
+      total = sum(f for _, f in self.curriculum)
+      self.opened_at = max(progress, sum(f for _, f in self.curriculum[:k + 1]) / total)
+    if self.opened_at == 0.0 or k < 0:
+      return nominal
+    local = (progress - self.opened_at) / max(1e-9, 1.0 - self.opened_at)
+    return k + 1 + phase_at(self.curriculum[k + 1:], local)
+
+
 def cudnn_attention_works(q_heads: int, kv_heads: int, head_dim: int) -> tuple[bool, str]:
   """Compiles and runs cuDNN flash attention forward + backward once on a small GQA shape."""
   if jax.default_backend() != "gpu":
@@ -738,7 +781,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # The XLA path materialises T x T scores per query chunk (and keeps them for the backward).
     lengths = [l for l in lengths if l <= 2048] or lengths[:1]
     log(f"WARNING: XLA attention on the GPU; curriculum capped at {lengths[-1]} tokens")
-  curriculum = [(l, f) for l, f in cfg.curriculum if l in lengths]
+  schedule = Schedule([(l, f) for l, f in cfg.curriculum if l in lengths], cfg.gate_phase, cfg.gate_answer_acc,
+                      cfg.gate_max_progress)
+  curriculum = schedule.curriculum
   log(f"attention: {attention} (model backend {backend!r})")
 
   model = build_model(cfg, compute_dtype)
@@ -829,6 +874,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   last_save = last_eval = clock()
   step_time = collections.defaultdict(lambda: 0.0)
   snapshot, probation = None, 0
+  acc_ema = 0.0
   diverged = False
   errors = 0
   stop_reason = "time budget"
@@ -839,10 +885,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return (clock() - t_start) / max(1e-6, deadline - t_start)
 
   def drain(keep: int):
-    nonlocal answer_tokens
+    nonlocal answer_tokens, acc_ema
     while len(inflight) > keep:
       s, m, n_tok, n_ans, l, t_disp = inflight.popleft()
       m = jax.device_get(m)
+      acc_ema = 0.95 * acc_ema + 0.05 * float(m["acc"])
       window["loss"] += float(m["loss"])
       window["lm"] += float(m["lm_loss"])
       window["acc"] += float(m["acc"])
@@ -873,11 +920,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         break
       if not cfg.max_steps and clock() + step_time[length] * 1.5 >= deadline:
         break
-      while phase < phase_at(curriculum, progress):
+      while phase < schedule.phase(progress, acc_ema):
         nxt = curriculum[phase + 1][0]
         if compiler.failed(("train", nxt)):
           log(f"skipping phase L={nxt}: it did not compile")
-          curriculum.pop(phase + 1)
+          schedule.drop(phase + 1)
           continue
         fn = compiler.get(("train", nxt), block=bool(cfg.max_steps))
         if fn is None:
@@ -891,7 +938,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         phase += 1
         length, compiled = nxt, fn
         loader.prime(length)
-        log(f"phase {phase}: length {length}, batch {cfg.batch_size(length)}")
+        log(f"phase {phase}: length {length}, batch {cfg.batch_size(length)} (progress {progress:.2f}, "
+            f"answer-token acc {acc_ema:.2f})")
       t_wait = time.monotonic()
       batch = loader.next(length)
       window["wait"] += time.monotonic() - t_wait
@@ -914,7 +962,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         state = jax.device_put(host_state)
         inflight.clear()
         loader.drop(length)
-        curriculum.pop(phase)
+        schedule.drop(phase)
         phase -= 1
         length, compiled = prev_length, prev_compiled
         snapshot, probation = None, 0
@@ -1033,6 +1081,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("intermediate_size", 1024, "MLP width.")
   flags.DEFINE_integer("num_layers", 4, "Decoder layers.")
   flags.DEFINE_float("rope_theta", 500000.0, "RoPE base.")
+  flags.DEFINE_float("gate_answer_acc", 0.7, "Stay at phases <= 1 until the answer-token accuracy reaches this "
+                     "(or half the time has passed); 0 disables the gate.")
+  flags.DEFINE_float("lm_loss_weight", 0.1, "Weight of the auxiliary next-token loss on all tokens.")
 
 
 def _pairs(text: str, cast) -> tuple:
@@ -1059,7 +1110,8 @@ def config_from_flags() -> TrainConfig:
       warmup_steps=FLAGS.warmup_steps, compute_dtype=FLAGS.compute_dtype, attention=FLAGS.attention,
       num_workers=FLAGS.num_workers, eval_lengths=tuple(int(x) for x in FLAGS.eval_lengths.split(",") if x),
       eval_samples=FLAGS.eval_samples, eval_every_s=FLAGS.eval_every_s, save_every_s=FLAGS.save_every_s,
-      max_shard_bytes=FLAGS.max_shard_bytes)
+      max_shard_bytes=FLAGS.max_shard_bytes, gate_answer_acc=FLAGS.gate_answer_acc,
+      lm_loss_weight=FLAGS.lm_loss_weight)
 
 
 def main(argv):
