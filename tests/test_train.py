@@ -198,3 +198,26 @@ def test_failing_new_length_falls_back_to_the_previous_one(tmp_path, monkeypatch
   assert record["steps"] == 4 and record["final_length"] == 256
   assert any("resuming length 256" in line for line in record["console"])
   assert os.path.exists(os.path.join(str(tmp_path), "model.safetensors"))
+
+
+def test_train_step_lowers_to_cudnn_flash_attention_for_cuda(monkeypatch):
+  """On the GPU the step must use cuDNN fused attention (forward and backward), never the XLA
+  path that materialises T x T scores: lower it for CUDA here and count the fused calls."""
+  fa = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+  if not hasattr(fa, "check_cudnn_version") or not hasattr(fa, "check_compute_capability"):
+    pytest.skip("this jax has no cuDNN version hooks to stand in for a GPU")
+  import sparse_jax.attention as attention
+  monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
+  monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
+  monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+  from flax import nnx
+  cfg = train.smoke_config("unused", model=TINY)
+  graphdef, params = nnx.split(train.build_model(cfg, jnp.bfloat16), nnx.Param)
+  tx = train.make_optimizer(cfg)
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"params": params, "opt": tx.init(params)})
+  b, t, k = 2, 1024, 64
+  batch = {"tokens": jax.ShapeDtypeStruct((b, t), jnp.int32), "pos": jax.ShapeDtypeStruct((b, k), jnp.int32),
+           "tgt": jax.ShapeDtypeStruct((b, k), jnp.int32), "w": jax.ShapeDtypeStruct((b, k), jnp.float32)}
+  step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, backend="pallas", lm_weight=0.1))
+  text = step.trace(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("cudnn$fmha") == 2 * TINY.num_layers  # forward + backward per layer
