@@ -356,6 +356,7 @@ class TokenCounter:
     self._raw = hasattr(tokenizer, "encode_batch") and hasattr(tokenizer, "get_vocab_size")
     self._cache: dict[str, list[int]] = {}
     self.special_prefix = len(self.prompt_ids(""))
+    self._numbers = self._number_table() if self._raw else None
 
   def prompt_ids(self, text: str) -> list[int]:
     out = self.tokenizer.encode(text)
@@ -363,6 +364,24 @@ class TokenCounter:
 
   def prompt_length(self, text: str) -> int:
     return len(self.prompt_ids(text))
+
+  def _number_table(self) -> dict[str, int] | None:
+    """Ids of digits, space and the punctuation that ends a number chunk, when the tokenizer
+    splits digits into single tokens (ours does); None disables the number fast path."""
+    table = {}
+    for piece in list(string.digits) + [" ", ".", ",", ":", ";"]:
+      ids = self.tokenizer.encode(piece, add_special_tokens=False).ids
+      if len(ids) != 1:
+        return None
+      table[piece] = ids[0]
+    for probe in (" 1234567.", " 90,", "41:", " 2"):
+      if self._number_ids(probe, table) != self.tokenizer.encode(probe, add_special_tokens=False).ids:
+        return None
+    return table
+
+  @staticmethod
+  def _number_ids(chunk: str, table: dict[str, int]) -> list[int]:
+    return [table[c] for c in chunk]
 
   def pieces(self, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text without special tokens.
@@ -381,6 +400,12 @@ class TokenCounter:
       return out
     cache = self._cache
     split = [_CHUNK.findall(t) for t in texts]
+    numbers = self._numbers
+    if numbers is not None:  # numbers are digit tokens: no tokenizer call (and no cache growth)
+      for chunks in split:
+        for c in chunks:
+          if c not in cache and _NUMBER_CHUNK.match(c):
+            cache[c] = self._number_ids(c, numbers)
     missing = list(dict.fromkeys(c for chunks in split for c in chunks if c not in cache))
     if missing:
       if len(cache) + len(missing) > 400000:
@@ -398,6 +423,7 @@ class TokenCounter:
 
 
 _CHUNK = re.compile(r"\s*\S+|\s+$")
+_NUMBER_CHUNK = re.compile(r" ?\d+[.,:;]?$")
 
 
 # -- building samples ----------------------------------------------------------------------
