@@ -418,7 +418,7 @@ def decode_core(q, k, v, layer: LayerCache, page_table, lengths, active, *, scal
     layer = algo.update_aux(runtime.sparse, spec, layer, page_table, lengths, new_lengths, 1, **extra)
     selection = algo.predict_attn(runtime.sparse, spec, q, layer, page_table, new_lengths, **extra)
     if runtime.evict:
-      scores = algo.page_scores(runtime.sparse, spec, q, layer, page_table, new_lengths)  # [S, max_pages]
+      scores = algo.page_scores(runtime.sparse, spec, q, layer, page_table, new_lengths, **extra)  # [S, max_pages]
       imp = layer.aux[IMPORTANCE]
       ids = jnp.where((page_table >= 0) & active[:, None], page_table, imp.shape[1])
       imp = imp.at[0, ids.reshape(-1), 0].add(scores.reshape(-1).astype(imp.dtype), mode="drop")

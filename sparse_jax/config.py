@@ -127,7 +127,7 @@ class Algorithm:
     scores of the stored context's blocks for one query per row (-inf = not a block); a
     chunked sparse prefill takes each chunk's top blocks by the max over sampled queries.
   build_predictor(cfg, spec, layer_index) -> nnx.Module | None: a learned predictor the attention
-    layer owns; when present, predict_kv / update_aux / predict_attn also receive
+    layer owns; when present, predict_kv / update_aux / predict_attn / page_scores also receive
     `predictor=` and `hidden=` (the layer's input hidden states: [n, T, hidden]).
   """
   name: str

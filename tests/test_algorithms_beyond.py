@@ -128,6 +128,18 @@ def test_llm_end_to_end_at_full_budget_matches_dense(name, dense_generation, ind
   assert llm.engine.allocator.free_pages == llm.engine.allocator.num_pages, "pages leaked"
 
 
+def test_quest_chunked_prefill_at_full_budget_matches_dense(dense_generation):
+  """Quest declares chunked prefill: chunks of 16 tokens attend to the stored context's top
+  Quest pages (prefill_budget covers everything here), then decode as usual."""
+  prompts, expected = dense_generation
+  cfg = QuestSparseAttentionConfig(topk=64, page_size=4, minmax_dtype="float32", prefill_budget=256)
+  llm = LLM(tiny_llama(4), dtype="float32", sparse_attention_config=cfg, enable_chunked_prefill=True,
+            max_num_tokens=16, kv_cache_config=KvCacheConfig(tokens_per_block=PAGE), max_batch_size=2,
+            max_seq_len=128, decode_chunk_size=4)
+  outs = llm.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
+  assert [o.outputs[0].token_ids for o in outs] == expected
+
+
 @pytest.mark.parametrize("name, budget", [("snapkv", 40), ("streaming", 40)])
 def test_llm_compacts_long_prompts_to_the_budget(name, budget):
   cfg = (SnapKVSparseAttentionConfig(max_capacity_prompt=budget, window_size=8) if name == "snapkv" else

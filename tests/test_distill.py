@@ -88,18 +88,19 @@ def test_paged_indexer_scores_what_training_optimises(trained):
   np.testing.assert_array_equal(np.asarray(sel.indices), np.asarray(ref.indices))
 
 
-def test_llm_serves_with_the_saved_weights(trained):
+def test_llm_serves_with_the_saved_weights_and_evicts_by_its_page_scores(trained):
   _, indexers, _, path = trained
   model = distill.random_model(0, vocab_size=VOCAB)
-  llm = LLM(model, dtype="float32", sparse_attention_config=dataclasses.replace(CFG, weights_path=path),
-            kv_cache_config=KvCacheConfig(tokens_per_block=PAGE), max_batch_size=2, max_seq_len=256,
-            decode_chunk_size=4)
+  cfg = dataclasses.replace(CFG, weights_path=path, decode_budget=64)
+  llm = LLM(model, dtype="float32", sparse_attention_config=cfg, kv_cache_config=KvCacheConfig(tokens_per_block=PAGE),
+            max_batch_size=2, max_seq_len=256, decode_chunk_size=4)
   for attn, ix in zip(model.attention_layers(), indexers):
     for name in indexer_lib.PARAM_NAMES:
       np.testing.assert_array_equal(np.asarray(getattr(attn.predictor, name)[...]), np.asarray(getattr(ix, name)[...]))
   prompts = [np.random.default_rng(s).integers(0, VOCAB, size=n).tolist() for s, n in ((0, 120), (1, 100))]
-  outs = llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
-  assert [len(o.outputs[0].token_ids) for o in outs] == [8, 8]
+  outs = llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
+  assert [len(o.outputs[0].token_ids) for o in outs] == [12, 12]
+  assert llm.engine.stats["evicted_pages"] > 0, "the indexer's page scores drive eviction above decode_budget"
   assert llm.engine.allocator.free_pages == llm.engine.allocator.num_pages
 
 
