@@ -15,6 +15,12 @@ case "$group" in
     timeout 200 python3 bench/bench_rocket_step.py --out="$work/rocket_step.json" > "$work/rocket_step.log" 2>&1
     XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 330 python3 bench/bench_decode.py --out="$work/decode.json" \
       > "$work/decode.log" 2>&1 ;;
+  decode8b)
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${LIMIT:-240}" python3 bench/bench_decode.py --iters=10 \
+      --out="$work/decode.json" > "$work/decode.log" 2>&1 ;;
+  eval)
+    timeout "${LIMIT:-420}" python3 bench/eval_suite.py --backend=pallas --time_budget_s="${BUDGET:-330}" \
+      --out="$work/eval.json" > "$work/eval.log" 2>&1 ;;
   *)
     echo "unknown group $group" >&2; exit 2 ;;
 esac
