@@ -29,7 +29,7 @@ from sparse_jax.attention import Runtime
 from sparse_jax.cache import create_cache_for
 
 DEEPSEEK_SMALL = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+    vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, n_group=4, topk_group=2,
     num_experts_per_tok=2, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
     kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=24,
@@ -154,7 +154,7 @@ def hf_indexer_capture(hf_model, ids):
 def test_config_is_read_and_sparse_path_is_taken(checkpoint, model):
   path, hf_model = checkpoint
   cfg = model.config
-  assert cfg.mlp_layer_types == ("dense", "sparse", "sparse")
+  assert cfg.mlp_layer_types == ("dense", "sparse")
   assert cfg.index_topk == 8 < 40
   assert type(model.layers[1].mlp).__name__ == "MoE" and type(model.layers[0].mlp).__name__ == "MLP"
   hf_cfg = hf_model.config
@@ -239,7 +239,7 @@ def test_llm_api_with_dsa_matches_transformers(checkpoint):
             kv_cache_config=KvCacheConfig(tokens_per_block=8, enable_block_reuse=True), max_batch_size=2,
             max_seq_len=64, decode_chunk_size=8)
   rng = np.random.default_rng(7)
-  prompts = [rng.integers(3, 128, size=n).tolist() for n in (6, 17)]
+  prompts = [rng.integers(3, 128, size=n).tolist() for n in (5, 14)]     # one padded length: one prefill compile
   outs = llm.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
   for prompt, out in zip(prompts, outs):
     with torch.no_grad():

@@ -49,9 +49,8 @@ def _scenario_rows(rng, n):
   ]).astype(np.float32)
 
 
-@pytest.mark.parametrize("n,k,plan", [(256, 16, dict(block=16, chunks=4)),      # several chunks per row
-                                      (300, 16, {}),                             # default plan, ragged N
-                                      (20, 32, {})])                             # k > N
+@pytest.mark.parametrize("n,k,plan", [(250, 16, dict(block=16, chunks=4)),      # several chunks, ragged N
+                                      (20, 32, {})])                             # default plan, k > N
 def test_topk_matches_reference(n, k, plan):
   scores = _scenario_rows(np.random.default_rng(0), n)
   out, ref = _topk_pair(scores, k, **plan)
@@ -130,23 +129,6 @@ def test_indexer_scores_match_reference(name):
   scale = np.abs(ref[valid]).max() if valid.any() else 1.0
   tol = 2e-2 if case_kw["dtype"] == "bfloat16" else 1e-5
   np.testing.assert_allclose(out[valid], ref[valid], rtol=0, atol=tol * scale)
-
-
-def test_indexer_then_topk_selects_like_exact_scores():
-  """FP8 cache + kernels end to end: the selection overlaps the float32 one (Jaccard >= 0.9)."""
-  rng = np.random.default_rng(3)
-  dim, heads, n = 128, 16, 512
-  keys = jnp.asarray(rng.standard_normal((n // 16, 16, dim)), jnp.float32)
-  q = jnp.asarray(rng.standard_normal((2, heads, dim)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((2, heads)), jnp.float32)
-  table = jnp.asarray(np.stack([rng.permutation(n // 16)] * 2).astype(np.int32))
-  lengths = jnp.asarray([n, 300], jnp.int32)
-  fp8, scales = dsa.quantize_fp8(keys)
-  got = np.asarray(dsa_topk(dsa_indexer_scores(q, w, fp8, scales, table, lengths, interpret=True, span=256), 64,
-                            interpret=True))
-  exact = np.asarray(dsa_topk_reference(dsa_indexer_scores_reference(q, w, keys, None, table, lengths), 64))
-  jac = np.mean([len(set(a) & set(b)) / len(set(a) | set(b)) for a, b in zip(got, exact)])
-  assert jac >= 0.9
 
 
 # -- lowering ----------------------------------------------------------------------------------
