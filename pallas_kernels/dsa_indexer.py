@@ -49,26 +49,30 @@ def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, o_ref, *, page_size
             n_scale_blocks):
   row, p = pl.program_id(0), pl.program_id(1)
   heads_pad, dim = q_ref.shape[1], q_ref.shape[2]
-  q = q_ref[row]                                      # [Hp, D], resident for the whole span
+  chunk = dim // n_scale_blocks
+  # q [Hp, D] resident for the whole span, one tile per scale block (no in-register slicing).
+  q = [q_ref[row, :, pl.ds(j * chunk, chunk)] for j in range(n_scale_blocks)]
   w = w_ref[row]                                      # [Hp] (zero for padded heads)
   length = len_ref[row]
   max_pages = pt_ref.shape[1]
-  chunk = dim // n_scale_blocks
 
-  def body(i, _):
+  def pages_of(i):
+    tok = p * span + i * block + jnp.arange(block, dtype=jnp.int32)
+    return plt.load(pt_ref.at[row, jnp.clip(tok // page_size, 0, max_pages - 1)], mask=tok < length, other=-1)
+
+  def body(i, page):
+    # `page` (this block's page ids) was loaded one step ahead: the key gather never waits on it.
     start = p * span + i * block
     tok = start + jnp.arange(block, dtype=jnp.int32)
-    out_ok = tok < n_tokens
+    next_page = pages_of(i + 1)
 
     def compute():
-      ok = tok < length
-      page = plt.load(pt_ref.at[row, jnp.clip(tok // page_size, 0, max_pages - 1)], mask=ok, other=0)
+      ok = (tok < length) & (page >= 0)
       slot = jnp.maximum(page, 0) * page_size + tok % page_size
-      ok = ok & (page >= 0)
       scores = jnp.zeros((heads_pad, block), jnp.float32)
       for j in range(n_scale_blocks):
         kq = gather_rows(k_ref, slot, j * chunk, chunk, ok)                                   # [block, chunk]
-        part = jax.lax.dot_general(q[:, j * chunk:(j + 1) * chunk], kq.astype(q.dtype), (((1,), (1,)), ((), ())),
+        part = jax.lax.dot_general(q[j], kq.astype(q[j].dtype), (((1,), (1,)), ((), ())),
                                    preferred_element_type=jnp.float32)
         if scale_ref is not None:
           s = plt.load(scale_ref.at[slot, j], mask=ok, other=0.0)                              # [block]
@@ -78,10 +82,10 @@ def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, o_ref, *, page_size
       return jnp.where(ok, total, -jnp.inf)
 
     vals = jax.lax.cond(start < length, compute, lambda: jnp.full((block,), -jnp.inf, jnp.float32))
-    plt.store(o_ref.at[row, pl.ds(start, block)], vals, mask=out_ok)
-    return 0
+    plt.store(o_ref.at[row, pl.ds(start, block)], vals, mask=tok < n_tokens)
+    return next_page
 
-  jax.lax.fori_loop(0, span // block, body, 0)
+  jax.lax.fori_loop(0, span // block, body, pages_of(0))
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block", "span", "num_warps", "num_stages"))

@@ -46,21 +46,26 @@ def attend_tokens(q_lat, q_rope, lat_ref, rope_ref, ids_ref, pt_ref, *, ids_row,
   """Online-softmax attention of q_lat [bh, R] / q_rope [bh, r] over ids_ref[ids_row, start:stop].
 
   Returns (acc float32[bh, R] unnormalised, m float32[bh] running max, l float32[bh] sum).
+  Each step already holds its tokens' pool slots and looks up the next step's (id, then page
+  table) while its own latents load: the gather never waits on the two index loads.
   """
   block_h, rank = q_lat.shape
   rope_dim = q_rope.shape[1]
   max_pages = pt_ref.shape[1]
   n_ids = ids_ref.shape[1]
 
-  def body(i, carry):
-    acc, m, l = carry
+  def slots_of(i):
     pos = start + i * block_k + jnp.arange(block_k, dtype=jnp.int32)
     in_range = (pos < stop) & (pos < n_ids)
     tok = plt.load(ids_ref.at[ids_row, jnp.clip(pos, 0, n_ids - 1)], mask=in_range, other=-1)
     ok = tok >= 0
     page = plt.load(pt_ref.at[pt_row, jnp.clip(tok // page_size, 0, max_pages - 1)], mask=ok, other=0)
     ok = ok & (page >= 0)
-    slot = jnp.maximum(page, 0) * page_size + jnp.maximum(tok, 0) % page_size
+    return jnp.maximum(page, 0) * page_size + jnp.maximum(tok, 0) % page_size, ok
+
+  def body(i, carry):
+    acc, m, l, slot, ok = carry
+    next_slot, next_ok = slots_of(i + 1)
     lat = _gather(lat_ref, slot, rank, ok)                                  # [bk, R]
     kr = _gather(rope_ref, slot, rope_dim, ok)                              # [bk, r]
     s = jax.lax.dot_general(q_lat, lat, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -72,12 +77,13 @@ def attend_tokens(q_lat, q_rope, lat_ref, rope_ref, ids_ref, pt_ref, *, ids_row,
     alpha = jnp.exp(m - m_safe)
     l = alpha * l + jnp.sum(p, axis=1)
     acc = alpha[:, None] * acc + jax.lax.dot(p.astype(lat.dtype), lat, preferred_element_type=jnp.float32)
-    return acc, m_new, l
+    return acc, m_new, l, next_slot, next_ok
 
   n_blocks = (jnp.maximum(stop - start, 0) + block_k - 1) // block_k
   init = (jnp.zeros((block_h, rank), jnp.float32), jnp.full((block_h,), -jnp.inf, jnp.float32),
-          jnp.zeros((block_h,), jnp.float32))
-  return jax.lax.fori_loop(0, n_blocks, body, init)
+          jnp.zeros((block_h,), jnp.float32), *slots_of(0))
+  acc, m, l, _, _ = jax.lax.fori_loop(0, n_blocks, body, init)
+  return acc, m, l
 
 
 def _kernel(q_ref, lat_ref, rope_ref, pt_ref, ids_ref, count_ref, o_ref, lse_ref, *, block_h, block_k, per_split,
