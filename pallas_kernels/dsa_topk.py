@@ -19,9 +19,10 @@ with every pass parallel over (row, chunk) programs and the whole score array L2
   count           per chunk: keys strictly above the threshold, keys equal to it.
   scatter         per chunk: exclusive prefix over earlier chunks' counts, then each taken
                   key writes its index at its rank (ties: lowest indices first), so the
-                  output comes out sorted with no sort.
+                  output comes out sorted with no sort; chunk 0 writes the -1 padding.
 
-Six launches, none of them data-dependent in size; at N=128K, B=8 each pass reads 4 MB.
+Six Pallas launches (plus zeroing the histograms), none data-dependent in size; at N=128K,
+B=8 each pass reads the 4 MB of scores, which stay in L2.
 """
 from __future__ import annotations
 
@@ -157,14 +158,15 @@ def _count_kernel(scores_ref, hist_ref, counts_ref, *, k, n, chunk, block):
   counts_ref[row, 1, c] = n_equal
 
 
-def _scatter_kernel(scores_ref, hist_ref, counts_ref, out_in_ref, out_ref, *, k, n, chunk, block, chunks_pad):
-  del out_in_ref  # aliased with out_ref (pre-filled with -1)
+def _scatter_kernel(scores_ref, hist_ref, counts_ref, out_ref, *, k, n, chunk, block, chunks):
   row, c = pl.program_id(0), pl.program_id(1)
   state = _state_after(lambda lv: hist_ref[lv - 1, row], k, _PASSES)
   _, k_rem, full, _ = state
-  earlier = jnp.arange(chunks_pad, dtype=jnp.int32) < c
-  above_before = jnp.sum(jnp.where(earlier, counts_ref[row, 0, :], 0))
-  equal_before = jnp.sum(jnp.where(earlier, counts_ref[row, 1, :], 0))
+  chunk_id = jnp.arange(counts_ref.shape[2], dtype=jnp.int32)        # padded to a power of two
+  n_above, n_equal = counts_ref[row, 0, :], counts_ref[row, 1, :]
+  earlier = chunk_id < c
+  above_before = jnp.sum(jnp.where(earlier, n_above, 0))
+  equal_before = jnp.sum(jnp.where(earlier, n_equal, 0))
   taken_before = above_before + jnp.where(full, equal_before, jnp.minimum(equal_before, k_rem))
 
   def body(i, carry):
@@ -175,13 +177,23 @@ def _scatter_kernel(scores_ref, hist_ref, counts_ref, out_in_ref, out_ref, *, k,
     take = above | (equal & (full | (equal_rank < k_rem)))
     rank = taken + jnp.cumsum(take.astype(jnp.int32)) - 1
     keep = take & (rank < k)
-    # Lanes that write nothing still get distinct addresses (k + lane, a scratch tail): interpret
-    # mode implements masked scatters as read-modify-write of every lane.
+    # Lanes that write nothing still get distinct addresses (k + lane: the scratch tail interpret
+    # mode has, which implements masked scatters as read-modify-write of every lane).
     where = jnp.where(keep, rank, k + jnp.arange(block, dtype=jnp.int32))
     plt.store(out_ref.at[row, where], idx, mask=keep)
     return taken + jnp.sum(take.astype(jnp.int32)), equal_seen + jnp.sum(equal.astype(jnp.int32))
 
   jax.lax.fori_loop(0, chunk // block, body, (taken_before, equal_before))
+
+  @pl.when(c == 0)
+  def _():                                             # -1 after the last taken id (no pre-fill)
+    real = chunk_id < chunks
+    total = jnp.sum(jnp.where(real, n_above, 0)) + jnp.minimum(jnp.sum(jnp.where(real, n_equal, 0)), k_rem)
+    total = jnp.where(full, jnp.sum(jnp.where(real, n_above + n_equal, 0)), total)
+    for j in range(pl.cdiv(k, block)):
+      pos = j * block + jnp.arange(block, dtype=jnp.int32)
+      plt.store(out_ref.at[row, pl.ds(j * block, block)], jnp.full((block,), -1, jnp.int32),
+                mask=(pos >= total) & (pos < k))
 
 
 def _plan(batch: int, n: int, block: int | None, chunks: int | None) -> tuple[int, int, int]:
@@ -208,18 +220,17 @@ def _dsa_topk_pallas(scores, k, *, interpret, block=None, chunks=None, num_warps
         functools.partial(_hist_kernel, level=level, k=k, n=n, chunk=chunk, block=block),
         out_shape=jax.ShapeDtypeStruct(hist.shape, jnp.int32), grid=grid, input_output_aliases={1: 0},
         name=f"dsa_topk_hist{level}", **params)(scores, hist)
-  counts = pl.pallas_call(
+  counts = pl.pallas_call(       # [row, above | equal, chunk]; chunk slots past `chunks` stay unwritten
       functools.partial(_count_kernel, k=k, n=n, chunk=chunk, block=block),
       out_shape=jax.ShapeDtypeStruct((batch, 2, chunks_pad), jnp.int32), grid=grid, name="dsa_topk_count",
       **params)(scores, hist)
-  if chunks_pad > chunks:  # padded chunk slots never got written
-    counts = jnp.where(jnp.arange(chunks_pad) < chunks, counts, 0)
-  out = jnp.full((batch, k + block), -1, jnp.int32)
+  # Interpret mode needs a scratch tail (see _scatter_kernel); on the GPU masked lanes write nothing.
+  width = k + block if interpret else k
   out = pl.pallas_call(
-      functools.partial(_scatter_kernel, k=k, n=n, chunk=chunk, block=block, chunks_pad=chunks_pad),
-      out_shape=jax.ShapeDtypeStruct(out.shape, jnp.int32), grid=grid, input_output_aliases={3: 0},
-      name="dsa_topk_scatter", **params)(scores, hist, counts, out)
-  return out[:, :k]
+      functools.partial(_scatter_kernel, k=k, n=n, chunk=chunk, block=block, chunks=chunks),
+      out_shape=jax.ShapeDtypeStruct((batch, width), jnp.int32), grid=grid, name="dsa_topk_scatter",
+      **params)(scores, hist, counts)
+  return out[:, :k] if width > k else out
 
 
 def dsa_topk(scores: jax.Array, k: int, *, backend: str = "pallas", interpret: bool | None = None,
