@@ -391,38 +391,25 @@ def _ignored(name: str) -> bool:
   m = _EXPERT.match(name)
   if m and m.group(2) != "0":
     return True                      # stacked with expert 0
-  if name.endswith(("weight_scale_inv", "rotary_emb.inv_freq")):
-    return True                      # FP8 block scales are consumed by _prepare_tensor
-  return name == "lm_head.weight" or name.startswith("model.layers.61.")   # tied head; V3's MTP layer
-
-
-def _dequantize_fp8_blocks(name: str, array: np.ndarray, store) -> np.ndarray:
-  """DeepSeek's FP8 checkpoints: weight [out, in] in float8_e4m3fn with `weight_scale_inv`
-  float32[ceil(out/128), ceil(in/128)]; w = w_fp8 * scale per 128x128 block."""
-  scale_name = name + "_scale_inv"
-  if array.dtype.itemsize != 1 or scale_name not in store:
-    return array
-  scale = np.asarray(store.get(scale_name), np.float32)
-  out_dim, in_dim = array.shape
-  full = np.repeat(np.repeat(scale, 128, axis=0)[:out_dim], 128, axis=1)[:, :in_dim]
-  return array.astype(np.float32) * full
+  if name.endswith("rotary_emb.inv_freq"):
+    return True
+  # A tied checkpoint may still carry lm_head.weight; layer 61 is DeepSeek-V3's multi-token
+  # prediction module, which greedy decoding does not use (transformers skips it too).
+  return name == "lm_head.weight" or name.startswith("model.layers.61.")
 
 
 def _prepare_tensor(name: str, array: np.ndarray, store) -> np.ndarray:
-  array = _dequantize_fp8_blocks(name, array, store)
+  """Routed experts: expert 0's name stands for the stack of every expert ([E, in, out])."""
   m = _EXPERT.match(name)
   if not m:
     return array
   layer, _, proj = m.groups()
-  stacked = []
-  e = 0
-  while True:
-    expert = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
-    if expert not in store:
-      break
-    stacked.append(_dequantize_fp8_blocks(expert, store.get(expert), store).T)
-    e += 1
-  return np.stack(stacked)
+  present = {int(e.group(2)) for e in map(_EXPERT.match, store.names())
+             if e and e.group(1) == layer and e.group(3) == proj}
+  missing = sorted(set(range(max(present) + 1)) - present)
+  if missing:
+    raise CheckpointError(f"checkpoint is missing tensor 'model.layers.{layer}.mlp.experts.{missing[0]}.{proj}.weight'")
+  return np.stack([store.get(f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight").T for e in sorted(present)])
 
 
 def _build(config, dtype, param_dtype, rngs):

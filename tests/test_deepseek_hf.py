@@ -246,3 +246,17 @@ def test_llm_api_with_dsa_matches_transformers(checkpoint):
       ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert out.outputs[0].token_ids == ref
+
+
+def test_checkpoint_errors_name_the_tensor(checkpoint, tmp_path):
+  """Routed experts are stacked from per-expert tensors: a missing one is named."""
+  from safetensors.numpy import load_file, save_file
+  path, _ = checkpoint
+  tensors = load_file(os.path.join(path, "model.safetensors"))
+  del tensors["model.layers.1.mlp.experts.5.up_proj.weight"]
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+  (broken / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+  with pytest.raises(models.CheckpointError, match=r"experts\.5\.up_proj"):
+    models.from_pretrained(str(broken))
