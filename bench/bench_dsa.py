@@ -236,12 +236,12 @@ INDEXER_SWEEP = [dict(block=64, span=1024, num_warps=4, num_stages=2), dict(bloc
                  dict(block=64, span=2048, num_warps=4), dict(block=128, span=2048, num_warps=8),
                  dict(block=64, span=1024, num_warps=8, num_stages=3), dict(block=32, span=512, num_warps=4)]
 TOPK_SWEEP = [dict(), dict(chunks=32), dict(block=512, chunks=128), dict(block=2048, chunks=16, num_warps=8)]
-MLA_SPARSE_SWEEP = [dict(), dict(block_k=64), dict(num_splits=8), dict(num_splits=4), dict(block_h=32, block_k=32),
-                    dict(block_h=32, block_k=64, num_warps=4, num_splits=8), dict(block_k=64, num_stages=3),
-                    dict(block_h=16, block_k=64)]
+MLA_SPARSE_SWEEP = [dict(), dict(block_k=64), dict(num_splits=16), dict(num_splits=4), dict(block_h=32, block_k=32),
+                    dict(block_h=128, num_warps=16), dict(block_h=128, num_warps=16, num_splits=16),
+                    dict(block_k=64, num_stages=3), dict(block_h=16, block_k=64)]
 MLA_DENSE_SWEEP = [dict(), dict(block_k=64), dict(block_k=64, num_stages=3), dict(block_h=32, block_k=64),
-                   dict(block_k=64, num_splits=32), dict(block_h=32, block_k=64, num_warps=8),
-                   dict(block_h=16, block_k=64)]
+                   dict(block_h=128, num_warps=16), dict(block_h=128, block_k=64, num_warps=16),
+                   dict(block_k=64, num_splits=34), dict(block_h=16, block_k=64)]
 
 
 def label(cfg: dict) -> str:
