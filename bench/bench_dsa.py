@@ -117,21 +117,33 @@ def mla_fn(scale, cfg=None, backend="pallas", interpret=False):
                                                                  interpret=interpret, **cfg))
 
 
-def dsa_step_fn(s: Shape, scale, cfgs=None, backend="pallas", interpret=False):
-  """The attention of one DSA decode step: indexer over the FP8 cache, top-k, sparse MLA."""
+def dsa_step_fn(s: Shape, scale, cfgs=None, backend="pallas", interpret=False, fused=True):
+  """The attention of one DSA decode step: indexer over the FP8 cache, top-k, sparse MLA (as
+  sparse_jax/algorithms/dsa.select_decode runs it; `fused`: the indexer kernel does the
+  top-k's first radix pass)."""
   cfgs = cfgs or {}
 
   @jax.jit
   def step(iq, w, index_k, index_scale, table, lengths, q, latent, rope):
-    scores = dsa_indexer_scores(iq, w, index_k, index_scale, table, lengths, backend=backend, interpret=interpret,
-                                **cfgs.get("indexer", {}))
-    if backend == "pallas":
+    if backend == "pallas" and fused:
+      scores, hist = dsa_indexer_scores(iq, w, index_k, index_scale, table, lengths, topk_histograms=True,
+                                        interpret=interpret, **cfgs.get("indexer", {}))
+      ids = dsa_topk(scores, s.topk, histograms=hist, interpret=interpret, **cfgs.get("topk", {}))
+    elif backend == "pallas":
+      scores = dsa_indexer_scores(iq, w, index_k, index_scale, table, lengths, interpret=interpret,
+                                  **cfgs.get("indexer", {}))
       ids = dsa_topk(scores, s.topk, interpret=interpret, **cfgs.get("topk", {}))
     else:
+      scores = dsa_indexer_scores_reference(iq, w, index_k, index_scale, table, lengths)
       ids = dsa_topk_reference(scores, s.topk)
     return sparse_mla_decode(q, latent, rope, table, ids, scale, backend=backend, interpret=interpret,
                              **cfgs.get("mla", {}))
   return step
+
+
+def _fused_select(args, k, interpret):
+  scores, hist = dsa_indexer_scores(*args, topk_histograms=True, interpret=interpret)
+  return dsa_topk(scores, k, histograms=hist, interpret=interpret)
 
 
 def indexer_args(x):
@@ -206,6 +218,11 @@ def check(s: Shape, contexts, interpret: bool) -> bool:
         1e-3 * scale)
     run("dsa_topk (mismatching ids)", topk_fn(s.topk, interpret=interpret),
         jax.jit(lambda sc: dsa_topk_reference(sc, s.topk)), (x["scores"],), 0, exact=True)
+    fused = jax.jit(lambda *a: _fused_select(a, s.topk, interpret))
+    # vs lax.top_k of the kernel's own scores (the reference scores differ in rounding: near-ties may flip)
+    run("indexer + top-k, fused first pass (mismatching ids)", fused,
+        jax.jit(lambda *a: dsa_topk_reference(dsa_indexer_scores(*a, interpret=interpret), s.topk)),
+        indexer_args(x), 0, exact=True)
     mla_args = (x["q"], x["latent"], x["rope"], x["table"])
     run("sparse_mla_decode (top-k ids)", mla_fn(x["scale"], interpret=interpret), mla_fn(x["scale"], backend="reference"),
         (*mla_args, x["ids"]), tol)
@@ -333,6 +350,9 @@ def main(argv=None) -> int:
     step = timed(dict(context=ctx, op="dsa_step", impl="pallas",
                       config=f"best: {label(cfgs['indexer'])} | {label(cfgs['topk'])} | {label(cfgs['mla'])}"),
                  dsa_step_fn(s, x["scale"], cfgs, interpret=interpret), *step_args(x), nbytes=step_bytes)
+    if first:
+      timed(dict(context=ctx, op="dsa_step", impl="pallas unfused", config="top-k does its own first pass"),
+            dsa_step_fn(s, x["scale"], cfgs, interpret=interpret, fused=False), *step_args(x), nbytes=step_bytes)
     if step.get("us"):
       limit_us = step_bytes / ceiling * 1e6
       step["vs"] = f"{step['us'] / limit_us:.2f}x its byte limit ({limit_us:.1f} us)"

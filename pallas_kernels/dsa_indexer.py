@@ -15,7 +15,8 @@ Kernel: grid (row, token span); each program keeps q [H, D] resident and walks i
 blocks of `block` tokens: gather the block's keys through the page table (each cached key
 is read once), scores [H, block] = q @ k^T on the tensor cores (FP8 keys are widened to q's
 dtype; one scale per 128-channel block multiplies that block's partial product), ReLU,
-weighted sum over heads. Blocks past the row's length are not read.
+weighted sum over heads. Blocks past the row's length are not read. Optionally the program
+also histograms its scores' top radix digit for dsa_topk (whose first pass this replaces).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _compat
+from pallas_kernels.dsa_topk import digit_histogram, first_pass_histograms, order_key
 
 BACKENDS = ("pallas", "reference")
 FP8_BLOCK = 128
@@ -45,8 +47,9 @@ def gather_rows(ref, rows, col_start, width, ok):
   return plt.load(ref.at[rows[:, None], cols[None, :]], mask=mask)
 
 
-def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, o_ref, *, page_size, n_tokens, span, block,
-            n_scale_blocks):
+def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, hist_in_ref, o_ref, hist_ref, *, page_size, n_tokens,
+            span, block, n_scale_blocks):
+  del hist_in_ref  # aliased with hist_ref (zeros), or both None
   row, p = pl.program_id(0), pl.program_id(1)
   heads_pad, dim = q_ref.shape[1], q_ref.shape[2]
   chunk = dim // n_scale_blocks
@@ -60,8 +63,9 @@ def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, o_ref, *, page_size
     tok = p * span + i * block + jnp.arange(block, dtype=jnp.int32)
     return plt.load(pt_ref.at[row, jnp.clip(tok // page_size, 0, max_pages - 1)], mask=tok < length, other=-1)
 
-  def body(i, page):
+  def body(i, carry):
     # `page` (this block's page ids) was loaded one step ahead: the key gather never waits on it.
+    page, hist = carry
     start = p * span + i * block
     tok = start + jnp.arange(block, dtype=jnp.int32)
     next_page = pages_of(i + 1)
@@ -83,13 +87,19 @@ def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, o_ref, *, page_size
 
     vals = jax.lax.cond(start < length, compute, lambda: jnp.full((block,), -jnp.inf, jnp.float32))
     plt.store(o_ref.at[row, pl.ds(start, block)], vals, mask=tok < n_tokens)
-    return next_page
+    if hist_ref is not None:   # dsa_topk's first radix pass, on the scores while they are here
+      hist = hist + digit_histogram(order_key(vals), vals > -jnp.inf, 1)
+    return next_page, hist
 
-  jax.lax.fori_loop(0, span // block, body, pages_of(0))
+  _, hist = jax.lax.fori_loop(0, span // block, body, (pages_of(0), jnp.zeros((16, 16), jnp.float32)))
+  if hist_ref is not None:
+    plt.atomic_add(hist_ref, (jnp.int32(0), row, slice(None), slice(None)), hist.astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block", "span", "num_warps", "num_stages"))
-def _pallas(q, w, k_pool, k_scale_pool, page_table, lengths, *, interpret, block, span, num_warps, num_stages):
+@functools.partial(jax.jit, static_argnames=("interpret", "block", "span", "num_warps", "num_stages",
+                                             "topk_histograms"))
+def _pallas(q, w, k_pool, k_scale_pool, page_table, lengths, *, interpret, block, span, num_warps, num_stages,
+            topk_histograms):
   batch, heads, dim = q.shape
   num_pages, page_size, _ = k_pool.shape
   n_tokens = page_table.shape[1] * page_size
@@ -103,12 +113,16 @@ def _pallas(q, w, k_pool, k_scale_pool, page_table, lengths, *, interpret, block
   w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, heads_pad - heads)))
   kernel = functools.partial(_kernel, page_size=page_size, n_tokens=n_tokens, span=span, block=block,
                              n_scale_blocks=n_scale_blocks)
-  return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((batch, n_tokens), jnp.float32),
-      grid=(batch, pl.cdiv(n_tokens, span)),
-      compiler_params=_compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret, name="dsa_indexer_scores",
-  )(q, w, k_flat, scale_flat, page_table, lengths.astype(jnp.int32))
+  scores = jax.ShapeDtypeStruct((batch, n_tokens), jnp.float32)
+  args = (q, w, k_flat, scale_flat, page_table, lengths.astype(jnp.int32))
+  call = functools.partial(pl.pallas_call, grid=(batch, pl.cdiv(n_tokens, span)), interpret=interpret,
+                           compiler_params=_compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
+                           name="dsa_indexer_scores")
+  if not topk_histograms:
+    return call(lambda *refs: kernel(*refs[:6], None, refs[6], None), out_shape=scores)(*args)
+  hist = jnp.zeros((4, batch, 16, 16), jnp.int32)
+  return call(kernel, out_shape=(scores, jax.ShapeDtypeStruct(hist.shape, jnp.int32)),
+              input_output_aliases={6: 1})(*args, hist)
 
 
 def _check(q, w, k_pool, k_scale_pool, page_table, lengths):
@@ -124,11 +138,13 @@ def _check(q, w, k_pool, k_scale_pool, page_table, lengths):
 
 
 def dsa_indexer_scores(q: jax.Array, w: jax.Array, k_pool: jax.Array, k_scale_pool: jax.Array | None,
-                       page_table: jax.Array, lengths: jax.Array, *, backend: str = "pallas",
-                       interpret: bool | None = None, block: int = 64, span: int = 1024, num_warps: int = 4,
-                       num_stages: int = 2) -> jax.Array:
+                       page_table: jax.Array, lengths: jax.Array, *, topk_histograms: bool = False,
+                       backend: str = "pallas", interpret: bool | None = None, block: int = 64, span: int = 1024,
+                       num_warps: int = 4, num_stages: int = 2):
   """Indexer scores float32[B, max_pages * page_size] (-inf at and past each row's length).
 
+  topk_histograms: also return dsa_topk's pass histograms int32[4, B, 16, 16] with its first
+    radix pass done on the scores as they are computed (pass them as dsa_topk(histograms=)).
   backend: "pallas" or "reference"; interpret: None = interpret mode only off-GPU.
   block: tokens per inner step; span: tokens per program (powers of two).
   """
@@ -136,16 +152,17 @@ def dsa_indexer_scores(q: jax.Array, w: jax.Array, k_pool: jax.Array, k_scale_po
     raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
   _check(q, w, k_pool, k_scale_pool, page_table, lengths)
   if backend == "reference":
-    return dsa_indexer_scores_reference(q, w, k_pool, k_scale_pool, page_table, lengths)
+    return dsa_indexer_scores_reference(q, w, k_pool, k_scale_pool, page_table, lengths,
+                                        topk_histograms=topk_histograms)
   interpret = _compat.resolve_interpret(interpret)
   return _pallas(q, w, k_pool, k_scale_pool, page_table, lengths, interpret=interpret, block=block, span=span,
-                 num_warps=num_warps, num_stages=num_stages)
+                 num_warps=num_warps, num_stages=num_stages, topk_histograms=topk_histograms)
 
 
 def dsa_indexer_scores_reference(q: jax.Array, w: jax.Array, k_pool: jax.Array, k_scale_pool: jax.Array | None,
-                                 page_table: jax.Array, lengths: jax.Array, *, backend: str = "reference",
-                                 interpret: bool | None = None, block: int = 64, span: int = 1024,
-                                 num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+                                 page_table: jax.Array, lengths: jax.Array, *, topk_histograms: bool = False,
+                                 backend: str = "reference", interpret: bool | None = None, block: int = 64,
+                                 span: int = 1024, num_warps: int = 4, num_stages: int = 2):
   """Plain jnp: gather every row's keys through the page table, dequantize, score."""
   del backend, interpret, block, span, num_warps, num_stages
   _check(q, w, k_pool, k_scale_pool, page_table, lengths)
@@ -161,4 +178,5 @@ def dsa_indexer_scores_reference(q: jax.Array, w: jax.Array, k_pool: jax.Array, 
   scores = jnp.einsum("bh,bhs->bs", w.astype(jnp.float32), jax.nn.relu(dots), precision=jax.lax.Precision.HIGHEST)
   tok = jnp.arange(max_pages * page_size)
   ok = (tok[None, :] < lengths[:, None]) & (jnp.repeat(page_table, page_size, axis=1) >= 0)
-  return jnp.where(ok, scores, -jnp.inf)
+  scores = jnp.where(ok, scores, -jnp.inf)
+  return (scores, first_pass_histograms(scores)) if topk_histograms else scores

@@ -22,7 +22,8 @@ with every pass parallel over (row, chunk) programs and the whole score array L2
                   output comes out sorted with no sort; chunk 0 writes the -1 padding.
 
 Six Pallas launches (plus zeroing the histograms), none data-dependent in size; at N=128K,
-B=8 each pass reads the 4 MB of scores, which stay in L2.
+B=8 each pass reads the 4 MB of scores, which stay in L2. The kernel that computes the scores
+may do pass 1 on the fly (`histograms=`; dsa_indexer_scores(..., topk_histograms=True)).
 """
 from __future__ import annotations
 
@@ -118,20 +119,38 @@ def _load_block(scores_ref, row, start, block, n):
   return idx, order_key(x), valid
 
 
+def digit_histogram(key: jax.Array, match: jax.Array, level: int) -> jax.Array:
+  """float32[16, 16] counts of the `level` digit (hi nibble, lo nibble) of the keys where
+  `match`: a one-hot [16, n] x [n, 16] matmul on the tensor cores instead of 256 compares."""
+  lanes = jnp.arange(16, dtype=jnp.int32)
+  d = _digit(key, level)
+  hi = ((d[None, :] >> 4) == lanes[:, None]) & match[None, :]               # [16, n]
+  lo = (d[:, None] & 15) == lanes[None, :]                                   # [n, 16]
+  return jax.lax.dot(hi.astype(jnp.bfloat16), lo.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def first_pass_histograms(scores: jax.Array) -> jax.Array:
+  """The pass histograms dsa_topk starts from, pass 1 done: int32[4, B, 16, 16] (plain jnp).
+
+  Kernels that produce the scores (pallas_kernels/dsa_indexer.py) can fill pass 1 as they go
+  and hand it to `dsa_topk(..., histograms=)`, which then skips its first pass.
+  """
+  x = scores.astype(jnp.float32)
+  valid = x > -jnp.inf
+  d = _digit(order_key(x), 1)
+  hist = jnp.sum((d[..., None] == jnp.arange(256)) & valid[..., None], axis=1, dtype=jnp.int32)
+  return jnp.zeros((_PASSES, scores.shape[0], 16, 16), jnp.int32).at[0].set(hist.reshape(-1, 16, 16))
+
+
 def _hist_kernel(scores_ref, hist_in_ref, hist_ref, *, level, k, n, chunk, block):
   del hist_in_ref  # aliased with hist_ref
   row, c = pl.program_id(0), pl.program_id(1)
-  lanes = jnp.arange(16, dtype=jnp.int32)
 
   def histogram(prefix):
     def body(i, acc):
       _, key, valid = _load_block(scores_ref, row, c * chunk + i * block, block, n)
       match = valid if level == 1 else valid & (_top_bits(key, level - 1) == prefix)
-      d = _digit(key, level)
-      hi = ((d[None, :] >> 4) == lanes[:, None]) & match[None, :]           # [16, block]
-      lo = (d[:, None] & 15) == lanes[None, :]                               # [block, 16]
-      return acc + jax.lax.dot(hi.astype(jnp.bfloat16), lo.astype(jnp.bfloat16),
-                               preferred_element_type=jnp.float32)
+      return acc + digit_histogram(key, match, level)
     acc = jax.lax.fori_loop(0, chunk // block, body, jnp.zeros((16, 16), jnp.float32))
     # Index the whole ref (not a `.at` view): interpret mode's discharge mishandles views.
     plt.atomic_add(hist_ref, (jnp.int32(level - 1), row, slice(None), slice(None)), acc.astype(jnp.int32))
@@ -208,14 +227,17 @@ def _plan(batch: int, n: int, block: int | None, chunks: int | None) -> tuple[in
 
 
 @functools.partial(jax.jit, static_argnames=("k", "interpret", "block", "chunks", "num_warps"))
-def _dsa_topk_pallas(scores, k, *, interpret, block=None, chunks=None, num_warps=4):
+def _dsa_topk_pallas(scores, histograms, k, *, interpret, block=None, chunks=None, num_warps=4):
   batch, n = scores.shape
   block, chunk, chunks = _plan(batch, n, block, chunks)
   chunks_pad = pl.next_power_of_2(chunks)
   grid = (batch, chunks)
   params = dict(compiler_params=_compat.compiler_params(num_warps=num_warps, num_stages=1), interpret=interpret)
-  hist = jnp.zeros((_PASSES, batch, 16, 16), jnp.int32)
-  for level in range(1, _PASSES + 1):
+  if histograms is None:
+    hist, first = jnp.zeros((_PASSES, batch, 16, 16), jnp.int32), 1
+  else:
+    hist, first = histograms, 2
+  for level in range(first, _PASSES + 1):
     hist = pl.pallas_call(
         functools.partial(_hist_kernel, level=level, k=k, n=n, chunk=chunk, block=block),
         out_shape=jax.ShapeDtypeStruct(hist.shape, jnp.int32), grid=grid, input_output_aliases={1: 0},
@@ -233,10 +255,13 @@ def _dsa_topk_pallas(scores, k, *, interpret, block=None, chunks=None, num_warps
   return out[:, :k] if width > k else out
 
 
-def dsa_topk(scores: jax.Array, k: int, *, backend: str = "pallas", interpret: bool | None = None,
-             block: int | None = None, chunks: int | None = None, num_warps: int = 4) -> jax.Array:
+def dsa_topk(scores: jax.Array, k: int, *, histograms: jax.Array | None = None, backend: str = "pallas",
+             interpret: bool | None = None, block: int | None = None, chunks: int | None = None,
+             num_warps: int = 4) -> jax.Array:
   """Top-k ids per row: scores float32[B, N] -> int32[B, k] ascending, -1 padded (ties -> lower index).
 
+  histograms: int32[4, B, 16, 16] with the first radix pass done (`first_pass_histograms`,
+    or filled by the kernel that computed the scores): the select starts at pass 2.
   backend: "pallas" (radix-select kernels) or "reference" (lax.top_k + sort).
   interpret: run the Pallas kernels in interpret mode; None = only when not on a GPU.
   """
@@ -246,19 +271,22 @@ def dsa_topk(scores: jax.Array, k: int, *, backend: str = "pallas", interpret: b
     raise ValueError(f"scores must be [batch, tokens], got shape {scores.shape}")
   if not isinstance(k, int) or k <= 0:
     raise ValueError(f"k must be a positive integer, got {k!r}")
+  if histograms is not None:
+    chex.assert_shape(histograms, (_PASSES, scores.shape[0], 16, 16))
   if backend == "reference":
     return dsa_topk_reference(scores, k)
   interpret = _compat.resolve_interpret(interpret)
-  out = _dsa_topk_pallas(scores.astype(jnp.float32), k, interpret=interpret, block=block, chunks=chunks,
-                         num_warps=num_warps)
+  out = _dsa_topk_pallas(scores.astype(jnp.float32), histograms, k, interpret=interpret, block=block,
+                         chunks=chunks, num_warps=num_warps)
   chex.assert_shape(out, (scores.shape[0], k))
   return out
 
 
-def dsa_topk_reference(scores: jax.Array, k: int, *, backend: str = "reference", interpret: bool | None = None,
-                       block: int | None = None, chunks: int | None = None, num_warps: int = 4) -> jax.Array:
+def dsa_topk_reference(scores: jax.Array, k: int, *, histograms: jax.Array | None = None, backend: str = "reference",
+                       interpret: bool | None = None, block: int | None = None, chunks: int | None = None,
+                       num_warps: int = 4) -> jax.Array:
   """Plain-XLA top-k with the same contract (lax.top_k prefers lower indices among equal values)."""
-  del backend, interpret, block, chunks, num_warps
+  del histograms, backend, interpret, block, chunks, num_warps
   batch, n = scores.shape
   x = scores.astype(jnp.float32)
   x = jnp.where(jnp.isnan(x), -jnp.inf, x)

@@ -131,6 +131,19 @@ def test_indexer_scores_match_reference(name):
   np.testing.assert_allclose(out[valid], ref[valid], rtol=0, atol=tol * scale)
 
 
+def test_indexer_does_the_first_topk_pass():
+  """dsa_indexer_scores(topk_histograms=True) histograms its scores' top radix digit as it
+  computes them; dsa_topk(histograms=) then starts at pass 2 and selects exactly as alone."""
+  from pallas_kernels.dsa_topk import first_pass_histograms
+  args = _indexer_case(1, batch=3, heads=16, dim=128, page_size=16, max_pages=6, dtype="float8_e4m3fn",
+                       lengths=[0, 37, 96])
+  scores, hist = dsa_indexer_scores(*args, topk_histograms=True, interpret=True, block=16, span=32)
+  np.testing.assert_array_equal(np.asarray(hist), np.asarray(first_pass_histograms(scores)))
+  assert np.asarray(hist)[0].sum(axis=(1, 2)).tolist() == [0, 37, 96]
+  ids = dsa_topk(scores, 16, histograms=hist, interpret=True, block=16, chunks=4)
+  np.testing.assert_array_equal(np.asarray(ids), np.asarray(dsa_topk_reference(scores, 16)))
+
+
 # -- lowering ----------------------------------------------------------------------------------
 
 def _bench_args():
@@ -140,6 +153,12 @@ def _bench_args():
   pages = batch * n // page
   return {
       "dsa_topk": (lambda x: dsa_topk(x, 2048, interpret=False), (s((batch, n), jnp.float32),)),
+      "dsa_indexer_scores+topk_histograms": (
+          lambda q, w, k, sc, pt, l: dsa_indexer_scores(q, w, k, sc, pt, l, topk_histograms=True, interpret=False),
+          (s((batch, 64, 128), jnp.bfloat16), s((batch, 64), jnp.float32), s((pages, page, 128), jnp.float8_e4m3fn),
+           s((pages, page, 1), jnp.float32), s((batch, n // page), jnp.int32), s((batch,), jnp.int32))),
+      "dsa_topk+histograms": (lambda x, h: dsa_topk(x, 2048, histograms=h, interpret=False),
+                              (s((batch, n), jnp.float32), s((4, batch, 16, 16), jnp.int32))),
       "dsa_indexer_scores": (
           lambda q, w, k, sc, pt, l: dsa_indexer_scores(q, w, k, sc, pt, l, interpret=False),
           (s((batch, 64, 128), jnp.bfloat16), s((batch, 64), jnp.float32), s((pages, page, 128), jnp.float8_e4m3fn),
@@ -155,7 +174,8 @@ def _bench_args():
   }
 
 
-@pytest.mark.parametrize("name,launches", [("dsa_topk", 6), ("dsa_indexer_scores", 1), ("sparse_mla_decode", 1),
+@pytest.mark.parametrize("name,launches", [("dsa_topk", 6), ("dsa_topk+histograms", 5), ("dsa_indexer_scores", 1),
+                                           ("dsa_indexer_scores+topk_histograms", 1), ("sparse_mla_decode", 1),
                                            ("sparse_mla_prefill", 1)])
 def test_kernels_lower_to_triton_at_bench_shapes(name, launches):
   """backend="pallas" really is the Triton kernel (no fallback), and the Pallas -> Triton-IR

@@ -377,6 +377,10 @@ def select_decode(cfg: DSASparseAttentionConfig, ix: IndexerSpec, q: jax.Array, 
   scales = layer.aux[INDEXER_K_SCALE][0] if cfg.fp8 else None
 
   def sparse(_):
+    if runtime.backend == "pallas":   # the indexer kernel also does the top-k's first radix pass
+      scores, hist = dsa_indexer_scores(q, w, keys, scales, page_table, lengths, topk_histograms=True,
+                                        **runtime.kernel_kwargs())
+      return dsa_topk(scores, topk, histograms=hist, **runtime.kernel_kwargs())
     scores = dsa_indexer_scores(q, w, keys, scales, page_table, lengths, **runtime.kernel_kwargs())
     return dsa_topk(scores, topk, **runtime.kernel_kwargs())
 
