@@ -13,10 +13,12 @@ case "$group" in
     OUT="$work" bash bench/run_kernels_gpu.sh > "$work/run.log" 2>&1 ;;
   step_decode)
     timeout 200 python3 bench/bench_rocket_step.py --out="$work/rocket_step.json" > "$work/rocket_step.log" 2>&1
-    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 330 python3 bench/bench_decode.py --out="$work/decode.json" \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+      timeout 330 python3 bench/bench_decode.py --out="$work/decode.json" \
       > "$work/decode.log" 2>&1 ;;
   decode8b)
-    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${LIMIT:-240}" python3 bench/bench_decode.py --iters=10 \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+      timeout "${LIMIT:-240}" python3 bench/bench_decode.py --iters=10 \
       --out="$work/decode.json" > "$work/decode.log" 2>&1 ;;
   eval)
     timeout "${LIMIT:-420}" python3 bench/eval_suite.py --backend=pallas --time_budget_s="${BUDGET:-330}" \
