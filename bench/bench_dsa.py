@@ -29,7 +29,6 @@ within 1.5x of its byte limit and >= 4x faster than dense at 128K.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 
@@ -43,7 +42,7 @@ import numpy as np  # noqa: E402
 
 from pallas_kernels.dsa_indexer import dsa_indexer_scores, dsa_indexer_scores_reference  # noqa: E402
 from pallas_kernels.dsa_topk import dsa_topk, dsa_topk_reference  # noqa: E402
-from pallas_kernels.sparse_mla_decode import sparse_mla_decode, sparse_mla_decode_reference  # noqa: E402
+from pallas_kernels.sparse_mla_decode import sparse_mla_decode  # noqa: E402
 from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill, sparse_mla_prefill_reference  # noqa: E402
 from sparse_jax.algorithms.dsa import quantize_fp8  # noqa: E402
 

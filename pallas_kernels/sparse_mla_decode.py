@@ -21,7 +21,6 @@ so the programs reading the same tokens run together and share them through L2.
 from __future__ import annotations
 
 import functools
-import math
 
 import chex
 import jax

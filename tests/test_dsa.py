@@ -1,6 +1,5 @@
 """DSA on our MLA model: config, errors, sparse == dense at full budget, cached == no-cache,
 the FP8 indexer cache (bytes per token, no Hadamard rotation), kernels wired into the model."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp
