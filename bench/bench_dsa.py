@@ -41,7 +41,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.dsa_indexer import dsa_indexer_scores, dsa_indexer_scores_reference  # noqa: E402
-from pallas_kernels.dsa_topk import dsa_topk, dsa_topk_reference  # noqa: E402
+from pallas_kernels.dsa_topk import (dsa_topk, dsa_topk_internals, dsa_topk_reference,  # noqa: E402
+                                     pass_histograms_reference)
 from pallas_kernels.sparse_mla_decode import sparse_mla_decode  # noqa: E402
 from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill, sparse_mla_prefill_reference  # noqa: E402
 from sparse_jax.algorithms.dsa import quantize_fp8  # noqa: E402
@@ -185,6 +186,27 @@ def _poisoned(x, s: Shape, context: int):
   return x
 
 
+def topk_diagnostics(scores, k, interpret):
+  """Per row: ids differing from lax.top_k, and the first radix pass whose histogram differs
+  from plain jnp's (pass 1..4 of dsa_topk), with the kernel's and the reference's totals."""
+  ids, hist, counts = jax.jit(lambda sc: dsa_topk_internals(sc, k, interpret=interpret))(scores)
+  ref_ids = np.asarray(jax.jit(lambda sc: dsa_topk_reference(sc, k))(scores))
+  ref_hist = np.asarray(jax.jit(lambda sc: pass_histograms_reference(sc, k))(scores))
+  ids, hist, counts = np.asarray(ids), np.asarray(hist), np.asarray(counts)
+  problems = 0
+  for b in range(scores.shape[0]):
+    bad = [lv + 1 for lv in range(4) if not np.array_equal(hist[lv, b], ref_hist[lv, b])]
+    if not bad and np.array_equal(ids[b], ref_ids[b]):
+      continue
+    problems += 1
+    print(f"  topk row {b}: valid={int(np.isfinite(np.asarray(scores[b])).sum())} "
+          f"ids differing={int(np.sum(ids[b] != ref_ids[b]))} taken={int(np.sum(ids[b] >= 0))}/"
+          f"{int(np.sum(ref_ids[b] >= 0))} pass totals kernel={hist[:, b].sum(axis=(1, 2)).tolist()} "
+          f"ref={ref_hist[:, b].sum(axis=(1, 2)).tolist()} first bad pass={bad[0] if bad else None} "
+          f"chunk counts (above, equal) sums={counts[b].sum(axis=1).tolist()}", flush=True)
+  print(f"  topk diagnostics: {problems} of {scores.shape[0]} rows differ (ids or a pass histogram)", flush=True)
+
+
 def check(s: Shape, contexts, interpret: bool) -> bool:
   """Every kernel vs its reference on this device; prints max errors. True when all pass."""
   ok = True
@@ -217,6 +239,7 @@ def check(s: Shape, contexts, interpret: bool) -> bool:
         1e-3 * scale)
     run("dsa_topk (mismatching ids)", topk_fn(s.topk, interpret=interpret),
         jax.jit(lambda sc: dsa_topk_reference(sc, s.topk)), (x["scores"],), 0, exact=True)
+    common.guarded("topk diagnostics", topk_diagnostics, x["scores"], s.topk, interpret)
     fused = jax.jit(lambda *a: _fused_select(a, s.topk, interpret))
     # vs lax.top_k of the kernel's own scores (the reference scores differ in rounding: near-ties may flip)
     run("indexer + top-k, fused first pass (mismatching ids)", fused,

@@ -68,12 +68,18 @@ def _next_state(state, hist, k, level):
   """state = (prefix, k_rem, full, level_done) after `level - 1` passes; hist int32[16, 16] of
   pass `level` -> the state after it. All scalars int32/bool; plain jnp (kernels and host)."""
   prefix, k_rem, full, done = state
-  flat = (jnp.arange(16, dtype=jnp.int32)[:, None] * 16 + jnp.arange(16, dtype=jnp.int32)[None, :])
-  row_tot = jnp.sum(hist, axis=1)                                           # [16]
-  above_rows = jnp.sum(row_tot) - jnp.cumsum(row_tot)                      # rows hi' > hi
-  within = row_tot[:, None] - jnp.cumsum(hist, axis=1) + hist              # same row, lo' >= lo
-  count_ge = above_rows[:, None] + within                                  # keys with digit >= d
-  total = jnp.sum(row_tot)
+  lanes = jnp.arange(16, dtype=jnp.int32)
+  flat = lanes[:, None] * 16 + lanes[None, :]
+  # Suffix counts by 16x16 triangular matmuls (float32, exact below 2^24), not scans: no
+  # cumsum over the small, oddly laid out tensors of this prologue.
+  counts = hist.astype(jnp.float32)
+  hp = jax.lax.Precision.HIGHEST
+  lo_ge = (lanes[:, None] >= lanes[None, :]).astype(jnp.float32)           # [lo', lo] = lo' >= lo
+  hi_gt = (lanes[None, :] > lanes[:, None]).astype(jnp.float32)            # [hi, hi'] = hi' > hi
+  within = jax.lax.dot(counts, lo_ge, precision=hp, preferred_element_type=jnp.float32)   # same hi, lo' >= lo
+  higher = jnp.sum(jax.lax.dot(hi_gt, counts, precision=hp, preferred_element_type=jnp.float32), axis=1)
+  count_ge = (higher[:, None] + within).astype(jnp.int32)                  # keys with digit >= hi * 16 + lo
+  total = jnp.sum(hist)
   d_star = jnp.sum((count_ge >= k_rem).astype(jnp.int32)) - 1
   in_bucket = jnp.sum(jnp.where(flat == d_star, hist, 0))
   above = jnp.sum(jnp.where(flat > d_star, hist, 0))
@@ -226,8 +232,8 @@ def _plan(batch: int, n: int, block: int | None, chunks: int | None) -> tuple[in
   return block, per_chunk * block, chunks
 
 
-@functools.partial(jax.jit, static_argnames=("k", "interpret", "block", "chunks", "num_warps"))
-def _dsa_topk_pallas(scores, histograms, k, *, interpret, block=None, chunks=None, num_warps=4):
+@functools.partial(jax.jit, static_argnames=("k", "interpret", "block", "chunks", "num_warps", "internals"))
+def _dsa_topk_pallas(scores, histograms, k, *, interpret, block=None, chunks=None, num_warps=4, internals=False):
   batch, n = scores.shape
   block, chunk, chunks = _plan(batch, n, block, chunks)
   chunks_pad = pl.next_power_of_2(chunks)
@@ -252,7 +258,8 @@ def _dsa_topk_pallas(scores, histograms, k, *, interpret, block=None, chunks=Non
       functools.partial(_scatter_kernel, k=k, n=n, chunk=chunk, block=block, chunks=chunks),
       out_shape=jax.ShapeDtypeStruct((batch, width), jnp.int32), grid=grid, name="dsa_topk_scatter",
       **params)(scores, hist, counts)
-  return out[:, :k] if width > k else out
+  out = out[:, :k] if width > k else out
+  return (out, hist, counts[:, :, :chunks]) if internals else out
 
 
 def dsa_topk(scores: jax.Array, k: int, *, histograms: jax.Array | None = None, backend: str = "pallas",
@@ -280,6 +287,31 @@ def dsa_topk(scores: jax.Array, k: int, *, histograms: jax.Array | None = None, 
                          chunks=chunks, num_warps=num_warps)
   chex.assert_shape(out, (scores.shape[0], k))
   return out
+
+
+def pass_histograms_reference(scores: jax.Array, k: int) -> jax.Array:
+  """int32[4, B, 16, 16]: the histogram each radix pass must produce (plain jnp, one row at a
+  time through the same state machine); a diagnostic for the kernels."""
+  def row(x):
+    key, valid = order_key(x), x > -jnp.inf
+    hists, state = [], (jnp.int32(0), jnp.int32(k), jnp.bool_(False), jnp.int32(0))
+    for level in range(1, _PASSES + 1):
+      prefix, _, full, _ = state
+      match = valid if level == 1 else valid & (_top_bits(key, level - 1) == prefix) & ~full
+      d = _digit(key, level)
+      h = jnp.sum((d[:, None] == jnp.arange(256)) & match[:, None], axis=0, dtype=jnp.int32).reshape(16, 16)
+      hists.append(h)
+      state = _next_state(state, h, k, level)
+    return jnp.stack(hists)
+  x = jnp.where(jnp.isnan(scores), -jnp.inf, scores.astype(jnp.float32))
+  return jnp.moveaxis(jax.vmap(row)(x), 0, 1)
+
+
+def dsa_topk_internals(scores: jax.Array, k: int, *, interpret: bool | None = None, **plan):
+  """(ids, pass histograms int32[4, B, 16, 16], per-chunk counts int32[B, 2, chunks]) of the
+  Pallas select: compare the histograms with `pass_histograms_reference` to find a failing pass."""
+  return _dsa_topk_pallas(scores.astype(jnp.float32), None, k, interpret=_compat.resolve_interpret(interpret),
+                          internals=True, **plan)
 
 
 def dsa_topk_reference(scores: jax.Array, k: int, *, histograms: jax.Array | None = None, backend: str = "reference",

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pallas_kernels.dsa_indexer import dsa_indexer_scores, dsa_indexer_scores_reference
-from pallas_kernels.dsa_topk import dsa_topk, dsa_topk_reference
+from pallas_kernels.dsa_topk import (dsa_topk, dsa_topk_internals, dsa_topk_reference,
+                                     pass_histograms_reference)
 from pallas_kernels.sparse_mla_decode import sparse_mla_decode
 from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill
 from sparse_jax.algorithms import dsa
@@ -16,8 +17,11 @@ from sparse_jax.algorithms import dsa
 # -- top-k -------------------------------------------------------------------------------------
 
 def _topk_pair(scores, k, **kw):
+  """(kernel ids, reference ids); also checks every radix pass's histogram against plain jnp."""
   x = jnp.asarray(scores, jnp.float32)
-  return np.asarray(dsa_topk(x, k, interpret=True, **kw)), np.asarray(dsa_topk_reference(x, k))
+  ids, hist, _ = dsa_topk_internals(x, k, interpret=True, **kw)
+  np.testing.assert_array_equal(np.asarray(hist), np.asarray(pass_histograms_reference(x, k)))
+  return np.asarray(ids), np.asarray(dsa_topk_reference(x, k))
 
 
 def _check_contract(out, scores, k):
