@@ -13,7 +13,7 @@ sparse_jax/algorithms/dsa.py.)
 
 Kernel: grid (row, token span); each program keeps q [H, D] resident and walks its span in
 blocks of `block` tokens: gather the block's keys through the page table (each cached key
-is read once), scores [H, block] = q @ k^T on the tensor cores (FP8 keys are widened to q's
+is read once), scores [block, H] = k @ q^T on the tensor cores (FP8 keys are widened to q's
 dtype; one scale per 128-channel block multiplies that block's partial product), ReLU,
 weighted sum over heads. Blocks past the row's length are not read. Optionally the program
 also histograms its scores' top radix digit for dsa_topk (whose first pass this replaces).
@@ -73,16 +73,18 @@ def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, hist_in_ref, o_ref,
     def compute():
       ok = (tok < length) & (page >= 0)
       slot = jnp.maximum(page, 0) * page_size + tok % page_size
-      scores = jnp.zeros((heads_pad, block), jnp.float32)
+      # Tokens are the matmul rows and heads its columns, so the weighted sum over heads below
+      # reduces along the fast axis (within a thread and its quad, no cross-warp exchange).
+      scores = jnp.zeros((block, heads_pad), jnp.float32)
       for j in range(n_scale_blocks):
         kq = gather_rows(k_ref, slot, j * chunk, chunk, ok)                                   # [block, chunk]
-        part = jax.lax.dot_general(q[j], kq.astype(q[j].dtype), (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
+        part = jax.lax.dot_general(kq.astype(q[j].dtype), q[j], (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)                       # [block, Hp]
         if scale_ref is not None:
           s = plt.load(scale_ref.at[slot, j], mask=ok, other=0.0)                              # [block]
-          part = part * s[None, :]
+          part = part * s[:, None]
         scores = scores + part
-      total = jnp.sum(w[:, None] * jnp.maximum(scores, 0.0), axis=0)
+      total = jnp.sum(jnp.maximum(scores, 0.0) * w[None, :], axis=1)
       return jnp.where(ok, total, -jnp.inf)
 
     vals = jax.lax.cond(start < length, compute, lambda: jnp.full((block,), -jnp.inf, jnp.float32))
