@@ -275,12 +275,16 @@ INDEXER_SWEEP = [dict(block=64, span=1024, num_warps=4, num_stages=2), dict(bloc
                  dict(block=64, span=2048, num_warps=4), dict(block=128, span=2048, num_warps=8),
                  dict(block=64, span=1024, num_warps=8, num_stages=3), dict(block=32, span=512, num_warps=4)]
 TOPK_SWEEP = [dict(), dict(chunks=32), dict(block=512, chunks=128), dict(block=2048, chunks=16, num_warps=8)]
-MLA_SPARSE_SWEEP = [dict(), dict(block_k=64), dict(num_splits=16), dict(num_splits=4), dict(block_h=32, block_k=32),
-                    dict(block_h=128, num_warps=16), dict(block_h=128, num_warps=16, num_splits=16),
-                    dict(block_k=64, num_stages=3), dict(block_h=16, block_k=64)]
-MLA_DENSE_SWEEP = [dict(), dict(block_k=64), dict(block_k=64, num_stages=3), dict(block_h=32, block_k=64),
-                   dict(block_h=128, num_warps=16), dict(block_h=128, block_k=64, num_warps=16),
-                   dict(block_k=64, num_splits=34), dict(block_h=16, block_k=64)]
+# The [block_h, 512] float32 accumulator and the resident [block_h, 576] query share the
+# registers: 64 heads want 8+ warps, 32 heads 8, 16 heads 4 (the sweep says which spills least).
+MLA_SPARSE_SWEEP = [dict(), dict(block_k=64), dict(num_splits=16), dict(num_splits=4),
+                    dict(block_h=32, num_warps=8), dict(block_h=32, block_k=64, num_warps=8),
+                    dict(block_h=16, block_k=64, num_warps=4), dict(block_h=128, num_warps=16),
+                    dict(block_h=64, num_warps=16)]
+MLA_DENSE_SWEEP = [dict(), dict(block_k=64), dict(block_h=32, block_k=64, num_warps=8),
+                   dict(block_h=32, block_k=32, num_warps=8, num_stages=3), dict(block_h=16, block_k=64, num_warps=4),
+                   dict(block_h=128, block_k=64, num_warps=16), dict(block_h=64, block_k=64, num_warps=16),
+                   dict(block_k=64, num_splits=34)]
 
 
 def label(cfg: dict) -> str:

@@ -171,8 +171,8 @@ def sparse_mla_decode(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array
 
   backend: "pallas" or "reference"; interpret: None = interpret mode only off-GPU.
   block_h: heads per program; block_k: tokens per step; num_splits: programs per row and
-  head block (None: enough to fill an H100); num_warps: None = 8 for 64+ heads per program
-  (the [block_h, R] float32 accumulator needs the registers), else 4.
+  head block (None: enough to fill an H100); num_warps: None = 8 for 32+ heads per program
+  (the [block_h, R] float32 accumulator and the resident query need the registers), else 4.
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
@@ -181,7 +181,7 @@ def sparse_mla_decode(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array
     return sparse_mla_decode_reference(q, latent_pool, rope_pool, page_table, token_ids, scale)
   interpret = _compat.resolve_interpret(interpret)
   if num_warps is None:
-    num_warps = 8 if block_h >= 64 else 4
+    num_warps = 8 if block_h >= 32 else 4
   return _pallas(q, latent_pool, rope_pool, page_table, token_ids.astype(jnp.int32), scale=float(scale),
                  interpret=interpret, block_h=block_h, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
                  num_stages=num_stages)

@@ -78,7 +78,7 @@ def sparse_mla_prefill(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Arra
                        block_h: int = 64, block_k: int = 32, num_warps: int | None = None,
                        num_stages: int = 2) -> jax.Array:
   """Absorbed MLA attention of each prompt query over its own token ids (see module docstring).
-  num_warps: None = 8 for 64+ heads per program, else 4."""
+  num_warps: None = 8 for 32+ heads per program, else 4."""
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
   _check(q, latent_pool, rope_pool, page_table, token_ids)
@@ -86,7 +86,7 @@ def sparse_mla_prefill(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Arra
     return sparse_mla_prefill_reference(q, latent_pool, rope_pool, page_table, token_ids, scale)
   interpret = _compat.resolve_interpret(interpret)
   if num_warps is None:
-    num_warps = 8 if block_h >= 64 else 4
+    num_warps = 8 if block_h >= 32 else 4
   return _pallas(q, latent_pool, rope_pool, page_table, token_ids.astype(jnp.int32), scale=float(scale),
                  interpret=interpret, block_h=block_h, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
 
