@@ -76,14 +76,15 @@ def model(checkpoint):
 
 # -- a cached prefill + decode loop over permuted pages ---------------------------------------
 
-def cached_generate(model, prompts, steps, sparse, *, page_size=4, seed=0, backend="reference", interpret=None):
-  """Greedy generation with our paged cache: all prompts prefilled at once (right-padded,
-  ragged), then `steps - 1` batched decode steps. Every slot's pages are a random permutation
-  of the pool. Returns (generated ids [n, steps], logits [n, steps, vocab]: prefill's last
-  logits, then each decode step's)."""
+def cached_generate(model, prompts, steps, sparse, *, page_size=4, seed=0, backend="reference", interpret=None,
+                    pad_to=None):
+  """Greedy generation with our paged cache: all prompts prefilled at once (right-padded to
+  `pad_to` or the longest, ragged), then `steps - 1` batched decode steps. Every slot's pages
+  are a random permutation of the pool. Returns (generated ids [n, steps], logits
+  [n, steps, vocab]: prefill's last logits, then each decode step's)."""
   runtime = Runtime(backend=backend, sparse=sparse, interpret=interpret)
   n = len(prompts)
-  t = max(len(p) for p in prompts)
+  t = pad_to or max(len(p) for p in prompts)
   pages_per_seq = math.ceil((t + steps) / page_size)
   num_pages = n * pages_per_seq + 5
   rng = np.random.default_rng(seed)

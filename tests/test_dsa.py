@@ -87,13 +87,14 @@ def test_mla_model_rejects_gqa_only_algorithms(model):
 # -- numerics ----------------------------------------------------------------------------------
 
 def test_sparse_equals_dense_when_topk_covers_the_sequence(model):
-  """index_topk >= every length, indexer not skipped (it runs and must pick every token): the
-  DSA model's cached logits equal dense MLA's (no sparse config)."""
+  """index_topk >= every length but below the padded prompt (24) and the page-table capacity
+  (40), indexer not skipped: prefill and decode run the indexer and top-k, which must pick
+  every token, and the DSA model's cached logits equal dense MLA's (no sparse config)."""
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, 97, size=n).tolist() for n in (9, 17, 4)]
-  full = DSA(index_topk=40, indexer_k_dtype="float32", skip_indexer_for_short_seqs=False)
-  ids_sparse, sparse = cached_generate(model, prompts, 12, full, page_size=4)
-  ids_dense, dense = cached_generate(model, prompts, 12, None, page_size=4)
+  full = DSA(index_topk=30, indexer_k_dtype="float32", skip_indexer_for_short_seqs=False)
+  ids_sparse, sparse = cached_generate(model, prompts, 12, full, page_size=4, pad_to=24)
+  ids_dense, dense = cached_generate(model, prompts, 12, None, page_size=4, pad_to=24)
   diff = np.abs(sparse - dense).max()
   print(f"sparse (topk >= length) vs dense MLA logits: {diff:.2e}")
   assert diff <= 1e-5
