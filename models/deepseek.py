@@ -294,6 +294,21 @@ class DeepseekV32ForCausalLM(nnx.Module):
     return CacheLayout(num_layers=self.num_layers, kv_heads=1, head_dim=self.config.kv_lora_rank,
                        v_head_dim=self.config.qk_rope_head_dim, aux_specs=aux)
 
+  def tensor_parallel_spec(self, path: tuple[str, ...], shard_kv: bool):
+    """PartitionSpec of one parameter: MLP and expert columns/rows split over the mesh; attention,
+    indexer, router, norms and embeddings replicated (the latent cache has one head; see
+    sparse_jax/parallel.py)."""
+    from jax.sharding import PartitionSpec as P
+    from sparse_jax.attention import TP_AXIS
+    if "mlp" not in path or "gate" == path[-2] or path[-1] in ("weight", "e_score_correction_bias"):
+      return P()
+    if "experts" in path and "shared_experts" not in path:  # stacked [E, hidden, inner] / [E, inner, hidden]
+      return P(None, None, TP_AXIS) if path[-1] in ("gate_proj", "up_proj") else P(None, TP_AXIS, None)
+    proj = path[-2]
+    if path[-1] == "kernel":
+      return P(None, TP_AXIS) if proj in ("gate_proj", "up_proj") else P(TP_AXIS, None)
+    return P(TP_AXIS) if proj in ("gate_proj", "up_proj") else P()
+
   def attention_layers(self) -> list[MLAttention]:
     return [layer.self_attn for layer in self.layers]
 

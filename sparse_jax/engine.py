@@ -146,7 +146,7 @@ class Engine:
       from sparse_jax import parallel
       if tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size={tensor_parallel_size} must be >= 1")
-      shard_kv = parallel.check_divisible(model.config, tensor_parallel_size)
+      shard_kv = parallel.check_divisible(model, tensor_parallel_size)
       mesh = parallel.make_mesh(tensor_parallel_size)
       parallel.shard_model(model, mesh, shard_kv)
     self.tensor_parallel_size = tensor_parallel_size

@@ -9,8 +9,9 @@ and one after the MLP, both inserted by XLA from the shardings):
     whole per-KV-head attention (cache writes, predict_kv, compaction, aux updates,
     predict_attn, the Pallas decode kernel) under `shard_map`, with no communication;
   * embeddings, norms, lm_head and the page table are replicated.
-Models with a single KV head (MQA) cannot be split by head: their attention (and cache)
-is replicated on every device and only the MLP is split; splitting query heads alone would need
+Models with a single KV head (MQA, and MLA whose cache holds one latent shared by every head)
+cannot be split by head: their attention (and cache, and DSA's indexer) is replicated on every
+device and only the MLP / MoE experts are split; splitting query heads alone would need
 the group's prediction scores all-reduced every step, and splitting head_dim would break the
 per-head softmax. Models with several KV heads need num_key_value_heads divisible by the size.
 
@@ -38,15 +39,18 @@ def make_mesh(size: int) -> Mesh:
   return Mesh(np.array(devices[:size]), (TP_AXIS,))
 
 
-def check_divisible(config, size: int) -> bool:
-  """Validates the model against the parallel size; returns whether KV heads are split."""
+def check_divisible(model, size: int) -> bool:
+  """Validates the model against the parallel size; returns whether KV heads are split
+  (models whose cache has one KV head, MQA and MLA's shared latent, replicate it)."""
+  config = model.config
   heads = config.num_attention_heads
-  kv_heads = config.num_key_value_heads
+  kv_heads = model.kv_heads
   if heads % size:
     raise ConfigError(f"tensor_parallel_size={size} does not divide num_attention_heads={heads}")
-  inter = getattr(config, "intermediate_size", None)
-  if inter is not None and inter % size:
-    raise ConfigError(f"tensor_parallel_size={size} does not divide intermediate_size={inter}")
+  for field in ("intermediate_size", "moe_intermediate_size"):
+    inner = getattr(config, field, None)
+    if inner is not None and inner % size:
+      raise ConfigError(f"tensor_parallel_size={size} does not divide {field}={inner}")
   if kv_heads == 1:
     return False
   if kv_heads % size:

@@ -46,3 +46,14 @@ def test_heads_must_divide():
   from tests.model_fixtures import tiny_llama
   with pytest.raises(ConfigError, match="tensor_parallel_size=3 does not divide num_attention_heads=4"):
     LLM(tiny_llama(0), tensor_parallel_size=3)
+
+
+def test_dsa_on_mla_replicates_the_latent_cache_and_splits_the_experts():
+  res = _run("mla", "sparse", "1,2,4")
+  outs, hlo = res["outs"], res["hlo"]
+  assert outs["2"] == outs["1"] and outs["4"] == outs["1"]
+  for tp in ("2", "4"):
+    assert hlo[tp]["pool_local_shape"][0] == 1, "the latent cache has one head and is replicated"
+    # Attention (and the indexer) run replicated: one all-reduce per MLP / MoE block only.
+    assert hlo[tp]["all_reduce"] == hlo[tp]["layers"], hlo[tp]
+    assert not hlo[tp]["all_gather_lines"], hlo[tp]["all_gather_lines"]

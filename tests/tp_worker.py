@@ -19,14 +19,25 @@ from sparse_jax.algorithms.rocket import RocketSparseAttentionConfig
 from tests.model_fixtures import tiny_llama
 
 
+def build(kv_heads):
+  if kv_heads == "mla":
+    from tests.test_dsa import tiny_deepseek
+    return tiny_deepseek(7, num_attention_heads=8)
+  return tiny_llama(7, heads=8, kv_heads=kv_heads, head_dim=8, max_pos=512)
+
+
 def run(kv_heads, sparse, sizes):
-  rk = RocketSparseAttentionConfig(prompt_budget=48, window_size=8, kernel_size=5, topr=1.0, topk=6, page_size=4,
-                                   kt_cache_dtype="float32") if sparse else None
+  if kv_heads == "mla":
+    from sparse_jax.algorithms.dsa import DSASparseAttentionConfig
+    rk = DSASparseAttentionConfig(index_topk=16, indexer_k_dtype="float32") if sparse else None
+  else:
+    rk = RocketSparseAttentionConfig(prompt_budget=48, window_size=8, kernel_size=5, topr=1.0, topk=6, page_size=4,
+                                     kt_cache_dtype="float32") if sparse else None
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, 97, size=n).tolist() for n in (90, 30, 61)]
   outs, hlo = {}, {}
   for tp in sizes:
-    model = tiny_llama(7, heads=8, kv_heads=kv_heads, head_dim=8, max_pos=512)
+    model = build(kv_heads)
     llm = LLM(model, dtype="float32", sparse_attention_config=rk, kv_cache_config=KvCacheConfig(tokens_per_block=8),
               max_batch_size=4, max_seq_len=256, tensor_parallel_size=tp, decode_chunk_size=4)
     res = llm.generate(prompts, SamplingParams(max_tokens=12, ignore_eos=True))
@@ -45,6 +56,7 @@ def run(kv_heads, sparse, sizes):
 
 
 if __name__ == "__main__":
-  kv_heads, sparse = int(sys.argv[1]), sys.argv[2] == "sparse"
+  kv_heads = sys.argv[1] if sys.argv[1] == "mla" else int(sys.argv[1])
+  sparse = sys.argv[2] == "sparse"
   sizes = [int(s) for s in sys.argv[3].split(",")]
   print(json.dumps(dict(devices=jax.device_count(), **run(kv_heads, sparse, sizes))))
