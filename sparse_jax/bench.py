@@ -51,6 +51,7 @@ class BenchArgs:
   dataset: str = ""
   extra_llm_api_options: Sequence[str] = ("dense",)
   backend: str = "auto"
+  tensor_parallel_size: int | None = None
   max_batch_size: Sequence[str] = ("8",)
   points: Sequence[str] = ()
   max_batch_cap: int = 256
@@ -352,7 +353,8 @@ def run_point(args: BenchArgs, model, tokenizer, dtype: str, source: Workload | 
   # The whole options file applies (e.g. enable_chunked_prefill); the sizing arguments here win over it.
   common = dict(tokenizer=tokenizer, dtype=dtype, sparse_attention_config=sparse, backend=backend,
                 max_seq_len=max_seq_len, decode_chunk_size=args.decode_chunk_size, seed=args.seed,
-                extra_llm_api_options=options_name if options is not None else None)
+                extra_llm_api_options=options_name if options is not None else None,
+                tensor_parallel_size=args.tensor_parallel_size)
   probe = LLM(model, kv_cache_config=dataclasses.replace(kv, max_tokens=page), max_batch_size=1, **common)
   page_bytes = probe.engine._page_bytes(probe.engine.kv_dtype)
   del probe
@@ -611,6 +613,8 @@ def _define_flags():
   flags.DEFINE_list("extra_llm_api_options", ["dense"], "options YAML(s) (TensorRT-LLM layout); 'dense' = none; "
                     "a comma list runs side by side")
   flags.DEFINE_enum("backend", "auto", ["auto", "pallas", "reference"], "attention kernels")
+  flags.DEFINE_integer("tensor_parallel_size", None, "devices the model is split over (default: the YAML's, else 1)",
+                       lower_bound=1)
   flags.DEFINE_list("max_batch_size", ["8"], "batch slots; a comma list sweeps; 'max' = the largest batch whose "
                     "KV fits (device memory x --kv_memory_fraction, or --kv_max_tokens)")
   flags.DEFINE_list("points", [], "explicit INPUT_LEN:BATCH pairs run in this order (e.g. 32768:2,1024:2,32768:max),"

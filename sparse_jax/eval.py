@@ -120,6 +120,7 @@ class Point:
 
 
 def run_point(point: Point, samples: list[EvalSample], *, model: str, dtype: str, backend: str | None,
+              tensor_parallel_size: int | None = None,
               kv_cache_config, max_batch_size: int, max_tokens: int, max_seq_len: int,
               bar=None) -> tuple[dict, list[dict]]:
   """Generates every sample with one configuration; returns (point summary, per-sample records).
@@ -128,7 +129,8 @@ def run_point(point: Point, samples: list[EvalSample], *, model: str, dtype: str
   is sized from it, so it is kept tight rather than the model's max_position_embeddings."""
   from sparse_jax import LLM, SamplingParams
   llm = LLM(model=model, dtype=dtype, kv_cache_config=kv_cache_config, sparse_attention_config=point.sparse_config,
-            backend=backend, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+            backend=backend, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+            tensor_parallel_size=tensor_parallel_size)
   prompt_ids = [llm.tokenizer.encode(s.prompt) for s in samples]
   longest = max(len(p) for p in prompt_ids)
   if longest + max_tokens > llm.max_seq_len:
@@ -191,7 +193,7 @@ def evaluate(*, task: str, context_length: int, num_samples: int, seed: int = 0,
              extra_llm_api_options: Sequence[str] = (), backend: str | None = None, dtype: str = "auto",
              sweep_budgets: Sequence[int] = (), max_batch_size: int = 8, max_tokens: int = 0,
              data: str | None = None, output: str | None = None, plot: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, tensor_parallel_size: int | None = None) -> dict[str, Any]:
   """Runs the evaluation; prints one JSON line per point and returns {"summary", "points", "samples"}."""
   from sparse_jax.config import KvCacheConfig, load_llm_api_options
   from sparse_jax.defaults import default_model_path
@@ -236,6 +238,7 @@ def evaluate(*, task: str, context_length: int, num_samples: int, seed: int = 0,
   points, records = [], []
   for point, kv in runs:
     summary, recs = run_point(point, samples, model=model, dtype=dtype, backend=backend, kv_cache_config=kv,
+                              tensor_parallel_size=tensor_parallel_size,
                               max_batch_size=max_batch_size, max_tokens=max_tokens, max_seq_len=max_seq_len, bar=bar)
     summary = {"task": task, "context_length": context_length, **summary}
     if not sweep_budgets:
@@ -289,6 +292,7 @@ def define_flags() -> None:
   flags.DEFINE_string("model", None, "Checkpoint directory (default: the embedded default model).")
   flags.DEFINE_list("extra_llm_api_options", [], "Options YAML(s) (TensorRT-LLM layout); comma list to compare.")
   flags.DEFINE_string("backend", None, "reference or pallas (default: the YAML's, else auto).")
+  flags.DEFINE_integer("tensor_parallel_size", None, "devices the model is split over (default: 1)", lower_bound=1)
   flags.DEFINE_string("dtype", "auto", "auto, bfloat16 or float32.")
   flags.DEFINE_list("sweep_budgets", [], "Token budgets to sweep (needs a YAML with a sparse algorithm).")
   flags.DEFINE_string("plot", None, "PNG of accuracy vs budget (with --sweep_budgets).")
@@ -304,7 +308,7 @@ def main(argv):
            model=FLAGS.model, extra_llm_api_options=FLAGS.extra_llm_api_options, backend=FLAGS.backend,
            dtype=FLAGS.dtype, sweep_budgets=[int(b) for b in FLAGS.sweep_budgets],
            max_batch_size=FLAGS.max_batch_size, max_tokens=FLAGS.max_tokens, data=FLAGS.data, output=FLAGS.output,
-           plot=FLAGS.plot)
+           plot=FLAGS.plot, tensor_parallel_size=FLAGS.tensor_parallel_size)
 
 
 if __name__ == "__main__":

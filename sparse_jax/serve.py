@@ -585,7 +585,7 @@ def main(argv):
   try:
     llm = LLM(model, dtype=FLAGS.dtype, backend=FLAGS.backend, max_batch_size=FLAGS.max_batch_size,
               max_seq_len=FLAGS.max_seq_len, extra_llm_api_options=FLAGS.extra_llm_api_options or None,
-              max_queue_size=FLAGS.max_queue_size)
+              max_queue_size=FLAGS.max_queue_size, tensor_parallel_size=FLAGS.tensor_parallel_size)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: cannot load the model: {e}") from None
   app = create_app(llm, FLAGS.served_model_name or None)
@@ -608,6 +608,8 @@ def _define_flags():
                     "else auto: pallas on GPUs, reference on the CPU)")
   flags.DEFINE_integer("max_queue_size", 1024, "requests that may wait for a slot; beyond it: HTTP 429",
                        lower_bound=1)
+  flags.DEFINE_integer("tensor_parallel_size", None, "devices the model is split over (default: the YAML's, "
+                       "else 1)", lower_bound=1)
   flags.DEFINE_string("served_model_name", "", "model id in the API (default: the checkpoint directory's name)")
   flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float16", "float32"], "weights and KV cache dtype")
   flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "log level")
