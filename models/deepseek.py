@@ -27,7 +27,6 @@ import math
 import re
 from typing import Any, Mapping
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +34,8 @@ from flax import nnx
 
 from models.loading import CheckpointError, ModelType, register_model_type
 from sparse_jax.attention import RMSNorm, Runtime
-from sparse_jax.cache import CacheLayout, PagedKVCache
+from sparse_jax.cache import CacheLayout
+from sparse_jax.decoder import CachedDecoder
 from sparse_jax.mla import MLAttention
 from sparse_jax.rope import RopeSpec
 
@@ -251,7 +251,7 @@ class DecoderLayer(nnx.Module):
     return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class DeepseekV32ForCausalLM(nnx.Module):
+class DeepseekV32ForCausalLM(CachedDecoder, nnx.Module):
   def __init__(self, config: DeepseekV32Config, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs | None = None):
     rngs = rngs or nnx.Rngs(0)
     param_dtype = param_dtype or dtype
@@ -330,50 +330,6 @@ class DeepseekV32ForCausalLM(nnx.Module):
       h = layer(h, lambda attn, x: attn(x, pos, lengths, backend, index_topk))
     return h if return_hidden else self.logits(h)
 
-  # -- cached ---------------------------------------------------------------------
-  def prefill(self, tokens: jax.Array, lengths: jax.Array, slots: jax.Array, cache: PagedKVCache,
-              runtime: Runtime = Runtime(), starts: jax.Array | None = None,
-              final: bool = True) -> tuple[jax.Array, PagedKVCache]:
-    """tokens: int32[n, T] right-padded fresh prompts for batch slots `slots` (int32[n]) whose
-    pages are already in cache.page_table; or, with `starts` (int32[n] tokens already stored),
-    the next chunk of each prompt (chunked prefill). Returns (logits of each row's last token
-    of this call float32[n, vocab], cache with lengths/positions of those slots set)."""
-    n, t = tokens.shape
-    chex.assert_shape((lengths, slots), (n,))
-    # Padding rows carry an out-of-range slot: they see no pages, so they write nothing.
-    rows = jnp.take(cache.page_table, slots, axis=0, mode="fill", fill_value=-1)
-    h = self.embed_tokens(tokens)
-    stored = lengths
-    for i, layer in enumerate(self.layers):
-      def attend(attn, x, i=i):
-        nonlocal cache, stored
-        out, new_layer, stored = attn.prefill(x, lengths, cache.layer(i), rows, runtime, starts, final)
-        cache = cache.with_layer(i, new_layer)
-        return out
-      h = layer(h, attend)
-    last = jnp.take_along_axis(h, jnp.clip(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-    cache = cache.replace(lengths=cache.lengths.at[slots].set(stored.astype(jnp.int32), mode="drop"),
-                          positions=cache.positions.at[slots].set(stored.astype(jnp.int32), mode="drop"))
-    return self.logits(last), cache
-
-  def decode(self, tokens: jax.Array, cache: PagedKVCache, active: jax.Array,
-             runtime: Runtime = Runtime()) -> tuple[jax.Array, PagedKVCache]:
-    """tokens: int32[S] one per batch slot; active: bool[S]. Appends each active slot's token
-    at its `lengths` (RoPE position `positions`) and returns (float32 logits [S, vocab], cache)."""
-    s = tokens.shape[0]
-    chex.assert_shape(active, (s,))
-    h = self.embed_tokens(tokens)
-    for i, layer in enumerate(self.layers):
-      def attend(attn, x, i=i):
-        nonlocal cache
-        out, new_layer = attn.decode(x, cache.positions, cache.layer(i), cache.page_table, cache.lengths, active,
-                                     runtime)
-        cache = cache.with_layer(i, new_layer)
-        return out
-      h = layer(h, attend)
-    step = active.astype(jnp.int32)
-    cache = cache.replace(lengths=cache.lengths + step, positions=cache.positions + step)
-    return self.logits(h), cache
 
 
 # -- checkpoint names ------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import json
 import os
 from typing import Any, Callable, Iterable, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from sparse_jax.config import BaseSparseAttentionConfig, ConfigError, KvCacheConfig, LlmApiOptions, load_llm_api_options
-from sparse_jax.engine import Engine, QueueFullError, Request, SamplingParams
+from sparse_jax.engine import Engine, QueueFullError, Request, SamplingParams  # noqa: F401 (QueueFullError re-exported)
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "KvCacheConfig"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "KvCacheConfig", "QueueFullError"]
 
 
 @dataclasses.dataclass

@@ -20,7 +20,6 @@ devices); nothing here assumes device 0 is the only one.
 """
 from __future__ import annotations
 
-import math
 
 import jax
 import numpy as np

@@ -17,14 +17,13 @@ softmax over blocks, averaged over the group; each KV head attends to its top-`t
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.cache import AuxPoolSpec, LayerCache, gather_tokens
+from sparse_jax.cache import AuxPoolSpec, LayerCache
 from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, ConfigError, _fail, check_positive_int,
                                is_power_of_two, register_algorithm)
 from sparse_jax.selection import AttnSelection, KeepSelection, keep_all, topk_selection
