@@ -62,6 +62,18 @@ def topk_selection(scores: jax.Array, k: int, block_size: int) -> AttnSelection:
   return AttnSelection(indices=sort_padded(idx), block_size=block_size)
 
 
+def page_importance(block_scores: jax.Array, blocks_per_page: int) -> jax.Array:
+  """Per-KV-page importance for eviction from per-block probabilities.
+
+  block_scores: float32[batch, kv_heads, max_pages * blocks_per_page] (-inf = no block) ->
+  float32[batch, max_pages]: each page's summed block mass, max over KV heads (a page is evicted
+  for every head at once, so it must matter to none of them).
+  """
+  b, h, nb = block_scores.shape
+  mass = jnp.where(jnp.isneginf(block_scores), 0.0, block_scores)
+  return mass.reshape(b, h, nb // blocks_per_page, blocks_per_page).sum(-1).max(axis=1)
+
+
 def unit_size_for(block_size: int, page_size: int) -> int:
   """The coarsest gather granule that reads no token outside the selected blocks."""
   return math.gcd(block_size, page_size)

@@ -43,7 +43,7 @@ from sparse_jax.algorithms.oracle import select_topk_blocks
 from sparse_jax.cache import AuxPoolSpec, LayerCache
 from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, ConfigError, _fail, check_positive_int,
                                is_power_of_two, register_algorithm)
-from sparse_jax.selection import AttnSelection, KeepSelection
+from sparse_jax.selection import AttnSelection, KeepSelection, page_importance
 
 MINMAX_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 _MASK = -1e30
@@ -149,11 +149,7 @@ def chunk_scores(cfg: QuestSparseAttentionConfig, spec, q: jax.Array, layer: Lay
 def page_scores(cfg: QuestSparseAttentionConfig, spec, q: jax.Array, layer: LayerCache, page_table: jax.Array,
                 lengths: jax.Array) -> jax.Array:
   """Per KV page importance (its Quest pages' estimated mass, max over KV heads): float32[batch, max_pages]."""
-  probs = page_probs(cfg, spec, q, layer, page_table, lengths)
-  b, h, n = probs.shape
-  per_page = spec.page_size // cfg.page_size
-  probs = jnp.where(jnp.isneginf(probs), 0.0, probs).reshape(b, h, n // per_page, per_page).sum(-1)
-  return probs.max(axis=1)
+  return page_importance(page_probs(cfg, spec, q, layer, page_table, lengths), spec.page_size // cfg.page_size)
 
 
 register_algorithm(Algorithm(name="quest", config_cls=QuestSparseAttentionConfig, aux_spec=aux_spec,

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from sparse_jax.cache import AuxPoolSpec, LayerCache
 from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, ConfigError, _fail, check_positive_int,
                                is_power_of_two, register_algorithm)
-from sparse_jax.selection import AttnSelection, KeepSelection, keep_all, topk_selection
+from sparse_jax.selection import AttnSelection, KeepSelection, keep_all, page_importance, topk_selection
 
 KT_DTYPES = {"float8_e5m2": jnp.float8_e5m2, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -207,11 +207,7 @@ def predict_attn(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, layer: La
 def page_scores(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, layer: LayerCache, page_table: jax.Array,
                 lengths: jax.Array) -> jax.Array:
   """Per KV page importance (sum of its blocks' probabilities, max over heads): float32[batch, max_pages]."""
-  scores = block_scores(cfg, spec, q, layer, page_table, lengths)
-  b, h, nb = scores.shape
-  per_page = spec.page_size // cfg.page_size
-  scores = jnp.where(jnp.isneginf(scores), 0.0, scores).reshape(b, h, nb // per_page, per_page).sum(-1)
-  return scores.max(axis=1)
+  return page_importance(block_scores(cfg, spec, q, layer, page_table, lengths), spec.page_size // cfg.page_size)
 
 
 register_algorithm(Algorithm(name="rocket", config_cls=RocketSparseAttentionConfig, aux_spec=aux_spec,
