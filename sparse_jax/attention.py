@@ -43,6 +43,7 @@ class Runtime:
   mesh: Any = None          # jax.sharding.Mesh with axis TP_AXIS, or None
   shard_kv: bool = False    # KV heads split over the mesh (else attention runs replicated)
   evict: bool = False       # accumulate page importance for eviction (aux pool IMPORTANCE)
+  predict: bool = True      # False: keep aux pools current but attend densely (short sequences)
 
   def __post_init__(self):
     if self.backend not in BACKENDS:
@@ -415,7 +416,8 @@ def decode_core(q, k, v, layer: LayerCache, page_table, lengths, active, *, scal
   if algo is not None:
     spec = _spec_for(q, layer, scale, runtime)
     layer = algo.update_aux(runtime.sparse, spec, layer, page_table, lengths, new_lengths, 1, **extra)
-    selection = algo.predict_attn(runtime.sparse, spec, q, layer, page_table, new_lengths, **extra)
+    if runtime.predict:
+      selection = algo.predict_attn(runtime.sparse, spec, q, layer, page_table, new_lengths, **extra)
     if runtime.evict:
       scores = algo.page_scores(runtime.sparse, spec, q, layer, page_table, new_lengths, **extra)  # [S, max_pages]
       imp = layer.aux[IMPORTANCE]

@@ -126,6 +126,8 @@ class Algorithm:
   chunk_scores(cfg, spec, q, layer, page_table, lengths) -> (float32[batch, kv_heads, blocks], block_size):
     scores of the stored context's blocks for one query per row (-inf = not a block); a
     chunked sparse prefill takes each chunk's top blocks by the max over sampled queries.
+  dense_below(cfg) -> int: sequences of at most this many tokens get every block from
+    predict_attn, so the engine attends densely (skipping the prediction) while all are shorter.
   build_predictor(cfg, spec, layer_index) -> nnx.Module | None: a learned predictor the attention
     layer owns; when present, predict_kv / update_aux / predict_attn / page_scores also receive
     `predictor=` and `hidden=` (the layer's input hidden states: [n, T, hidden]).
@@ -139,6 +141,7 @@ class Algorithm:
   page_scores: Callable[..., Any] | None = None
   build_predictor: Callable[..., Any] | None = None
   chunk_scores: Callable[..., Any] | None = None
+  dense_below: Callable[..., int] | None = None
 
 
 _REGISTRY: dict[str, Algorithm] = {}

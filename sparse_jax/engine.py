@@ -155,6 +155,11 @@ class Engine:
       raise ValueError("decode_budget (eviction) is not supported with tensor_parallel_size > 1 yet")
     self.runtime = Runtime(backend=backend, sparse=sparse_attention_config, interpret=interpret, mesh=mesh,
                            shard_kv=shard_kv, evict=self.decode_budget is not None)
+    # Below this many tokens the algorithm would select everything: decode densely (same result,
+    # no prediction cost), so short contexts never pay for sparsity.
+    algo = self.runtime.algorithm
+    self._dense_below = (algo.dense_below(sparse_attention_config)
+                         if algo is not None and algo.dense_below is not None and not self.runtime.evict else None)
     self.kv_cache_config = kv_cache_config
     self.max_batch_size = max_batch_size
     self.max_seq_len = int(max_seq_len or model.config.max_position_embeddings)
@@ -208,7 +213,7 @@ class Engine:
     self._prefill_fn = jax.jit(self._prefill_impl, static_argnames=("n_pages", "chunked", "final"),
                                donate_argnames=("cache",))
     self._evict_fn = jax.jit(self._evict_impl, donate_argnames=("cache",))
-    self._decode_fn = jax.jit(self._decode_impl, static_argnames=("n_pages", "num_steps"),
+    self._decode_fn = jax.jit(self._decode_impl, static_argnames=("n_pages", "num_steps", "dense"),
                               donate_argnames=("cache",))
 
   def _attach_predictors(self, model, sparse) -> None:
@@ -468,9 +473,10 @@ class Engine:
     steps = self.decode_chunk_size
     need = max(int(self._slot_len[s]) + steps for s in slots)
     n_pages = min(self.max_pages_per_seq, _pow2_at_least(math.ceil(need / self.page_size)))
+    dense = self._dense_below is not None and need <= self._dense_below
     out = self._decode_fn(self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(self._last_token),
                           jnp.asarray(active), jnp.asarray(remaining), jnp.asarray(ignore_eos),
-                          self._sampling_state(), n_pages=n_pages, num_steps=steps)
+                          self._sampling_state(), n_pages=n_pages, num_steps=steps, dense=dense)
     self.cache, tokens, counters, last, importance = out
     tokens, counters, last = np.asarray(tokens), np.asarray(counters), np.asarray(last)
     self.stats["decode_calls"] += 1
@@ -570,8 +576,9 @@ class Engine:
     return view.replace(page_table=table), sample(logits, samp), counts
 
   def _decode_impl(self, params, cache, table, tokens, active, remaining, ignore_eos, samp: SamplingState, *,
-                   n_pages: int, num_steps: int):
+                   n_pages: int, num_steps: int, dense: bool = False):
     model = nnx.merge(self.graphdef, params)
+    runtime = dataclasses.replace(self.runtime, predict=False) if dense else self.runtime
     eos = jnp.asarray(self._eos)
     out = jnp.full((num_steps, tokens.shape[0]), -1, jnp.int32)
 
@@ -581,7 +588,7 @@ class Engine:
 
     def body(carry):
       i, view, tokens, active, remaining, counters, out = carry
-      logits, view = model.decode(tokens, view, active, self.runtime)
+      logits, view = model.decode(tokens, view, active, runtime)
       nxt = sample(logits, dataclasses.replace(samp, counters=counters))
       out = out.at[i].set(jnp.where(active, nxt, -1))
       hit_eos = jnp.any(nxt[:, None] == eos[None, :], axis=-1) & ~ignore_eos

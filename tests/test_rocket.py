@@ -199,3 +199,21 @@ def test_yaml_layout_and_unknown_keys(tmp_path):
   bad.write_text("sparse_attention_config:\n  algorithm: rocket\nspeculative: 1\n")
   with pytest.raises(ConfigError, match=r"unknown top-level key\(s\) \['speculative'\]"):
     load_llm_api_options(str(bad))
+
+
+def test_short_sequences_decode_densely_and_switch_to_sparse_when_long():
+  """Below topk * page_size every block would be selected: the engine skips the prediction
+  (same tokens as the sparse path) and switches to the sparse step once sequences grow."""
+  rk = RocketSparseAttentionConfig(prompt_budget=64, topk=8, **EXACT)  # selects everything up to 32 tokens
+  prompt = list(range(3, 23))  # 20 tokens
+  outs = {}
+  for name, dense_below in (("auto", True), ("always_predict", False)):
+    llm = LLM(tiny_llama(8, max_pos=2048), dtype="float32", sparse_attention_config=rk,
+              kv_cache_config=KvCacheConfig(tokens_per_block=16), max_batch_size=1, max_seq_len=256, decode_chunk_size=4)
+    if not dense_below:
+      llm.engine._dense_below = None
+    outs[name] = llm.generate([prompt], SamplingParams(max_tokens=40, ignore_eos=True))[0].outputs[0].token_ids
+    if dense_below:
+      variants = llm.engine._decode_fn._cache_size()
+  assert outs["auto"] == outs["always_predict"]
+  assert variants >= 2, "both the dense and the sparse decode step should have run"

@@ -154,4 +154,5 @@ def page_scores(cfg: QuestSparseAttentionConfig, spec, q: jax.Array, layer: Laye
 
 register_algorithm(Algorithm(name="quest", config_cls=QuestSparseAttentionConfig, aux_spec=aux_spec,
                              predict_kv=predict_kv, update_aux=update_aux, predict_attn=predict_attn,
-                             page_scores=page_scores, chunk_scores=chunk_scores))
+                             page_scores=page_scores, chunk_scores=chunk_scores,
+                             dense_below=lambda cfg: cfg.topk * cfg.page_size))

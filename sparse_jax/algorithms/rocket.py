@@ -212,4 +212,5 @@ def page_scores(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, layer: Lay
 
 register_algorithm(Algorithm(name="rocket", config_cls=RocketSparseAttentionConfig, aux_spec=aux_spec,
                              predict_kv=predict_kv, update_aux=update_aux, predict_attn=predict_attn,
-                             page_scores=page_scores, chunk_scores=chunk_scores))
+                             page_scores=page_scores, chunk_scores=chunk_scores,
+                             dense_below=lambda cfg: cfg.topk * cfg.page_size))
