@@ -29,7 +29,9 @@ flags.DEFINE_list("sweep_tasks", ["niah_single", "niah_multikey", "niah_multival
                   "tasks for the budget sweep")
 flags.DEFINE_list("sweep_contexts", ["8192", "16384", "32768"], "contexts of the budget sweep")
 flags.DEFINE_list("budgets", ["128", "256", "512", "1024", "2048"], "token budgets")
-flags.DEFINE_list("algorithms", ["configs/rocket.yaml"], "option YAMLs of the swept algorithms")
+flags.DEFINE_list("algorithms", ["configs/rocket.yaml", "configs/quest.yaml", "configs/snapkv.yaml",
+                                  "configs/streaming.yaml", "configs/oracle.yaml"],
+                  "option YAMLs of the swept algorithms (run budget-major: each budget for every algorithm)")
 flags.DEFINE_integer("sweep_samples", 25, "samples per sweep point")
 flags.DEFINE_integer("max_batch_size", 16, "engine batch slots")
 flags.DEFINE_string("backend", None, "pallas or reference (default: auto)")
@@ -53,12 +55,14 @@ def main(_):
   dense_ctx = [int(c) for c in FLAGS.dense_contexts]
   sweep_ctx = [int(c) for c in FLAGS.sweep_contexts]
   longest = max(dense_ctx + sweep_ctx)
-  configs = [("dense", None, None, KvCacheConfig())]
-  for path in FLAGS.algorithms:
-    opts = load_llm_api_options(path)
-    for b in FLAGS.budgets:
+  configs = [("dense", None, None, KvCacheConfig(), False)]
+  # Budget-major: a time limit then still leaves every algorithm measured at the first budgets.
+  options = [load_llm_api_options(path) for path in FLAGS.algorithms]
+  for b in FLAGS.budgets:
+    for opts in options:
       cfg = with_budget(opts.sparse_attention_config, int(b))
-      configs.append((cfg.algorithm, int(b), cfg, opts.kv_cache_config))
+      name = cfg.algorithm + ("+chunked_prefill" if opts.enable_chunked_prefill else "")
+      configs.append((name, int(b), cfg, opts.kv_cache_config, opts.enable_chunked_prefill))
   result = dict(device=jax.devices()[0].device_kind, model=model, seed=FLAGS.seed, points=[], skipped=[],
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), argv=" ".join(sys.argv))
   samples_cache = {}
@@ -75,7 +79,7 @@ def main(_):
     with open(FLAGS.out, "w") as f:
       json.dump(result, f, indent=1)
 
-  for algo, budget, cfg, kv in configs:
+  for algo, budget, cfg, kv, chunked in configs:
     work = ([(t, c, FLAGS.dense_samples) for c in dense_ctx for t in FLAGS.dense_tasks] if cfg is None else
             [(t, c, FLAGS.sweep_samples) for c in sweep_ctx for t in FLAGS.sweep_tasks])
     if cfg is None:  # dense also runs every sweep point's (task, context) as the reference
@@ -87,6 +91,7 @@ def main(_):
       continue
     t0 = time.monotonic()
     llm = LLM(model=model, kv_cache_config=kv, sparse_attention_config=cfg, backend=FLAGS.backend,
+              enable_chunked_prefill=chunked,
               max_batch_size=FLAGS.max_batch_size, max_seq_len=longest + 256)
     print(f"# {algo} budget={budget}: engine built in {time.monotonic() - t0:.1f}s", flush=True)
     for task, ctx, n in work:

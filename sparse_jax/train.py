@@ -115,13 +115,23 @@ DEFAULT_MIXTURE = (("niah_single", 0.14), ("niah_multikey", 0.16), ("niah_multiv
 class TrainConfig:
   """One training run.
 
-  curriculum: (sequence length, fraction of the training time) per phase, shortest first;
-    every step holds tokens_per_step tokens (batch = tokens_per_step // length, at least 1).
+  curriculum: (sequence length, fraction of the training time[, tokens per step]) per phase,
+    shortest first; a step holds the phase's tokens per step, else tokens_per_step (batch =
+    tokens // length, at least 1). Short phases take small batches: retrieval circuits form
+    after a number of optimizer *steps*, not tokens.
   max_steps: > 0 makes the schedule step-based (phase and LR by step / max_steps; deterministic);
     0 makes it time-based (by the fraction of the time left for training).
   time_budget_s: wall-clock budget counted from process start; training stops reserve_s
     before it to evaluate and save.
   answer_slots: supervised tokens a row can hold (per length: min(answer_slots, length // 2)).
+  pack_min_length: rows shorter than this hold one sample each (see make_row), longer ones are packed.
+  warmup_mixture: the task mixture of the first phase (empty: `mixture`), e.g. the single-needle
+    task alone, on which the copy (induction) circuits form fastest.
+  gate_*: the curriculum gates (see Schedule): each phase gate_from..gate_phase lasts until the
+    teacher-forced exact match on gate_samples held-out train-split samples of each of its gate
+    tasks (gate_tasks that its mixture trains) at its length, measured every gate_every steps,
+    reaches gate_exact_match (or progress reaches gate_max_progress). gate_exact_match=0 gates on
+    the answer-token accuracy (gate_answer_acc) instead; gate_phase=-1 disables the gates.
   """
   output_dir: str
   seed: int = 0
@@ -130,7 +140,7 @@ class TrainConfig:
   max_steps: int = 0
   model: ModelShape = ModelShape()
   tokens_per_step: int = 65536
-  curriculum: tuple[tuple[int, float], ...] = DEFAULT_CURRICULUM
+  curriculum: tuple[tuple, ...] = DEFAULT_CURRICULUM
   mixture: tuple[tuple[str, float], ...] = DEFAULT_MIXTURE
   answer_slots: int = 128
   lm_loss_weight: float = 0.1
@@ -154,25 +164,42 @@ class TrainConfig:
   background_compile: bool = True
   max_shard_bytes: int = 15_000_000
   prefetch_batches: int = 8
-  gate_phase: int = 1
+  pack_min_length: int = 0
+  warmup_mixture: tuple[tuple[str, float], ...] = ()
+  gate_from: int = 0
+  gate_phase: int = 0
   gate_answer_acc: float = 0.7
   gate_max_progress: float = 0.5
+  gate_exact_match: float = 0.9
+  gate_tasks: tuple[str, ...] = tasks.NEEDLE_TASKS
+  gate_samples: int = 16
+  gate_every: int = 50
   tokenizer_corpus_seed: int = 0
 
   def __post_init__(self):
     if not self.curriculum:
       raise ValueError("TrainConfig.curriculum is empty")
-    lengths = [l for l, _ in self.curriculum]
+    if any(len(e) not in (2, 3) for e in self.curriculum):
+      raise ValueError(f"TrainConfig.curriculum entries must be (length, fraction[, tokens_per_step]): "
+                       f"{self.curriculum}")
+    lengths = [e[0] for e in self.curriculum]
     if lengths != sorted(set(lengths)) or any(l < 64 or l % 64 for l in lengths):
       raise ValueError(f"TrainConfig.curriculum lengths {lengths} must be distinct, ascending multiples of 64")
-    if any(f <= 0 for _, f in self.curriculum):
+    if any(e[1] <= 0 for e in self.curriculum):
       raise ValueError(f"TrainConfig.curriculum fractions must be positive: {self.curriculum}")
+    if any(len(e) == 3 and e[2] < 64 for e in self.curriculum):
+      raise ValueError(f"TrainConfig.curriculum tokens_per_step must be at least 64: {self.curriculum}")
     if max(lengths) > self.model.max_position_embeddings:
       raise ValueError(f"TrainConfig.curriculum reaches {max(lengths)} > max_position_embeddings="
                        f"{self.model.max_position_embeddings}")
-    unknown = [t for t, _ in self.mixture if t not in tasks.TASKS]
-    if unknown or not self.mixture or any(w < 0 for _, w in self.mixture) or sum(w for _, w in self.mixture) <= 0:
-      raise ValueError(f"TrainConfig.mixture={self.mixture} must weight known tasks {tasks.TASKS} positively")
+    for name, mix in (("mixture", self.mixture), ("warmup_mixture", self.warmup_mixture or self.mixture)):
+      unknown = [t for t, _ in mix if t not in tasks.TASKS]
+      if unknown or not mix or any(w < 0 for _, w in mix) or sum(w for _, w in mix) <= 0:
+        raise ValueError(f"TrainConfig.{name}={mix} must weight known tasks {tasks.TASKS} positively")
+    if any(t not in tasks.TASKS for t in self.gate_tasks) or (self.gate_exact_match > 0 and not self.gate_tasks):
+      raise ValueError(f"TrainConfig.gate_tasks={self.gate_tasks} must be known tasks {tasks.TASKS}")
+    if self.gate_every < 1 or self.gate_samples < 1:
+      raise ValueError(f"TrainConfig.gate_every={self.gate_every} and gate_samples={self.gate_samples} must be >= 1")
     bad_eval = [t for t in self.eval_tasks if t not in tasks.RULER_TASKS]
     if bad_eval:
       raise ValueError(f"TrainConfig.eval_tasks has unknown task(s) {bad_eval}; expected from {tasks.RULER_TASKS}")
@@ -185,8 +212,26 @@ class TrainConfig:
     if self.tokens_per_step < 64:
       raise ValueError(f"TrainConfig.tokens_per_step={self.tokens_per_step} is too small")
 
+  def step_tokens(self, length: int) -> int:
+    """Tokens per step at `length`: the curriculum entry's own, else tokens_per_step."""
+    for e in self.curriculum:
+      if e[0] == length and len(e) == 3:
+        return int(e[2])
+    return self.tokens_per_step
+
   def batch_size(self, length: int) -> int:
-    return max(1, self.tokens_per_step // length)
+    return max(1, self.step_tokens(length) // length)
+
+  def mixture_at(self, length: int) -> tuple[tuple[str, float], ...]:
+    """The task mixture of rows of `length`: warmup_mixture in the first phase (when set)."""
+    if self.warmup_mixture and len(self.curriculum) > 1 and length == self.curriculum[0][0]:
+      return self.warmup_mixture
+    return self.mixture
+
+  def gate_tasks_at(self, length: int) -> tuple[str, ...]:
+    """Tasks the gate of the phase at `length` measures: the gate tasks its mixture trains."""
+    trained = {t for t, w in self.mixture_at(length) if w > 0}
+    return tuple(t for t in self.gate_tasks if t in trained) or self.gate_tasks
 
   def slots(self, length: int) -> int:
     return max(16, min(self.answer_slots, length // 2))
@@ -261,14 +306,17 @@ def _train_options(task: str, rng: random.Random) -> dict[str, Any]:
 
 
 def make_row(counter: tasks.TokenCounter, length: int, slots: int, seed: int,
-             mixture: Sequence[tuple[str, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+             mixture: Sequence[tuple[str, float]],
+             pack: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
   """One packed training row.
 
   Returns tokens int32[length] (BOS sample ... EOS BOS sample ... EOS PAD...), and per
   supervised token (at most `slots`): pos int32[slots] (the position whose output predicts it),
   tgt int32[slots], w float32[slots] (1 for real slots, 0 for padding); and stats
   {"samples": {task: count}, "errors": int}. The first sample spans [length/4, length]
-  tokens (half the time the whole row); later samples fill what is left.
+  tokens (half the time the whole row); later samples fill what is left. pack=False: one
+  sample filling the row (no earlier sample's needles in its context: the plain retrieval
+  the circuits first form on).
   """
   rng = random.Random(seed)
   names = [t for t, _ in mixture]
@@ -280,21 +328,24 @@ def make_row(counter: tasks.TokenCounter, length: int, slots: int, seed: int,
   k = 0
   while length - len(tokens) >= MIN_SAMPLE_TOKENS:
     remaining = length - len(tokens)
-    if not tokens and rng.random() < 0.5:
+    if tokens and not pack:
+      break
+    if not tokens and pack and rng.random() < 0.5:
       target = rng.randint(remaining // 4, remaining)
     else:
       target = remaining
+    # tasks.build fits prompt + answers into its budget; the EOS after the last answer takes one more.
     task = rng.choices(names, weights)[0]
     opts = _train_options(task, rng)
     sample_seed = tasks.split_seed("train", seed, k, "sample")
     k += 1
     try:
-      built = tasks.build(task, target, sample_seed, None, split="train", counter=counter, _answer_in_budget=True,
+      built = tasks.build(task, target - 1, sample_seed, None, split="train", counter=counter, _answer_in_budget=True,
                           **opts)
     except tasks.TaskError:
       try:
         task = "niah_single"
-        built = tasks.build(task, target, sample_seed, None, split="train", counter=counter, _answer_in_budget=True)
+        built = tasks.build(task, target - 1, sample_seed, None, split="train", counter=counter, _answer_in_budget=True)
       except tasks.TaskError:
         break
     except Exception:  # a generator bug must not kill a long run: skip the sample, count it
@@ -330,8 +381,8 @@ def make_row(counter: tasks.TokenCounter, length: int, slots: int, seed: int,
   return out_tokens, out_pos, out_tgt, out_w, stats
 
 
-def make_rows(counter, length: int, slots: int, seeds: Sequence[int], mixture) -> dict[str, Any]:
-  rows = [make_row(counter, length, slots, s, mixture) for s in seeds]
+def make_rows(counter, length: int, slots: int, seeds: Sequence[int], mixture, pack: bool = True) -> dict[str, Any]:
+  rows = [make_row(counter, length, slots, s, mixture, pack) for s in seeds]
   samples = collections.Counter()
   for r in rows:
     samples.update(r[4]["samples"])
@@ -340,13 +391,15 @@ def make_rows(counter, length: int, slots: int, seeds: Sequence[int], mixture) -
           "samples": dict(samples), "errors": sum(r[4]["errors"] for r in rows)}
 
 
-def make_eval_rows(counter, task: str, length: int, slots: int, num: int, seed: int) -> dict[str, Any]:
-  """`num` eval-split samples of `task` (prompt <= length - 64 tokens), one per row, laid out
-  like training rows; `answer_mask` marks answer slots (EOS excluded) for exact-match scoring."""
-  salt = f"{task}:{length}"
+def make_eval_rows(counter, task: str, length: int, slots: int, num: int, seed: int, split: str = "eval",
+                   salt_prefix: str = "") -> dict[str, Any]:
+  """`num` samples of `task` (prompt <= length - 64 tokens), one per row, laid out like training
+  rows; `answer_mask` marks answer slots (EOS excluded) for exact-match scoring. The curriculum
+  gate uses split="train" with its own salt_prefix: held-out samples no training row contains."""
+  salt = f"{salt_prefix}{task}:{length}"
   rows, masks = [], []
   for i in range(num):
-    built = tasks.build(task, length - 64, tasks.split_seed("eval", seed, i, salt), None, split="eval", counter=counter)
+    built = tasks.build(task, length - 64, tasks.split_seed(split, seed, i, salt), None, split=split, counter=counter)
     seq = [BOS_ID] + [t for ids in built.segment_ids for t in ids]
     ans = counter.pieces([tasks.answer_text(built.answers)])[0]
     if len(seq) + len(ans) + 1 > length or len(ans) + 1 > slots:
@@ -376,12 +429,12 @@ def _worker_init(tokenizer_json: str) -> None:
   _WORKER["counter"] = tasks.TokenCounter(Tokenizer.from_str(tokenizer_json))
 
 
-def _worker_rows(length, slots, seeds, mixture):
-  return make_rows(_WORKER["counter"], length, slots, seeds, mixture)
+def _worker_rows(length, slots, seeds, mixture, pack=True):
+  return make_rows(_WORKER["counter"], length, slots, seeds, mixture, pack)
 
 
-def _worker_eval(task, length, slots, num, seed):
-  return make_eval_rows(_WORKER["counter"], task, length, slots, num, seed)
+def _worker_eval(task, length, slots, num, seed, split="eval", salt_prefix=""):
+  return make_eval_rows(_WORKER["counter"], task, length, slots, num, seed, split, salt_prefix)
 
 
 class BatchLoader:
@@ -401,13 +454,14 @@ class BatchLoader:
     b = self.next_index[length]
     self.next_index[length] += 1
     seeds = [tasks.split_seed("train", cfg.seed, b * batch + r, f"row:{length}") for r in range(batch)]
+    pack, mixture = length >= cfg.pack_min_length, cfg.mixture_at(length)
     per_chunk = max(1, 16384 // length)
     chunks = [seeds[i:i + per_chunk] for i in range(0, batch, per_chunk)]
     if self.pool is None:
-      jobs = [functools.partial(make_rows, self.counter, length, slots, c, cfg.mixture) for c in chunks]
+      jobs = [functools.partial(make_rows, self.counter, length, slots, c, mixture, pack) for c in chunks]
     else:
       # A worker that dies never answers: time out rather than hang the run.
-      jobs = [functools.partial(self.pool.apply_async(_worker_rows, (length, slots, c, cfg.mixture)).get, 300)
+      jobs = [functools.partial(self.pool.apply_async(_worker_rows, (length, slots, c, mixture, pack)).get, 300)
               for c in chunks]
     self.pending[length].append(jobs)
 
@@ -520,41 +574,57 @@ def phase_at(curriculum: Sequence[tuple[int, float]], progress: float) -> int:
 class Schedule:
   """Which curriculum phase each moment of training uses.
 
-  The phases follow their time fractions, except that training stays at or below phase
-  `gate_phase` until the answer-token accuracy reaches `gate_acc` (the retrieval circuits have
-  formed: before that, longer contexts only slow learning down) or progress reaches `gate_max`.
-  Once the gate opens, the later phases share the time left in proportion to their fractions
-  (opening on time gives exactly the nominal schedule). gate_phase < 0 disables the gate.
+  Each phase gets its time fraction of the training time left when it starts (so without gates
+  the phases follow their nominal fractions exactly). The gated phases, `gate_from` through
+  `gate_phase` (never the last phase; gate_phase < 0 disables gating), last at least that long
+  and until the gate metric passed to `phase` (the exact match of held-out retrieval samples at
+  that phase's length, or the answer-token accuracy) reaches `gate_acc`, or progress reaches
+  `gate_max`: the retrieval circuits must have formed first, before that longer contexts and
+  harder tasks only slow learning down. A metric opens at most one gate (the next gated phase
+  needs its own measurement). The phases after an opened gate share the time left in
+  proportion to their fractions.
   """
 
-  def __init__(self, curriculum: Sequence[tuple[int, float]], gate_phase: int, gate_acc: float, gate_max: float):
-    self.curriculum = list(curriculum)
+  def __init__(self, curriculum: Sequence[tuple[int, float]], gate_phase: int, gate_acc: float, gate_max: float,
+               gate_from: int | None = None):
+    self.curriculum = [(e[0], e[1]) for e in curriculum]
     self.gate_phase = gate_phase
+    self.gate_from = gate_phase if gate_from is None else gate_from
     self.gate_acc, self.gate_max = gate_acc, gate_max
-    self.opened_at: float | None = None if 0 <= gate_phase < len(self.curriculum) - 1 else 0.0
+    self.current = 0  # the phase training should be in
+    self.start = 0.0  # progress at which it started
+    self.opened_at: float | None = None  # progress at which the last gate opened
+
+  def gated(self, index: int) -> bool:
+    return 0 <= self.gate_from <= index <= self.gate_phase and index < len(self.curriculum) - 1
 
   def drop(self, index: int) -> None:
     """Removes phase `index` (its shape failed); later phases move up."""
     self.curriculum.pop(index)
+    if index < self.current:
+      self.current -= 1
+    self.current = min(self.current, len(self.curriculum) - 1)
     if index <= self.gate_phase:
       self.gate_phase -= 1
-    if self.opened_at is None and not 0 <= self.gate_phase < len(self.curriculum) - 1:
-      self.opened_at = 0.0
+    if index < self.gate_from:
+      self.gate_from -= 1
 
-  def phase(self, progress: float, answer_acc: float) -> int:
-    nominal = phase_at(self.curriculum, progress)
-    k = self.gate_phase
-    if self.opened_at is None:
-      if nominal <= k:
-        return nominal
-      if answer_acc < self.gate_acc and progress < self.gate_max:
-        return k
-      total = sum(f for _, f in self.curriculum)
-      self.opened_at = max(progress, sum(f for _, f in self.curriculum[:k + 1]) / total)
-    if self.opened_at == 0.0 or k < 0:
-      return nominal
-    local = (progress - self.opened_at) / max(1e-9, 1.0 - self.opened_at)
-    return k + 1 + phase_at(self.curriculum[k + 1:], local)
+  def phase(self, progress: float, metric: float) -> int:
+    fresh = True
+    while self.current < len(self.curriculum) - 1:
+      fractions = [f for _, f in self.curriculum[self.current:]]
+      end = self.start + (1.0 - self.start) * fractions[0] / sum(fractions)
+      if progress < end:
+        break
+      if self.gated(self.current):
+        if (not fresh or metric < self.gate_acc) and progress < self.gate_max:
+          break
+        self.start = self.opened_at = progress
+        fresh = False
+      else:
+        self.start = end
+      self.current += 1
+    return self.current
 
 
 def cudnn_attention_works(q_heads: int, kv_heads: int, head_dim: int) -> tuple[bool, str]:
@@ -770,8 +840,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
       eval_jobs[(task, length)] = (functools.partial(pool.apply_async(_worker_eval, args).get, 120)
                                    if pool is not None else functools.partial(make_eval_rows, counter, *args))
   loader = BatchLoader(cfg, counter, pool)
-  lengths = [l for l, _ in cfg.curriculum]
+  lengths = [e[0] for e in cfg.curriculum]
   loader.prime(lengths[0])
+  # The curriculum gates measure exact match on held-out train-split samples at the gated phases' lengths.
+  use_gate = cfg.gate_exact_match > 0
+  gate_lengths = [l for i, l in enumerate(lengths) if use_gate and 0 <= cfg.gate_from <= i <= cfg.gate_phase
+                  and i < len(lengths) - 1]
+  gate_jobs: dict[int, dict[str, Callable[[], Any]]] = {}
+  for gl in gate_lengths:
+    gate_jobs[gl] = {}
+    for task in cfg.gate_tasks_at(gl):
+      args = (task, gl, cfg.slots(gl), cfg.gate_samples, cfg.seed, "train", "gate:")
+      gate_jobs[gl][task] = (functools.partial(pool.apply_async(_worker_eval, args).get, 120)
+                             if pool is not None else functools.partial(make_eval_rows, counter, *args))
 
   backend = "reference"
   attention = "xla"
@@ -787,8 +868,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # The XLA path materialises T x T scores per query chunk (and keeps them for the backward).
     lengths = [l for l in lengths if l <= 2048] or lengths[:1]
     log(f"WARNING: XLA attention on the GPU; curriculum capped at {lengths[-1]} tokens")
-  schedule = Schedule([(l, f) for l, f in cfg.curriculum if l in lengths], cfg.gate_phase, cfg.gate_answer_acc,
-                      cfg.gate_max_progress)
+  gate_lengths = [l for l in gate_lengths if l in lengths[:-1]]
+  use_gate = use_gate and bool(gate_lengths)
+  gated_ids = [i for i, l in enumerate(lengths) if l in gate_lengths]
+  schedule = Schedule([(e[0], e[1]) for e in cfg.curriculum if e[0] in lengths],
+                      max(gated_ids) if use_gate else cfg.gate_phase,
+                      cfg.gate_exact_match if use_gate else cfg.gate_answer_acc, cfg.gate_max_progress,
+                      gate_from=min(gated_ids) if use_gate else None)
   curriculum = schedule.curriculum
   log(f"attention: {attention} (model backend {backend!r})")
 
@@ -815,13 +901,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return lambda: eval_fn.lower(abstract["params"], spec["tokens"], spec["pos"], spec["tgt"]).compile()
 
   jobs = [(("train", l), train_job(l)) for l in lengths] + [(("eval", l), eval_job(l)) for l in cfg.eval_lengths]
+  # Each gate's eval compiles right after the training shape of its phase.
+  for gl in reversed(gate_lengths):
+    if gl not in cfg.eval_lengths:
+      jobs.insert(lengths.index(gl) + 1, (("eval", gl), eval_job(gl)))
   compiler = Compiler(jobs, cfg.background_compile, log)
 
   history: list[dict[str, Any]] = []
   evals: list[dict[str, Any]] = []
+  gates: list[dict[str, Any]] = []
   record: dict[str, Any] = {"seed": cfg.seed, "config": _jsonable(dataclasses.asdict(cfg)), "attention": attention,
                             "device": str(jax.devices()[0]), "num_params": cfg.model.num_params(),
-                            "log": history, "evals": evals}
+                            "log": history, "evals": evals, "gate": gates}
   eval_data: dict[int, dict[str, Any]] = {}
 
   def get_eval_data(length):
@@ -842,6 +933,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
       acc = run_eval(fn, params, get_eval_data(length), cfg.batch_size(length), limit)
       result[str(length)] = acc
     return result
+
+  gate_data: dict[int, dict[str, Any]] = {}
+
+  def get_gate_data(gl):
+    if gl not in gate_data:
+      gate_data[gl] = {}
+      for task, job in gate_jobs[gl].items():
+        try:
+          gate_data[gl][task] = job()
+        except Exception as e:  # a task that does not fit the gate length is left out
+          log(f"gate: leaving {task} out at L={gl} ({type(e).__name__}: {e})")
+    if not gate_data[gl]:
+      raise RuntimeError(f"no gate task fits the gate length {gl}")
+    return gate_data[gl]
 
   saver: threading.Thread | None = None
 
@@ -881,6 +986,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   step_time = collections.defaultdict(lambda: 0.0)
   snapshot, probation = None, 0
   acc_ema = 0.0
+  gate_em = 0.0
   diverged = False
   errors = 0
   stop_reason = "time budget"
@@ -926,7 +1032,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         break
       if not cfg.max_steps and clock() + step_time[length] * 1.5 >= deadline:
         break
-      while phase < schedule.phase(progress, acc_ema):
+      while phase < schedule.phase(progress, gate_em if use_gate else acc_ema):
         nxt = curriculum[phase + 1][0]
         if compiler.failed(("train", nxt)):
           log(f"skipping phase L={nxt}: it did not compile")
@@ -945,7 +1051,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         length, compiled = nxt, fn
         loader.prime(length)
         log(f"phase {phase}: length {length}, batch {cfg.batch_size(length)} (progress {progress:.2f}, "
-            f"answer-token acc {acc_ema:.2f})")
+            f"answer-token acc {acc_ema:.2f}" + (f", gate exact match {gate_em:.2f})" if use_gate else ")"))
+        gate_em = 0.0  # the next gate needs its own measurement
       t_wait = time.monotonic()
       batch = loader.next(length)
       window["wait"] += time.monotonic() - t_wait
@@ -983,6 +1090,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
       # Rolling per-length step time (dispatch-to-dispatch with 2 steps in flight ~ device time).
       step_time[length] = 0.8 * step_time[length] + 0.2 * (time.monotonic() - t0) if step_time[length] else (
           time.monotonic() - t0)
+      if (use_gate and schedule.gated(phase) and schedule.current == phase and step % cfg.gate_every == 0
+          and length in gate_jobs and ("eval", length) in compiler.done):
+        fn = compiler.get(("eval", length), block=bool(cfg.max_steps))
+        if fn is not None:
+          drain(0)
+          try:
+            result = run_eval(fn, state["params"], get_gate_data(length), cfg.batch_size(length))
+            gate_em = float(np.mean(list(result.values())))
+            gates.append({"step": step, "time_s": clock(), "length": length, "exact_match": gate_em,
+                          "tasks": result})
+            log(f"gate @ step {step} (L={length}): exact match {gate_em:.3f} {json.dumps(result)}")
+          except Exception as e:  # a broken gate must not end training: the schedule falls back to time
+            log(f"gate eval failed ({type(e).__name__}: {e}); the curriculum follows time only")
+            use_gate = False
+            schedule.gate_phase = -1
       now = clock()
       if now - last_eval >= cfg.eval_every_s:
         drain(0)
@@ -1070,8 +1192,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("max_steps", 0, "If > 0: train this many steps (step-based schedule) instead of by time.")
   flags.DEFINE_bool("smoke", False, "Tiny model and lengths, 20 steps, CPU-friendly: exercises the whole pipeline.")
   flags.DEFINE_integer("tokens_per_step", 65536, "Tokens per optimizer step at every length.")
-  flags.DEFINE_string("curriculum", ",".join(f"{l}:{f}" for l, f in DEFAULT_CURRICULUM),
-                      "length:fraction_of_training_time per phase, shortest first.")
+  flags.DEFINE_string("curriculum", format_curriculum(DEFAULT_CURRICULUM),
+                      "length:fraction_of_training_time[:tokens_per_step] per phase, shortest first.")
   flags.DEFINE_string("mixture", ",".join(f"{t}:{w}" for t, w in DEFAULT_MIXTURE), "task:weight of training samples.")
   flags.DEFINE_float("lr", 1.5e-3, "Peak learning rate.")
   flags.DEFINE_integer("warmup_steps", 150, "Linear warmup steps.")
@@ -1086,10 +1208,25 @@ def define_flags() -> None:
   flags.DEFINE_integer("hidden_size", 512, "Model width.")
   flags.DEFINE_integer("intermediate_size", 1024, "MLP width.")
   flags.DEFINE_integer("num_layers", 4, "Decoder layers.")
+  flags.DEFINE_integer("num_heads", 8, "Attention (query) heads.")
+  flags.DEFINE_integer("num_kv_heads", 4, "KV heads (GQA groups).")
+  flags.DEFINE_integer("head_dim", 64, "Per-head width.")
   flags.DEFINE_float("rope_theta", 500000.0, "RoPE base.")
-  flags.DEFINE_float("gate_answer_acc", 0.7, "Stay at phases <= 1 until the answer-token accuracy reaches this "
-                     "(or half the time has passed); 0 disables the gate.")
+  flags.DEFINE_float("gate_answer_acc", 0.7, "With --gate_exact_match=0: stay at phases <= --gate_phase until the "
+                     "answer-token accuracy reaches this (or --gate_max_progress); 0 disables that gate.")
+  flags.DEFINE_float("gate_exact_match", 0.9, "Stay at phases <= --gate_phase until the teacher-forced exact match "
+                     "on held-out samples of --gate_tasks at that phase's length reaches this (or "
+                     "--gate_max_progress); 0 falls back to --gate_answer_acc.")
+  flags.DEFINE_integer("gate_phase", 0, "Curriculum phase the gate holds training at (-1: no gate).")
+  flags.DEFINE_float("gate_max_progress", 0.5, "Fraction of the training time after which the gate opens anyway.")
+  flags.DEFINE_integer("gate_every", 50, "Steps between gate measurements.")
+  flags.DEFINE_string("gate_tasks", ",".join(tasks.NEEDLE_TASKS), "Tasks the gate measures.")
+  flags.DEFINE_float("min_lr_ratio", 0.1, "Final learning rate as a fraction of --lr (cosine decay).")
+  flags.DEFINE_float("weight_decay", 0.1, "AdamW weight decay (matrices only).")
   flags.DEFINE_float("lm_loss_weight", 0.1, "Weight of the auxiliary next-token loss on all tokens.")
+  flags.DEFINE_string("warmup_mixture", "", "task:weight mixture of the first curriculum phase (empty: --mixture), "
+                      "e.g. niah_single:1, on which the retrieval circuits form fastest.")
+  flags.DEFINE_integer("pack_min_length", 0, "Rows shorter than this hold one sample each; longer rows are packed.")
 
 
 def _pairs(text: str, cast) -> tuple:
@@ -1102,22 +1239,43 @@ def _pairs(text: str, cast) -> tuple:
   return tuple(out)
 
 
+def parse_curriculum(text: str) -> tuple:
+  """"512:0.2:16384,2048:0.3" -> ((512, 0.2, 16384), (2048, 0.3)): length:fraction[:tokens_per_step]."""
+  out = []
+  for item in text.split(","):
+    parts = item.strip().split(":")
+    if len(parts) not in (2, 3):
+      raise ValueError(f"expected length:fraction[:tokens_per_step] in {text!r}, got {item!r}")
+    entry = (int(parts[0]), float(parts[1])) + ((int(parts[2]),) if len(parts) == 3 else ())
+    out.append(entry)
+  return tuple(out)
+
+
+def format_curriculum(curriculum) -> str:
+  return ",".join(":".join(str(x) for x in e) for e in curriculum)
+
+
 def config_from_flags() -> TrainConfig:
   if not FLAGS.output_dir:
     raise app.UsageError("--output_dir is required")
   if FLAGS.smoke:
     return smoke_config(FLAGS.output_dir, seed=FLAGS.seed)
   shape = ModelShape(hidden_size=FLAGS.hidden_size, intermediate_size=FLAGS.intermediate_size,
-                     num_layers=FLAGS.num_layers, rope_theta=FLAGS.rope_theta)
+                     num_layers=FLAGS.num_layers, num_heads=FLAGS.num_heads, num_kv_heads=FLAGS.num_kv_heads,
+                     head_dim=FLAGS.head_dim, rope_theta=FLAGS.rope_theta)
   return TrainConfig(
       output_dir=FLAGS.output_dir, seed=FLAGS.seed, time_budget_s=FLAGS.time_budget_s, reserve_s=FLAGS.reserve_s,
       max_steps=FLAGS.max_steps, model=shape, tokens_per_step=FLAGS.tokens_per_step,
-      curriculum=_pairs(FLAGS.curriculum, int), mixture=_pairs(FLAGS.mixture, str), lr=FLAGS.lr,
+      curriculum=parse_curriculum(FLAGS.curriculum), mixture=_pairs(FLAGS.mixture, str), lr=FLAGS.lr,
       warmup_steps=FLAGS.warmup_steps, compute_dtype=FLAGS.compute_dtype, attention=FLAGS.attention,
       num_workers=FLAGS.num_workers, eval_lengths=tuple(int(x) for x in FLAGS.eval_lengths.split(",") if x),
       eval_samples=FLAGS.eval_samples, eval_every_s=FLAGS.eval_every_s, save_every_s=FLAGS.save_every_s,
       max_shard_bytes=FLAGS.max_shard_bytes, gate_answer_acc=FLAGS.gate_answer_acc,
-      lm_loss_weight=FLAGS.lm_loss_weight)
+      gate_exact_match=FLAGS.gate_exact_match, gate_phase=FLAGS.gate_phase, gate_max_progress=FLAGS.gate_max_progress,
+      gate_every=FLAGS.gate_every, gate_tasks=tuple(t for t in FLAGS.gate_tasks.split(",") if t),
+      min_lr_ratio=FLAGS.min_lr_ratio, weight_decay=FLAGS.weight_decay, lm_loss_weight=FLAGS.lm_loss_weight,
+      warmup_mixture=_pairs(FLAGS.warmup_mixture, str) if FLAGS.warmup_mixture else (),
+      pack_min_length=FLAGS.pack_min_length)
 
 
 def main(argv):
