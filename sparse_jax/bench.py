@@ -357,6 +357,8 @@ def run_point(args: BenchArgs, model, tokenizer, dtype: str, source: Workload | 
                 tensor_parallel_size=args.tensor_parallel_size)
   probe = LLM(model, kv_cache_config=dataclasses.replace(kv, max_tokens=page), max_batch_size=1, **common)
   page_bytes = probe.engine._page_bytes(probe.engine.kv_dtype)
+  # Under tensor parallelism each device holds its KV heads' share of a page; free memory is per device.
+  device_page_bytes = probe.engine._page_bytes(probe.engine.kv_dtype, per_device=True)
   del probe
   steady_tokens = max(kept_prompt_tokens(sparse, len(p)) + m for p, m in zip(workload.prompts, workload.max_tokens))
   full_pages = math.ceil(request_tokens / page)
@@ -369,7 +371,7 @@ def run_point(args: BenchArgs, model, tokenizer, dtype: str, source: Workload | 
       if free is None:
         raise ValueError("--max_batch_size=max needs --kv_max_tokens on a device that reports no free memory "
                          f"({jax.devices()[0].platform})")
-      pool_pages = int(free * args.kv_memory_fraction) // page_bytes
+      pool_pages = int(free * args.kv_memory_fraction) // device_page_bytes
     batch_fit = plan_batch(pool_pages, page, request_tokens, steady_tokens)
     if batch_fit == 0:
       raise ValueError(f"one request of {request_tokens} tokens ({full_pages} pages) does not fit the KV pool "

@@ -150,6 +150,7 @@ class Engine:
       mesh = parallel.make_mesh(tensor_parallel_size)
       parallel.shard_model(model, mesh, shard_kv)
     self.tensor_parallel_size = tensor_parallel_size
+    self._kv_shards = tensor_parallel_size if shard_kv else 1  # devices each KV-head pool is split over
     self.decode_budget = getattr(sparse_attention_config, "decode_budget", None)
     if self.decode_budget is not None and mesh is not None:
       raise ValueError("decode_budget (eviction) is not supported with tensor_parallel_size > 1 yet")
@@ -225,10 +226,15 @@ class Engine:
       attn.predictor = algo.build_predictor(sparse, attn.spec(self.page_size, self.runtime), i)
 
   # -- sizing -------------------------------------------------------------------------
-  def _page_bytes(self, kv_dtype) -> int:
-    per_page = self.layout.bytes_per_token(kv_dtype) * self.page_size
+  def _page_bytes(self, kv_dtype, per_device: bool = False) -> int:
+    """Bytes of one page (K, V and aux pools of every layer); `per_device`: what one device holds
+    under tensor parallelism (pools with one entry per KV head are split, the others replicated)."""
+    shards = self._kv_shards if per_device else 1
+    per_page = self.layout.bytes_per_token(kv_dtype) * self.page_size // shards
     for spec in self.layout.aux_specs.values():
-      per_page += self.layout.num_layers * spec.heads * math.prod(spec.entry_shape) * jnp.dtype(spec.dtype).itemsize
+      split = shards if spec.heads == self.layout.kv_heads else 1
+      per_page += (self.layout.num_layers * spec.heads * math.prod(spec.entry_shape) * jnp.dtype(spec.dtype).itemsize
+                   // split)
     return per_page
 
   def _pool_pages(self, cfg: KvCacheConfig, kv_dtype) -> int:
@@ -238,7 +244,8 @@ class Engine:
     elif jax.default_backend() == "gpu":
       stats = jax.devices()[0].memory_stats() or {}
       free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
-      pages = min(full, int(free * cfg.free_gpu_memory_fraction) // self._page_bytes(kv_dtype))
+      # `free` is one device's: size by the share of a page each device holds.
+      pages = min(full, int(free * cfg.free_gpu_memory_fraction) // self._page_bytes(kv_dtype, per_device=True))
     else:
       pages = min(full, max(self.max_pages_per_seq, math.ceil(131072 / self.page_size)))
     if pages <= 0:

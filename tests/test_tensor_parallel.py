@@ -57,3 +57,40 @@ def test_dsa_on_mla_replicates_the_latent_cache_and_splits_the_experts():
     # Attention (and the indexer) run replicated: one all-reduce per MLP / MoE block only.
     assert hlo[tp]["all_reduce"] == hlo[tp]["layers"], hlo[tp]
     assert not hlo[tp]["all_gather_lines"], hlo[tp]["all_gather_lines"]
+
+
+_PAGE_BYTES = r"""
+import json, sys
+sys.path.insert(0, ".")
+import jax
+from sparse_jax.engine import Engine
+from sparse_jax.config import KvCacheConfig
+from sparse_jax.algorithms.rocket import RocketSparseAttentionConfig
+from tests.model_fixtures import tiny_llama
+from tests.test_dsa import tiny_deepseek
+rows = {}
+rocket = RocketSparseAttentionConfig(prompt_budget=48, topk=6, topr=1.0, page_size=4)
+for name, model, sparse in (("rocket", tiny_llama(7, heads=8, kv_heads=4, head_dim=8), rocket),
+                            ("mla", tiny_deepseek(7, num_attention_heads=8), None)):
+  eng = Engine(model, kv_cache_config=KvCacheConfig(tokens_per_block=8, max_tokens=8 * 16), max_batch_size=2,
+               max_seq_len=64, sparse_attention_config=sparse, tensor_parallel_size=2)
+  dev = jax.devices()[0]
+  held = sum(s.data.nbytes for x in jax.tree_util.tree_leaves((eng.cache.k, eng.cache.v, eng.cache.aux))
+             for s in x.addressable_shards if s.device == dev)
+  rows[name] = dict(total=eng._page_bytes(eng.kv_dtype), per_device=eng._page_bytes(eng.kv_dtype, per_device=True),
+                    held_per_page=held / eng.allocator.num_pages)
+print(json.dumps(rows))
+"""
+
+
+def test_page_bytes_per_device_match_the_shards():
+  """Pool sizing under tensor parallelism uses what one device holds of a page (the bench's 'max'
+  batch and the engine's GPU default divide one device's free memory by it)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", _PAGE_BYTES], capture_output=True, text=True, env=env, timeout=600,
+                        cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = json.loads(proc.stdout.strip().splitlines()[-1])
+  rocket, mla = rows["rocket"], rows["mla"]
+  assert rocket["per_device"] == rocket["held_per_page"] == rocket["total"] // 2  # K, V and KT split by KV head
+  assert mla["per_device"] == mla["held_per_page"] == mla["total"]  # the latent cache is replicated
