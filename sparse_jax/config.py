@@ -126,8 +126,10 @@ class Algorithm:
   chunk_scores(cfg, spec, q, layer, page_table, lengths) -> (float32[batch, kv_heads, blocks], block_size):
     scores of the stored context's blocks for one query per row (-inf = not a block); a
     chunked sparse prefill takes each chunk's top blocks by the max over sampled queries.
-  dense_below(cfg) -> int: sequences of at most this many tokens get every block from
-    predict_attn, so the engine attends densely (skipping the prediction) while all are shorter.
+  dense_below(cfg) -> int: sequences of at most this many tokens decode densely (the engine skips
+    the prediction while all are shorter, keeping aux pools current): at least the length up to
+    which predict_attn selects every block; an algorithm may set it higher where its sparse
+    paths are meant to stay off (RocketKV: up to prompt_budget).
   build_predictor(cfg, spec, layer_index) -> nnx.Module | None: a learned predictor the attention
     layer owns; when present, predict_kv / update_aux / predict_attn / page_scores also receive
     `predictor=` and `hidden=` (the layer's input hidden states: [n, T, hidden]).

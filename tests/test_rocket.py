@@ -204,7 +204,7 @@ def test_yaml_layout_and_unknown_keys(tmp_path):
 def test_short_sequences_decode_densely_and_switch_to_sparse_when_long():
   """Below topk * page_size every block would be selected: the engine skips the prediction
   (same tokens as the sparse path) and switches to the sparse step once sequences grow."""
-  rk = RocketSparseAttentionConfig(prompt_budget=64, topk=8, **EXACT)  # selects everything up to 32 tokens
+  rk = RocketSparseAttentionConfig(prompt_budget=32, topk=8, **EXACT)  # selects everything up to 32 tokens
   prompt = list(range(3, 23))  # 20 tokens
   outs = {}
   for name, dense_below in (("auto", True), ("always_predict", False)):
@@ -217,3 +217,13 @@ def test_short_sequences_decode_densely_and_switch_to_sparse_when_long():
       variants = llm.engine._decode_fn._cache_size()
   assert outs["auto"] == outs["always_predict"]
   assert variants >= 2, "both the dense and the sparse decode step should have run"
+
+
+def test_rocket_sparse_paths_stay_off_up_to_prompt_budget():
+  """RocketKV decodes densely while sequences are at most prompt_budget long (nothing to
+  compress; the prediction would cost more than it saves), and sparsely beyond."""
+  from sparse_jax.config import get_algorithm
+  rk = RocketSparseAttentionConfig(prompt_budget=2048, topk=64, page_size=4)
+  assert get_algorithm(rk).dense_below(rk) == 2048
+  rk = RocketSparseAttentionConfig(prompt_budget=128, topk=64, page_size=4)
+  assert get_algorithm(rk).dense_below(rk) == 256
