@@ -3,7 +3,7 @@
 # seed and data, different peak learning rates: LR_A on GPU 0, LR_B on GPU 1), then keeps the one
 # with the higher final mean exact match (sparse_jax/assets/default_model's training_log.json says
 # which). Usage, from the repository root:
-#   LR_A=5e-4 LR_B=8e-4 bash bench/run_train2_gpu.sh
+#   LR_A=4e-4 LR_B=7e-4 bash bench/run_train2_gpu.sh
 # Writes: /tmp/sj_train/{a,b}/model (both runs), /tmp/sj_best_model (the winner, kept on the
 # machine for a following eval call), $OUT/best.tar.part-* (the winner's files, in <15 MB parts:
 # `cat best.tar.part-* | tar x -C DIR`), $OUT/logs.tgz (both training logs and consoles).
@@ -12,10 +12,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/sj_train_out}"
 mkdir -p "$OUT" /tmp/sj_train/a /tmp/sj_train/b
 W="${WORKERS:-14}"
-CUDA_VISIBLE_DEVICES=0 OUT=/tmp/sj_train/a bash bench/run_train_gpu.sh --lr="${LR_A:-5e-4}" --num_workers="$W" "$@" \
+CUDA_VISIBLE_DEVICES=0 OUT=/tmp/sj_train/a bash bench/run_train_gpu.sh --lr="${LR_A:-4e-4}" --num_workers="$W" "$@" \
   > /tmp/sj_train/a/console.log 2>&1 &
 pa=$!
-CUDA_VISIBLE_DEVICES=1 OUT=/tmp/sj_train/b bash bench/run_train_gpu.sh --lr="${LR_B:-8e-4}" --num_workers="$W" "$@" \
+CUDA_VISIBLE_DEVICES=1 OUT=/tmp/sj_train/b bash bench/run_train_gpu.sh --lr="${LR_B:-7e-4}" --num_workers="$W" "$@" \
   > /tmp/sj_train/b/console.log 2>&1 &
 pb=$!
 wait $pa; echo "run a exit $?"; wait $pb; echo "run b exit $?"

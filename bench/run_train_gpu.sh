@@ -24,7 +24,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/train_out}"
 mkdir -p "$OUT/model"
 exec python3 -m sparse_jax.train --output_dir="$OUT/model" --time_budget_s="${BUDGET:-480}" --reserve_s=25 --seed=0 \
-  --lr=5e-4 --warmup_steps=100 --min_lr_ratio=0.1 \
+  --lr=4e-4 --warmup_steps=100 --min_lr_ratio=0.1 \
   --curriculum=256:0.08:8192,1024:0.14:16384,4096:0.18:32768,16384:0.25:65536,32768:0.35:65536 \
   --warmup_mixture=niah_single:1 --pack_min_length=4096 \
   --gate_phase=1 --gate_exact_match=0.85 --gate_every=100 --gate_max_progress=0.4 \

@@ -1,0 +1,93 @@
+"""Turns a `bench/eval_suite.py` JSON into the EVAL.md tables and the accuracy-vs-budget plot.
+
+  python bench/eval_report.py --suite=eval.json --plot=docs/eval_budgets.png > tables.md
+
+Tables: dense accuracy per task and context; the budget sweep per algorithm, budget, task and
+context next to dense on the same samples (the suite's sweep samples are the first samples of
+the dense points, so "dense" here is dense on those samples); points the suite skipped (time
+limit) are listed, not invented. The plot: mean accuracy over the sweep tasks against the token
+budget, one panel per context, one line per algorithm, dense as a horizontal reference line.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("suite", None, "eval_suite.py JSON")
+flags.DEFINE_string("plot", "", "PNG path for the accuracy-vs-budget plot")
+
+
+def tables(result: dict) -> str:
+  pts = result["points"]
+  dense = {(p["task"], p["context_length"]): p for p in pts if p["algorithm"] == "dense"}
+  out = [f"Device {result['device']}, {result['date']}, model `{result['model']}`, seed {result['seed']}.", "",
+         "### Dense", "", "| task | " + " | ".join(f"{c // 1024}K" for c in sorted({c for _, c in dense})) + " |",
+         "|---|" + "---|" * len({c for _, c in dense})]
+  ctxs = sorted({c for _, c in dense})
+  for task in dict.fromkeys(t for t, _ in dense):
+    cells = [f"{dense[(task, c)]['accuracy']:.2f} ({dense[(task, c)]['num_samples']})" if (task, c) in dense else "-"
+             for c in ctxs]
+    out.append(f"| {task} | " + " | ".join(cells) + " |")
+  sweep = [p for p in pts if p["algorithm"] != "dense"]
+  if sweep:
+    out += ["", "### Budget sweep (accuracy, samples in parentheses; dense = all samples of the dense point)", "",
+            "| algorithm | budget | task | context | accuracy | dense | kept prompt tokens |", "|---|---|---|---|---|---|---|"]
+    for p in sweep:
+      d = dense.get((p["task"], p["context_length"])) or {"accuracy": float("nan")}
+      out.append(f"| {p['algorithm']} | {p['budget']} | {p['task']} | {p['context_length'] // 1024}K | "
+                 f"{p['accuracy']:.2f} ({p['num_samples']}) | {d['accuracy']:.2f} | "
+                 f"{p['mean_kept_prompt_tokens']:.0f} |")
+  skipped = collections.Counter((s["algorithm"], s["budget"]) for s in result.get("skipped", []))
+  if skipped:
+    out += ["", "Not measured (the suite's time limit ran out): " +
+            ", ".join(f"{a} @ {b} ({n} points)" for (a, b), n in skipped.items()) + "."]
+  return "\n".join(out)
+
+
+def plot(result: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  pts = result["points"]
+  sweep = [p for p in pts if p["algorithm"] != "dense"]
+  ctxs = sorted({p["context_length"] for p in sweep})
+  tasks = sorted({p["task"] for p in sweep})
+  algos = sorted({p["algorithm"] for p in sweep})
+  colors = {a: f"C{i}" for i, a in enumerate(algos)}
+  fig, axes = plt.subplots(1, max(1, len(ctxs)), figsize=(5 * max(1, len(ctxs)), 4), squeeze=False)
+  for ax, ctx in zip(axes[0], ctxs):
+    dense = [p["accuracy"] for p in pts if p["algorithm"] == "dense" and p["context_length"] == ctx and p["task"] in tasks]
+    if dense:
+      ax.axhline(sum(dense) / len(dense), color="k", ls="--", label="dense")
+    by = collections.defaultdict(dict)
+    for p in sweep:
+      if p["context_length"] == ctx:
+        by[p["algorithm"]].setdefault(p["budget"], []).append(p["accuracy"])
+    for algo, per in sorted(by.items()):
+      # only budgets where every sweep task was measured, so a line never mixes task sets
+      bs = sorted(b for b, v in per.items() if len(v) == len(tasks))
+      if bs:
+        ax.plot(bs, [sum(per[b]) / len(per[b]) for b in bs], marker="o", label=algo, color=colors[algo])
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"{ctx // 1024}K context, mean over {', '.join(tasks)}", fontsize=8)
+    ax.set_xlabel("token budget")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(_):
+  result = json.load(open(FLAGS.suite))
+  print(tables(result))
+  if FLAGS.plot:
+    plot(result, FLAGS.plot)
+
+
+if __name__ == "__main__":
+  app.run(main)
