@@ -49,7 +49,7 @@ if [ "${SMOKE:-0}" = "1" ]; then
   MODEL=(--weights=random --config=tiny-llama --backend=reference --dtype=float32 --kv_max_tokens=8192)
   L32K=512; L1K=64; L8K=256; L128K=1024; L64K=768; OUTLEN=40; CAP=8
 else
-  MODEL=(--weights=random --config=llama-3.1-8b --backend=pallas --dtype=bfloat16 --kv_memory_fraction=0.85)
+  MODEL=(--weights=random --config=llama-3.1-8b --backend=pallas --dtype=bfloat16 --kv_memory_fraction=0.6)
   # 130944 + 128 output tokens = 131072, the model's max_position_embeddings.
   L32K=32768; L1K=1024; L8K=8192; L128K=130944; L64K=65536; OUTLEN=128; CAP=24
 fi
