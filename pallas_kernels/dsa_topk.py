@@ -72,22 +72,13 @@ def _next_state(state, hist, k, level):
   flat = lanes[:, None] * 16 + lanes[None, :]
   # Suffix counts by 16x16 triangular matmuls (float32, exact below 2^24), not scans: no
   # cumsum over the small, oddly laid out tensors of this prologue.
-  # The counts go in as two base-1024 digits: a GPU dot may round its inputs to TF32 (11
-  # significant bits) whatever `precision` asks, which is exact only for integers <= 2048, and
-  # a bucket of a 32K-token row holds more (the on-GPU check failed at 32K, passed at 2K). The
-  # float32 accumulation of 0/1 x digit products stays exact below 2^24.
+  counts = hist.astype(jnp.float32)
   hp = jax.lax.Precision.HIGHEST
   lo_ge = (lanes[:, None] >= lanes[None, :]).astype(jnp.float32)           # [lo', lo] = lo' >= lo
   hi_gt = (lanes[None, :] > lanes[:, None]).astype(jnp.float32)            # [hi, hi'] = hi' > hi
-  within = jnp.zeros((16, 16), jnp.int32)
-  higher = jnp.zeros((16,), jnp.int32)
-  for shift in (0, 10, 20):
-    part = ((hist >> shift) & 1023).astype(jnp.float32)
-    w = jax.lax.dot(part, lo_ge, precision=hp, preferred_element_type=jnp.float32)   # same hi, lo' >= lo
-    h = jnp.sum(jax.lax.dot(hi_gt, part, precision=hp, preferred_element_type=jnp.float32), axis=1)
-    within = within + (w.astype(jnp.int32) << shift)
-    higher = higher + (h.astype(jnp.int32) << shift)
-  count_ge = higher[:, None] + within                                      # keys with digit >= hi * 16 + lo
+  within = jax.lax.dot(counts, lo_ge, precision=hp, preferred_element_type=jnp.float32)   # same hi, lo' >= lo
+  higher = jnp.sum(jax.lax.dot(hi_gt, counts, precision=hp, preferred_element_type=jnp.float32), axis=1)
+  count_ge = (higher[:, None] + within).astype(jnp.int32)                  # keys with digit >= hi * 16 + lo
   total = jnp.sum(hist)
   d_star = jnp.sum((count_ge >= k_rem).astype(jnp.int32)) - 1
   in_bucket = jnp.sum(jnp.where(flat == d_star, hist, 0))
