@@ -123,8 +123,11 @@ def _pallas(q, w, k_pool, k_scale_pool, page_table, lengths, *, interpret, block
   if not topk_histograms:
     return call(lambda *refs: kernel(*refs[:6], None, refs[6], None), out_shape=scores)(*args)
   hist = jnp.zeros((4, batch, 16, 16), jnp.int32)
+  # Aliases index the *flattened* operands: a None scale pool (a non-FP8 cache) is no operand,
+  # so `hist` is operand 5 then, not 6.
+  hist_index = len(jax.tree_util.tree_leaves(args))
   return call(kernel, out_shape=(scores, jax.ShapeDtypeStruct(hist.shape, jnp.int32)),
-              input_output_aliases={6: 1})(*args, hist)
+              input_output_aliases={hist_index: 1})(*args, hist)
 
 
 def _check(q, w, k_pool, k_scale_pool, page_table, lengths):

@@ -135,11 +135,13 @@ def test_indexer_scores_match_reference(name):
   np.testing.assert_allclose(out[valid], ref[valid], rtol=0, atol=tol * scale)
 
 
-def test_indexer_does_the_first_topk_pass():
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16", "float32"])
+def test_indexer_does_the_first_topk_pass(dtype):
   """dsa_indexer_scores(topk_histograms=True) histograms its scores' top radix digit as it
-  computes them; dsa_topk(histograms=) then starts at pass 2 and selects exactly as alone."""
+  computes them; dsa_topk(histograms=) then starts at pass 2 and selects exactly as alone.
+  Non-FP8 caches have no scale operand (the histogram output's alias must follow)."""
   from pallas_kernels.dsa_topk import first_pass_histograms
-  args = _indexer_case(1, batch=3, heads=16, dim=128, page_size=16, max_pages=6, dtype="float8_e4m3fn",
+  args = _indexer_case(1, batch=3, heads=16, dim=128, page_size=16, max_pages=6, dtype=dtype,
                        lengths=[0, 37, 96])
   scores, hist = dsa_indexer_scores(*args, topk_histograms=True, interpret=True, block=16, span=32)
   np.testing.assert_array_equal(np.asarray(hist), np.asarray(first_pass_histograms(scores)))
@@ -161,6 +163,11 @@ def _bench_args():
           lambda q, w, k, sc, pt, l: dsa_indexer_scores(q, w, k, sc, pt, l, topk_histograms=True, interpret=False),
           (s((batch, 64, 128), jnp.bfloat16), s((batch, 64), jnp.float32), s((pages, page, 128), jnp.float8_e4m3fn),
            s((pages, page, 1), jnp.float32), s((batch, n // page), jnp.int32), s((batch,), jnp.int32))),
+      # A bf16 cache has no scale operand (bench_tp.py's float32 check took this path).
+      "dsa_indexer_scores+topk_histograms, bf16 cache": (
+          lambda q, w, k, pt, l: dsa_indexer_scores(q, w, k, None, pt, l, topk_histograms=True, interpret=False),
+          (s((batch, 64, 128), jnp.bfloat16), s((batch, 64), jnp.float32), s((pages, page, 128), jnp.bfloat16),
+           s((batch, n // page), jnp.int32), s((batch,), jnp.int32))),
       "dsa_topk+histograms": (lambda x, h: dsa_topk(x, 2048, histograms=h, interpret=False),
                               (s((batch, n), jnp.float32), s((4, batch, 16, 16), jnp.int32))),
       "dsa_indexer_scores": (
@@ -179,7 +186,8 @@ def _bench_args():
 
 
 @pytest.mark.parametrize("name,launches", [("dsa_topk", 6), ("dsa_topk+histograms", 5), ("dsa_indexer_scores", 1),
-                                           ("dsa_indexer_scores+topk_histograms", 1), ("sparse_mla_decode", 1),
+                                           ("dsa_indexer_scores+topk_histograms", 1),
+                                           ("dsa_indexer_scores+topk_histograms, bf16 cache", 1), ("sparse_mla_decode", 1),
                                            ("sparse_mla_prefill", 1)])
 def test_kernels_lower_to_triton_at_bench_shapes(name, launches):
   """backend="pallas" really is the Triton kernel (no fallback), and the Pallas -> Triton-IR

@@ -12,10 +12,11 @@ from sparse_jax.config import ConfigError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(kv_heads, mode, sizes):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "tp_worker.py"), str(kv_heads), mode, sizes],
-                        capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+def _run(kv_heads, mode, sizes, backend=None, devices=4):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  extra = [backend] if backend else []
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "tp_worker.py"), str(kv_heads), mode, sizes,
+                         *extra], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -57,6 +58,19 @@ def test_dsa_on_mla_replicates_the_latent_cache_and_splits_the_experts():
     # Attention (and the indexer) run replicated: one all-reduce per MLP / MoE block only.
     assert hlo[tp]["all_reduce"] == hlo[tp]["layers"], hlo[tp]
     assert not hlo[tp]["all_gather_lines"], hlo[tp]["all_gather_lines"]
+
+
+def test_dsa_pallas_kernels_under_tensor_parallelism():
+  """DSA with backend="pallas" (kernels in interpret mode), float32 indexer cache, tp=2 vs tp=1.
+
+  Regression: with a non-FP8 indexer cache the indexer kernel has no scale operand, and its
+  histogram output was aliased to operand 6 of 6 ("input_output_aliases contains the mapping
+  '6:1' with input index 6 outside the range [0, 6)"), failing bench_tp.py's DSA check."""
+  res = _run("mla", "sparse", "1,2", backend="pallas", devices=2)
+  outs = res["outs"]
+  assert res["devices"] == 2
+  assert outs["2"] == outs["1"] and all(len(o) == 8 for o in outs["1"])
+  assert res["hlo"]["2"]["pool_shards"] == 2 and res["hlo"]["2"]["pool_local_shape"][0] == 1
 
 
 _PAGE_BYTES = r"""
