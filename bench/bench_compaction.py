@@ -189,13 +189,8 @@ def main(argv=None) -> int:
     payload["best"] = best
     print(f"\n# best: {best['config']} {best['us']:.1f} us, {best['tb_s']} TB/s "
           f"({best['pct_ceiling']}% of the copy ceiling)")
-  common.print_table(rows, COLUMNS, title=f"compaction {name} (copy ceiling "
-                                          f"{ceiling / 1e12:.2f} TB/s)")
-  path = common.dump_json("compaction", payload, args.out or None)
-  if path:
-    print(f"# wrote {path}")
-  print(f"# elapsed {budget.elapsed():.0f}s")
-  return 0
+  return common.finish("compaction", f"compaction {name}", rows, COLUMNS, ceiling, payload, args.out or None,
+                       budget)
 
 
 if __name__ == "__main__":

@@ -364,13 +364,7 @@ def main(argv=None) -> int:
     common.print_table(shape_rows, COLUMNS, title=name)
     del case, args_ours, ref_out
 
-  common.print_table(rows, COLUMNS, title=f"paged decode (copy ceiling "
-                                          f"{ceiling / 1e12:.2f} TB/s)")
-  path = common.dump_json("paged_decode", payload, args.out or None)
-  if path:
-    print(f"# wrote {path}")
-  print(f"# elapsed {budget.elapsed():.0f}s")
-  return 0
+  return common.finish("paged_decode", "paged decode", rows, COLUMNS, ceiling, payload, args.out or None, budget)
 
 
 if __name__ == "__main__":

@@ -189,13 +189,7 @@ def main(argv=None) -> int:
                  timing=timing.as_dict() if timing else None))
     common.print_table([r for r in rows if r["shape"] == name], COLUMNS, title=name)
 
-  common.print_table(rows, COLUMNS, title=f"rocket scoring (copy ceiling "
-                                          f"{ceiling / 1e12:.2f} TB/s)")
-  path = common.dump_json("rocket_score", payload, args.out or None)
-  if path:
-    print(f"# wrote {path}")
-  print(f"# elapsed {budget.elapsed():.0f}s")
-  return 0
+  return common.finish("rocket_score", "rocket scoring", rows, COLUMNS, ceiling, payload, args.out or None, budget)
 
 
 if __name__ == "__main__":

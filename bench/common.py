@@ -276,3 +276,14 @@ def max_abs_error(out, ref) -> float:
   b = jnp.asarray(ref, jnp.float32)
   both_inf = jnp.isinf(a) & jnp.isinf(b) & (a == b)
   return float(jnp.max(jnp.where(both_inf, 0.0, jnp.abs(a - b))))
+
+
+def finish(name: str, label: str, rows: list[dict[str, Any]], columns: list[str], ceiling: float, payload: Any,
+           out_dir: str | None, budget) -> int:
+  """A kernel benchmark's epilogue: the whole table, the JSON, the elapsed time; returns 0."""
+  print_table(rows, columns, title=f"{label} (copy ceiling {ceiling / 1e12:.2f} TB/s)")
+  path = dump_json(name, payload, out_dir)
+  if path:
+    print(f"# wrote {path}")
+  print(f"# elapsed {budget.elapsed():.0f}s")
+  return 0
