@@ -832,13 +832,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   pool = _start_pool(workers, tokenizer.to_str()) if workers > 0 else None
   log(f"tokenizer vocab {tokenizer.get_vocab_size()}; {workers} data workers")
 
+  def submit_eval_rows(*args) -> Callable[[], Any]:
+    """make_eval_rows(counter, *args) on a worker (or inline); call the result to get the rows."""
+    if pool is None:
+      return functools.partial(make_eval_rows, counter, *args)
+    return functools.partial(pool.apply_async(_worker_eval, args).get, 120)
+
   # Eval rows are built first (workers are idle while the first step compiles).
-  eval_jobs = {}
-  for length in cfg.eval_lengths:
-    for task in cfg.eval_tasks:
-      args = (task, length, cfg.slots(length), cfg.eval_samples, cfg.seed)
-      eval_jobs[(task, length)] = (functools.partial(pool.apply_async(_worker_eval, args).get, 120)
-                                   if pool is not None else functools.partial(make_eval_rows, counter, *args))
+  eval_jobs = {(task, length): submit_eval_rows(task, length, cfg.slots(length), cfg.eval_samples, cfg.seed)
+               for length in cfg.eval_lengths for task in cfg.eval_tasks}
   loader = BatchLoader(cfg, counter, pool)
   lengths = [e[0] for e in cfg.curriculum]
   loader.prime(lengths[0])
@@ -846,13 +848,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   use_gate = cfg.gate_exact_match > 0
   gate_lengths = [l for i, l in enumerate(lengths) if use_gate and 0 <= cfg.gate_from <= i <= cfg.gate_phase
                   and i < len(lengths) - 1]
-  gate_jobs: dict[int, dict[str, Callable[[], Any]]] = {}
-  for gl in gate_lengths:
-    gate_jobs[gl] = {}
-    for task in cfg.gate_tasks_at(gl):
-      args = (task, gl, cfg.slots(gl), cfg.gate_samples, cfg.seed, "train", "gate:")
-      gate_jobs[gl][task] = (functools.partial(pool.apply_async(_worker_eval, args).get, 120)
-                             if pool is not None else functools.partial(make_eval_rows, counter, *args))
+  gate_jobs = {gl: {task: submit_eval_rows(task, gl, cfg.slots(gl), cfg.gate_samples, cfg.seed, "train", "gate:")
+                    for task in cfg.gate_tasks_at(gl)} for gl in gate_lengths}
 
   backend = "reference"
   attention = "xla"
