@@ -41,7 +41,7 @@ def main(_):
 
   import models
   from bench import model_config
-  from bench.common import measure_copy_ceiling
+  from bench.common import measure_copy_ceiling, random_fill_cache
   from sparse_jax.config import KvCacheConfig, load_llm_api_options
   from sparse_jax.engine import Engine
 
@@ -83,15 +83,9 @@ def main(_):
     n_pages = eng.max_pages_per_seq
     cache, eng.cache = eng.cache, None
 
-    # Random K/V, one pool at a time and donated (two copies of a 34 GB cache do not fit).
-    rand_pool = jax.jit(lambda x, key: jax.random.normal(key, x.shape, x.dtype), donate_argnums=0)
-
-    def fill(cache, key, ctx):
-      keys = jax.random.split(key, 2 * cache.num_layers)
-      k = tuple(rand_pool(x, keys[i]) for i, x in enumerate(cache.k))
-      v = tuple(rand_pool(x, keys[-1 - i]) for i, x in enumerate(cache.v))
-      full = jnp.full_like(cache.lengths, ctx)
-      return cache.replace(k=k, v=v, lengths=full, positions=jnp.full_like(cache.positions, ctx))
+    def fill(cache, ctx):
+      cache = random_fill_cache(cache, aux=False)
+      return cache.replace(lengths=jnp.full_like(cache.lengths, ctx), positions=jnp.full_like(cache.positions, ctx))
 
     tokens = jnp.ones((b,), jnp.int32)
     active = jnp.ones((b,), bool)
@@ -99,7 +93,7 @@ def main(_):
     ignore = jnp.ones((b,), bool)
     samp = eng._sampling_state()
     for ctx in ctxs:
-      cache = fill(cache, jax.random.PRNGKey(ctx), ctx)
+      cache = fill(cache, ctx)
       per_step = {}
       for n in (steps, 1):
         run = lambda c: eng._decode_fn(eng.params, c, table, tokens, active, remaining, ignore, samp,

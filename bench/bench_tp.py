@@ -223,10 +223,6 @@ def cmd_check(args) -> int:
 
 # -- 2. decode throughput -------------------------------------------------------------------------
 
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(0, math.ceil(math.log2(max(1, n))))
-
-
 def cmd_decode(args) -> int:
   import jax
   import jax.numpy as jnp
@@ -234,9 +230,9 @@ def cmd_decode(args) -> int:
   from flax import nnx
 
   import models
-  from bench import model_config
+  from bench import common, model_config
   from sparse_jax.config import KvCacheConfig, load_llm_api_options
-  from sparse_jax.engine import Engine
+  from sparse_jax.engine import Engine, _pow2_at_least
   from sparse_jax.llm import default_backend
 
   t_begin = time.perf_counter()
@@ -310,7 +306,7 @@ def cmd_decode(args) -> int:
         for s in range(b):
           eng.allocator.ensure(s, max_pages * page)
         cache, eng.cache = eng.cache, None
-        cache = _fill(cache)
+        cache = common.random_fill_cache(cache)
         jax.block_until_ready(cache.k[-1])
         current = engine_kind
         print(f"# {engine_kind} engine: pool {b} x {max_pages} pages of {page} tokens, "
@@ -385,31 +381,6 @@ def cmd_decode(args) -> int:
   result["total_s"] = time.perf_counter() - t_begin
   _write(args.out, result)
   return 0 if all("error" not in p for p in result["points"]) else 1
-
-
-def _fill(cache):
-  """Random K/V and aux pools, one pool at a time, donated and kept on its own sharding."""
-  import jax
-  import jax.numpy as jnp
-
-  fns = {}
-
-  def one(x, seed):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      return x
-    key = (jnp.dtype(x.dtype).name, x.sharding)
-    if key not in fns:  # one jit per dtype and sharding (compiled once per shape)
-      gen_dtype = x.dtype if jnp.dtype(x.dtype).itemsize >= 2 else jnp.bfloat16
-      fns[key] = jax.jit(lambda x, key: jax.random.normal(key, x.shape, gen_dtype).astype(x.dtype),
-                         donate_argnums=0, out_shardings=x.sharding)
-    return fns[key](x, jax.random.PRNGKey(seed))
-
-  n = cache.num_layers
-  k = tuple(one(x, i) for i, x in enumerate(cache.k))
-  v = tuple(one(x, n + i) for i, x in enumerate(cache.v))
-  aux = {name: tuple(one(x, 2 * n + 97 * j + i) for i, x in enumerate(pools))
-         for j, (name, pools) in enumerate(sorted(cache.aux.items()))}
-  return cache.replace(k=k, v=v, aux=aux)
 
 
 # -- 3. summary ------------------------------------------------------------------------------------

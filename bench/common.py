@@ -287,3 +287,28 @@ def finish(name: str, label: str, rows: list[dict[str, Any]], columns: list[str]
     print(f"# wrote {path}")
   print(f"# elapsed {budget.elapsed():.0f}s")
   return 0
+
+
+def random_fill_cache(cache, aux: bool = True):
+  """`cache` with random normal K/V (and, with `aux`, aux) pools: one pool at a time, donated
+  (two copies of a long-context pool do not fit) and kept on its own sharding."""
+  fns = {}
+
+  def one(x, seed):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    key = (jnp.dtype(x.dtype).name, x.sharding)
+    if key not in fns:  # one jit per dtype and sharding (compiled once per shape)
+      gen_dtype = x.dtype if jnp.dtype(x.dtype).itemsize >= 2 else jnp.bfloat16
+      fns[key] = jax.jit(lambda x, key: jax.random.normal(key, x.shape, gen_dtype).astype(x.dtype),
+                         donate_argnums=0, out_shardings=x.sharding)
+    return fns[key](x, jax.random.PRNGKey(seed))
+
+  n = cache.num_layers
+  k = tuple(one(x, i) for i, x in enumerate(cache.k))
+  v = tuple(one(x, n + i) for i, x in enumerate(cache.v))
+  if not aux:
+    return cache.replace(k=k, v=v)
+  pools = {name: tuple(one(x, 2 * n + 97 * j + i) for i, x in enumerate(p))
+           for j, (name, p) in enumerate(sorted(cache.aux.items()))}
+  return cache.replace(k=k, v=v, aux=pools)
