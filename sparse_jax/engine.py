@@ -156,8 +156,9 @@ class Engine:
       raise ValueError("decode_budget (eviction) is not supported with tensor_parallel_size > 1 yet")
     self.runtime = Runtime(backend=backend, sparse=sparse_attention_config, interpret=interpret, mesh=mesh,
                            shard_kv=shard_kv, evict=self.decode_budget is not None)
-    # Below this many tokens the algorithm would select everything: decode densely (same result,
-    # no prediction cost), so short contexts never pay for sparsity.
+    # Up to this many tokens decode densely, skipping the prediction (the algorithm's dense_below:
+    # where it would select everything, or where it keeps its sparse paths off), so short
+    # contexts never pay for sparsity.
     algo = self.runtime.algorithm
     self._dense_below = (algo.dense_below(sparse_attention_config)
                          if algo is not None and algo.dense_below is not None and not self.runtime.evict else None)
