@@ -70,15 +70,20 @@ def _next_state(state, hist, k, level):
   prefix, k_rem, full, done = state
   lanes = jnp.arange(16, dtype=jnp.int32)
   flat = lanes[:, None] * 16 + lanes[None, :]
-  # Suffix counts by 16x16 triangular matmuls (float32, exact below 2^24), not scans: no
-  # cumsum over the small, oddly laid out tensors of this prologue.
-  counts = hist.astype(jnp.float32)
-  hp = jax.lax.Precision.HIGHEST
-  lo_ge = (lanes[:, None] >= lanes[None, :]).astype(jnp.float32)           # [lo', lo] = lo' >= lo
-  hi_gt = (lanes[None, :] > lanes[:, None]).astype(jnp.float32)            # [hi, hi'] = hi' > hi
-  within = jax.lax.dot(counts, lo_ge, precision=hp, preferred_element_type=jnp.float32)   # same hi, lo' >= lo
-  higher = jnp.sum(jax.lax.dot(hi_gt, counts, precision=hp, preferred_element_type=jnp.float32), axis=1)
-  count_ge = (higher[:, None] + within).astype(jnp.int32)                  # keys with digit >= hi * 16 + lo
+  # Suffix counts by 16x16 triangular matmuls, not scans: no cumsum over the small, oddly laid
+  # out tensors of this prologue. The counts go in as three 8-bit pieces in bfloat16, exact under
+  # any dot precision (a float32 dot may run as TF32 on the GPU, exact only up to 2048; a 32K
+  # context overflows that), each summed in float32 (16 x 255 is exact) and recombined in int32.
+  lo_ge = (lanes[:, None] >= lanes[None, :]).astype(jnp.bfloat16)          # [lo', lo] = lo' >= lo
+  hi_gt = (lanes[None, :] > lanes[:, None]).astype(jnp.bfloat16)           # [hi, hi'] = hi' > hi
+  within = jnp.zeros((16, 16), jnp.int32)                                  # same hi, lo' >= lo
+  higher = jnp.zeros((16,), jnp.int32)                                     # hi' > hi
+  for shift in (0, 8, 16):
+    piece = ((hist >> shift) & 255).astype(jnp.bfloat16)
+    w = jax.lax.dot(piece, lo_ge, preferred_element_type=jnp.float32).astype(jnp.int32)
+    h = jnp.sum(jax.lax.dot(hi_gt, piece, preferred_element_type=jnp.float32).astype(jnp.int32), axis=1)
+    within, higher = within + (w << shift), higher + (h << shift)
+  count_ge = higher[:, None] + within                                      # keys with digit >= hi * 16 + lo
   total = jnp.sum(hist)
   d_star = jnp.sum((count_ge >= k_rem).astype(jnp.int32)) - 1
   in_bucket = jnp.sum(jnp.where(flat == d_star, hist, 0))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pallas_kernels.dsa_indexer import dsa_indexer_scores, dsa_indexer_scores_reference
-from pallas_kernels.dsa_topk import (dsa_topk, dsa_topk_internals, dsa_topk_reference,
+from pallas_kernels.dsa_topk import (_next_state, dsa_topk, dsa_topk_internals, dsa_topk_reference,
                                      pass_histograms_reference)
 from pallas_kernels.sparse_mla_decode import sparse_mla_decode
 from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill
@@ -73,6 +73,26 @@ def test_topk_ties_property(values):
   out, ref = _topk_pair(scores, 24, block=16, chunks=6)
   np.testing.assert_array_equal(out, ref)
   _check_contract(out, scores, 24)
+
+
+@pytest.mark.parametrize("scale", [2000, 70_000, 3_000_000])
+def test_select_state_exact_with_large_bucket_counts(scale):
+  """The radix state machine's suffix counts stay exact far past 2048 per bucket (a TF32 dot is
+  exact only up to 2048; a 32K-token row puts more keys than that in one pass-1 bucket)."""
+  rng = np.random.default_rng(scale)
+  hist = rng.integers(0, scale, size=(16, 16)).astype(np.int32)
+  hist.reshape(-1)[rng.integers(0, 256, size=8)] += 2049          # odd counts above the TF32 limit
+  flat = hist.reshape(-1)
+  suffix = np.cumsum(flat[::-1])[::-1]                              # keys with digit >= d
+  for k in (1, 2049, int(suffix[0]) // 3, int(suffix[0]) - 1):
+    d_star = int(np.sum(suffix >= k)) - 1
+    for level in (1, 2):
+      state = (jnp.int32(5), jnp.int32(k), jnp.bool_(False), jnp.int32(1))
+      prefix, k_rem, full, _ = jax.jit(lambda h, s=state, lv=level: _next_state(s, h, k, lv))(jnp.asarray(hist))
+      above = int(flat[d_star + 1:].sum())
+      assert int(k_rem) == k - above
+      assert int(prefix) == (d_star - 128 if level == 1 else 5 * 256 + d_star)
+      assert bool(full) == (int(flat[d_star]) == k - above)
 
 
 # -- indexer scores ------------------------------------------------------------------------------
