@@ -30,6 +30,31 @@ flags.DEFINE_string("reference_contexts", "32768", "contexts at which the refere
 flags.DEFINE_integer("page_size", 32, "KV page size")
 flags.DEFINE_string("sparse", "", "optional options YAML (e.g. configs/rocket.yaml) for a sparse run")
 flags.DEFINE_string("out", "", "JSON output path")
+flags.DEFINE_string("hlo_dir", "", "if set: write each compiled decode step's optimized HLO there (memory debugging)")
+
+
+def _mem(tag: str) -> None:
+  """Device memory in use / peak so far (GPU only): where a run's memory goes, stage by stage."""
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  if stats:
+    print(f"  [mem] {tag}: in use {stats.get('bytes_in_use', 0) / 1e9:.2f} GB, peak "
+          f"{stats.get('peak_bytes_in_use', 0) / 1e9:.2f} GB, limit {stats.get('bytes_limit', 0) / 1e9:.2f} GB",
+          flush=True)
+
+
+def _report_compiled(fn, args, kwargs, tag: str) -> None:
+  """memory_analysis of the compiled step (arguments, outputs, aliased bytes, temporaries) and,
+  with --hlo_dir, its optimized HLO: a pool-sized temporary means the step copies the pool."""
+  compiled = fn.lower(*args, **kwargs).compile()
+  m = compiled.memory_analysis()
+  if m is not None:
+    print(f"  [compiled {tag}] args {m.argument_size_in_bytes / 1e9:.2f} GB, out {m.output_size_in_bytes / 1e9:.2f} GB, "
+          f"alias {m.alias_size_in_bytes / 1e9:.2f} GB, temp {m.temp_size_in_bytes / 1e9:.2f} GB", flush=True)
+  if FLAGS.hlo_dir:
+    os.makedirs(FLAGS.hlo_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.hlo_dir, f"decode_{tag}.hlo.txt"), "w") as f:
+      f.write(compiled.as_text())
 
 
 def main(_):
@@ -50,6 +75,7 @@ def main(_):
   model = models.build_model(cfg, dtype=jnp.bfloat16)
   jax.block_until_ready(jax.tree_util.tree_leaves(model))
   print(f"built {FLAGS.config} with random bf16 weights in {time.perf_counter() - t0:.1f}s", flush=True)
+  _mem("weights built")
   from flax import nnx
   params = nnx.state(model, nnx.Param)
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
@@ -82,6 +108,7 @@ def main(_):
     # nothing; the XLA reference reads every listed page, so give it the tightest table.
     n_pages = eng.max_pages_per_seq
     cache, eng.cache = eng.cache, None
+    _mem(f"{backend} engine + pool")
 
     def fill(cache, ctx):
       cache = random_fill_cache(cache, aux=False)
@@ -94,14 +121,19 @@ def main(_):
     samp = eng._sampling_state()
     for ctx in ctxs:
       cache = fill(cache, ctx)
+      _mem(f"{backend} ctx={ctx} filled")
       per_step = {}
       for n in (steps, 1):
         run = lambda c: eng._decode_fn(eng.params, c, table, tokens, active, remaining, ignore, samp,
                                        n_pages=n_pages, num_steps=n)
+        if ctx == ctxs[0]:
+          _report_compiled(eng._decode_fn, (eng.params, cache, table, tokens, active, remaining, ignore, samp),
+                           dict(n_pages=n_pages, num_steps=n), f"{backend}_steps{n}")
         t0 = time.perf_counter()
         cache, out, *_ = run(cache)
         jax.block_until_ready(out)
         compile_s = time.perf_counter() - t0
+        _mem(f"{backend} ctx={ctx} steps={n} first call")
         times = []
         for _ in range(FLAGS.iters if n == steps else 2 * FLAGS.iters):
           t0 = time.perf_counter()
@@ -109,7 +141,8 @@ def main(_):
           jax.block_until_ready(out)
           times.append(time.perf_counter() - t0)
         per_step[n] = float(np.median(times)) / n
-        print(f"  {backend} ctx={ctx} steps/call={n}: {per_step[n] * 1e3:.3f} ms/step (first call {compile_s:.1f}s)",
+        print(f"  {backend} ctx={ctx} steps/call={n}: {per_step[n] * 1e3:.3f} ms/step (first call {compile_s:.1f}s; "
+              f"calls {[round(t * 1e3, 2) for t in times[:6]]} ms)",
               flush=True)
       kv_bytes = b * (ctx + extra // 2) * eng.layout.bytes_per_token(jnp.bfloat16)
       step = per_step[steps]

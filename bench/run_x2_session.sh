@@ -2,6 +2,9 @@
 # The GPU measurements of one device session on a 2-GPU machine (nvidia-h100-x2), in three calls
 # of under 10 minutes each, two independent jobs side by side (one per GPU) where they fit:
 #   bash bench/run_x2_session.sh train   # GPU0 / GPU1: bench/run_train2_gpu.sh (two learning rates)
+#   bash bench/run_x2_session.sh trainbench  # GPU0: bench/run_train_gpu.sh (one run); GPU1: DSA
+#                                        # kernels (bench/run_dsa_gpu.sh), 8B dense decode with its
+#                                        # memory report (stage by stage, compiled step, HLO)
 #   bash bench/run_x2_session.sh eval    # GPU0: bench/eval_suite.py on the trained model;
 #                                        # GPU1: bench/run_dsa_gpu.sh, 8B dense decode, indexer distillation
 #   bash bench/run_x2_session.sh tp      # both: bench/run_tp_gpu.sh; then GPU0: serving bench (short),
@@ -18,6 +21,28 @@ filter() { grep -a -v "^I1\|^W1\|DeprecationWarning\|warnings.warn\|Pallas.*depr
 case "$stage" in
   train)
     OUT="$OUT" BUDGET="${BUDGET:-450}" bash bench/run_train2_gpu.sh ;;
+  trainbench)
+    mkdir -p /tmp/sj_train/a /tmp/sj_gpu1
+    ( CUDA_VISIBLE_DEVICES=0 OUT=/tmp/sj_train/a BUDGET="${BUDGET:-500}" bash bench/run_train_gpu.sh \
+        --num_workers="${WORKERS:-16}" > /tmp/sj_train/a/console.log 2>&1 ) &
+    p0=$!
+    (
+      export CUDA_VISIBLE_DEVICES=1
+      w1=/tmp/sj_gpu1
+      OUT=$w1/dsa timeout 240 bash bench/run_dsa_gpu.sh > $w1/dsa.log 2>&1
+      XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+        timeout "${DECODE_LIMIT:-260}" python3 bench/bench_decode.py --iters=20 --out=$w1/decode8b.json \
+        --hlo_dir=$w1/hlo > $w1/decode8b.log 2>&1
+    ) &
+    p1=$!
+    wait $p0 $p1
+    if [ -f /tmp/sj_train/a/model/config.json ]; then
+      rm -rf /tmp/sj_best_model && cp -r /tmp/sj_train/a/model /tmp/sj_best_model
+      tar cf /tmp/sj_best.tar -C /tmp/sj_best_model . && split -b 14m /tmp/sj_best.tar "$OUT/best.tar.part-"
+    fi
+    grep -a -E "gate|phase|eval|final|ERROR|Traceback|Error" /tmp/sj_train/a/console.log | tail -n 30
+    for f in /tmp/sj_gpu1/*.log; do echo "===== $f"; filter < "$f" | tail -n 40; done
+    tar czf "$OUT/trainbench.tgz" -C /tmp sj_gpu1 sj_train/a/console.log ;;
   eval)
     model=/tmp/sj_best_model; [ -f $model/config.json ] || model=sparse_jax/assets/default_model
     w0=/tmp/sj_eval; w1=/tmp/sj_gpu1; mkdir -p $w0 $w1

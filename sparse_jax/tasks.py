@@ -4,8 +4,10 @@ Task definitions follow RULER (Hsieh et al. 2024, "RULER: What's the real contex
 your long-context LMs?"), with our own haystack: procedurally generated English-like
 sentences from the word lists and templates below, in several styles (essay, story, report,
 nature, instructions, letters, and RULER's "noise" sentences), so a model cannot memorise
-one pattern. Every prompt ends with the fixed suffix "\\nAnswer:"; the expected completion is
-`answer_text` (a leading space, the answers joined by ", ") followed by EOS.
+one pattern. Every prompt ends with "\\nAnswer:", for the needle and key-value tasks followed by
+RULER's answer prefix that restates the question's key(s) (" The special magic number for {key}
+mentioned in the provided text is"); the expected completion is `answer_text` (a leading space,
+the answers joined by ", ") followed by EOS.
 
   niah_single        one needle "One of the special magic numbers for {key} is: {value}." (S-NIAH)
   niah_multikey      4 needles with different keys, one of them is asked for (MK-NIAH)
@@ -332,7 +334,7 @@ def tokenizer_corpus(seed: int = 0, num_sentences: int = 60000) -> list[str]:
     key, value = _random_key(rng), _random_number(rng)
     texts.append(_NIAH_HEADER[i % 2] + "\n" + _needle(key, value) + " " + _KV_PHRASES[i % len(_KV_PHRASES)].format(
         key=key, value=value) + f" VAR {_random_var(rng)} = {_random_number(rng, 5)}. VAR {_random_var(rng)} = VAR "
-                 f"{_random_var(rng)}." + _niah_question([key], i % 2 == 1) + ANSWER_SUFFIX + f" {value}")
+                 f"{_random_var(rng)}." + _niah_question([key], i % 2 == 1) + f" {value}" + _kv_question(key) + f" {value}")
   texts.append(_VT_HEADER + _VT_QUESTION.format(value=12345) + _CWE_HEADER + _CWE_QUESTION + _KV_HEADER)
   texts.append(" ".join(f"{i}. {w}" for i, w in enumerate(vocabulary_words(), 1)))
   return texts
@@ -445,6 +447,10 @@ _KV_PHRASES = ("One of the special magic numbers for {key} is: {value}.", "The v
 _KV_QUESTION = "\nQuestion: What is the value of {key}?"
 
 
+def _kv_question(key: str) -> str:
+  return _KV_QUESTION.format(key=key) + ANSWER_SUFFIX + f" The value of {key} is"
+
+
 def _needle(key: str, value: str) -> str:
   return f"One of the special magic numbers for {key} is: {value}."
 
@@ -454,9 +460,13 @@ def _join_keys(keys: Sequence[str]) -> str:
 
 
 def _niah_question(keys: Sequence[str], plural: bool) -> str:
+  """The question, "\\nAnswer:" and RULER's answer prefix, which repeats the key(s) right before
+  the answer (so the key is among the last tokens of the prompt, as in RULER)."""
   if plural:
-    return f"\nWhat are all the special magic numbers for {_join_keys(keys)} mentioned in the provided text?"
-  return f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text?"
+    return (f"\nWhat are all the special magic numbers for {_join_keys(keys)} mentioned in the provided text?"
+            f"{ANSWER_SUFFIX} The special magic numbers for {_join_keys(keys)} mentioned in the provided text are")
+  return (f"\nWhat is the special magic number for {keys[0]} mentioned in the provided text?"
+          f"{ANSWER_SUFFIX} The special magic number for {keys[0]} mentioned in the provided text is")
 
 
 def answer_text(answers: Sequence[str]) -> str:
@@ -608,7 +618,7 @@ def _build_niah(task: str, rng: random.Random, counter: TokenCounter, budget: in
   answers = [v for i in queried for v in sorted(values[i], key=lambda v, i=i: order[_needle(keys[i], v)])]
   plural = num_q * num_v > 1
   head = _NIAH_HEADER[int(plural)] + "\n"
-  tail = _niah_question(query_keys, plural) + ANSWER_SUFFIX
+  tail = _niah_question(query_keys, plural)
   extra = [answer_text(answers)] if opts.get("_answer_in_budget") else []
   room = _fit(counter, budget, [head, tail] + [" " + n for n, _ in needles] + extra, task)
   hay = _Haystack(rng, counter, haystack, opts.get("styles"), exclude_keys=keys)
@@ -731,8 +741,8 @@ def _build_kv(rng: random.Random, counter: TokenCounter, budget: int, opts: Mapp
   facts = [rng.choice(phrase_mix).format(key=k, value=v) for k, v in zip(keys, values)]
   asked = rng.sample(range(num_pairs), num_turns)
   head = _KV_HEADER + "\n"
-  tail = _KV_QUESTION.format(key=keys[asked[0]]) + ANSWER_SUFFIX
-  turns = [(_KV_QUESTION.format(key=keys[i]) + ANSWER_SUFFIX, [values[i]]) for i in asked[1:]]
+  tail = _kv_question(keys[asked[0]])
+  turns = [(_kv_question(keys[i]), [values[i]]) for i in asked[1:]]
   extra = [answer_text([values[i]]) for i in asked] + [q for q, _ in turns] if opts.get("_answer_in_budget") else []
   room = _fit(counter, budget, [head, tail] + [" " + f for f in facts] + extra, "kv_lookup")
   hay = _Haystack(rng, counter, opts.get("haystack", "filler"), opts.get("styles"))

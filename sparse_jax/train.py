@@ -127,6 +127,9 @@ class TrainConfig:
   pack_min_length: rows shorter than this hold one sample each (see make_row), longer ones are packed.
   warmup_mixture: the task mixture of the first phase (empty: `mixture`), e.g. the single-needle
     task alone, on which the copy (induction) circuits form fastest.
+  phase_mixtures: (phase index, mixture) pairs overriding the mixture of those phases, e.g. a
+    second, gated phase weighted towards the multi-key needles (key matching forms after the copy
+    circuits, and only where it is most of what the batch asks for).
   gate_*: the curriculum gates (see Schedule): each phase gate_from..gate_phase lasts until the
     teacher-forced exact match on gate_samples held-out train-split samples of each of its gate
     tasks (gate_tasks that its mixture trains) at its length, measured every gate_every steps,
@@ -166,6 +169,7 @@ class TrainConfig:
   prefetch_batches: int = 8
   pack_min_length: int = 0
   warmup_mixture: tuple[tuple[str, float], ...] = ()
+  phase_mixtures: tuple[tuple[int, tuple[tuple[str, float], ...]], ...] = ()
   gate_from: int = 0
   gate_phase: int = 0
   gate_answer_acc: float = 0.7
@@ -192,7 +196,12 @@ class TrainConfig:
     if max(lengths) > self.model.max_position_embeddings:
       raise ValueError(f"TrainConfig.curriculum reaches {max(lengths)} > max_position_embeddings="
                        f"{self.model.max_position_embeddings}")
-    for name, mix in (("mixture", self.mixture), ("warmup_mixture", self.warmup_mixture or self.mixture)):
+    bad_phase = [i for i, _ in self.phase_mixtures if not 0 <= i < len(self.curriculum)]
+    if bad_phase:
+      raise ValueError(f"TrainConfig.phase_mixtures names phase(s) {bad_phase}; the curriculum has "
+                       f"{len(self.curriculum)} phases")
+    for name, mix in (("mixture", self.mixture), ("warmup_mixture", self.warmup_mixture or self.mixture),
+                      *((f"phase_mixtures[{i}]", m) for i, m in self.phase_mixtures)):
       unknown = [t for t, _ in mix if t not in tasks.TASKS]
       if unknown or not mix or any(w < 0 for _, w in mix) or sum(w for _, w in mix) <= 0:
         raise ValueError(f"TrainConfig.{name}={mix} must weight known tasks {tasks.TASKS} positively")
@@ -223,7 +232,12 @@ class TrainConfig:
     return max(1, self.step_tokens(length) // length)
 
   def mixture_at(self, length: int) -> tuple[tuple[str, float], ...]:
-    """The task mixture of rows of `length`: warmup_mixture in the first phase (when set)."""
+    """The task mixture of rows of `length`: its phase's entry of phase_mixtures, else
+    warmup_mixture in the first phase (when set), else `mixture`."""
+    lengths = [e[0] for e in self.curriculum]
+    for index, mix in self.phase_mixtures:
+      if lengths[index] == length:
+        return mix
     if self.warmup_mixture and len(self.curriculum) > 1 and length == self.curriculum[0][0]:
       return self.warmup_mixture
     return self.mixture
@@ -1223,6 +1237,8 @@ def define_flags() -> None:
   flags.DEFINE_float("lm_loss_weight", 0.1, "Weight of the auxiliary next-token loss on all tokens.")
   flags.DEFINE_string("warmup_mixture", "", "task:weight mixture of the first curriculum phase (empty: --mixture), "
                       "e.g. niah_single:1, on which the retrieval circuits form fastest.")
+  flags.DEFINE_multi_string("phase_mixture", [], "PHASE=task:weight,... : the task mixture of curriculum phase "
+                            "PHASE (0-based), e.g. 1=niah_multikey:0.6,kv_lookup:0.25,niah_single:0.15.")
   flags.DEFINE_integer("pack_min_length", 0, "Rows shorter than this hold one sample each; longer rows are packed.")
 
 
@@ -1272,7 +1288,14 @@ def config_from_flags() -> TrainConfig:
       gate_every=FLAGS.gate_every, gate_tasks=tuple(t for t in FLAGS.gate_tasks.split(",") if t),
       min_lr_ratio=FLAGS.min_lr_ratio, weight_decay=FLAGS.weight_decay, lm_loss_weight=FLAGS.lm_loss_weight,
       warmup_mixture=_pairs(FLAGS.warmup_mixture, str) if FLAGS.warmup_mixture else (),
-      pack_min_length=FLAGS.pack_min_length)
+      pack_min_length=FLAGS.pack_min_length, phase_mixtures=tuple(_phase_mixture(t) for t in FLAGS.phase_mixture))
+
+
+def _phase_mixture(text: str) -> tuple:
+  index, sep, mix = text.partition("=")
+  if not sep or not index.strip().isdigit():
+    raise ValueError(f"--phase_mixture expects PHASE=task:weight,..., got {text!r}")
+  return int(index), _pairs(mix, str)
 
 
 def main(argv):

@@ -33,13 +33,15 @@ def test_make_row_layout(counter):
   assert tokens[0] == train.BOS_ID
   # Each supervised slot predicts the next token of the row from the position before it.
   np.testing.assert_array_equal(tokens[pos[:n] + 1], tgt[:n])
-  # Every sample ends with a supervised EOS right after its answer; answers follow "Answer:".
+  # Every sample ends with a supervised EOS right after its (last turn's) answer, which ends the first sample's
+  # text after its "Answer:" (and the answer prefix that restates the key).
   eos = np.flatnonzero(tokens == train.EOS_ID)
   assert len(eos) == sum(stats["samples"].values()) >= 1
   assert set(eos.tolist()) <= set((pos[:n] + 1).tolist())
   text = counter.tokenizer.decode(tokens[:eos[0] + 1].tolist())
-  first_answer = counter.tokenizer.decode(tgt[:n][tgt[:n] != train.EOS_ID].tolist())
-  assert text.split("Answer:")[1].strip().split("\n")[0] in first_answer
+  first_eos = int(np.flatnonzero(tgt[:n] == train.EOS_ID)[0])
+  first_answer = counter.tokenizer.decode(tgt[:first_eos].tolist()).strip()
+  assert first_answer and text.split("Answer:")[-1].rstrip().endswith(first_answer.split()[-1])
   # Rows are filled close to their length (padding only after the last sample).
   used = int(np.flatnonzero(tokens != train.PAD_ID)[-1]) + 1
   assert used > 1024 - train.MIN_SAMPLE_TOKENS - 64
