@@ -47,9 +47,10 @@ def gather_rows(ref, rows, col_start, width, ok):
   return plt.load(ref.at[rows[:, None], cols[None, :]], mask=mask)
 
 
-def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, hist_in_ref, o_ref, hist_ref, *, page_size, n_tokens,
+def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, o_ref, hist_ref, *, page_size, n_tokens,
             span, block, n_scale_blocks):
-  del hist_in_ref  # aliased with hist_ref (zeros), or both None
+  """hist_ref (or None): int32[B, spans, 16, 16], this program's pass-1 histogram at [row, p]
+  (plain stores, summed by the caller: no atomics, see dsa_topk._hist_kernel)."""
   row, p = pl.program_id(0), pl.program_id(1)
   heads_pad, dim = q_ref.shape[1], q_ref.shape[2]
   chunk = dim // n_scale_blocks
@@ -95,7 +96,7 @@ def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, hist_in_ref, o_ref,
 
   _, hist = jax.lax.fori_loop(0, span // block, body, (pages_of(0), jnp.zeros((16, 16), jnp.float32)))
   if hist_ref is not None:
-    plt.atomic_add(hist_ref, (jnp.int32(0), row, slice(None), slice(None)), hist.astype(jnp.int32))
+    hist_ref[row, p] = hist.astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block", "span", "num_warps", "num_stages",
@@ -117,17 +118,14 @@ def _pallas(q, w, k_pool, k_scale_pool, page_table, lengths, *, interpret, block
                              n_scale_blocks=n_scale_blocks)
   scores = jax.ShapeDtypeStruct((batch, n_tokens), jnp.float32)
   args = (q, w, k_flat, scale_flat, page_table, lengths.astype(jnp.int32))
-  call = functools.partial(pl.pallas_call, grid=(batch, pl.cdiv(n_tokens, span)), interpret=interpret,
+  spans = pl.cdiv(n_tokens, span)
+  call = functools.partial(pl.pallas_call, grid=(batch, spans), interpret=interpret,
                            compiler_params=_compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
                            name="dsa_indexer_scores")
   if not topk_histograms:
-    return call(lambda *refs: kernel(*refs[:6], None, refs[6], None), out_shape=scores)(*args)
-  hist = jnp.zeros((4, batch, 16, 16), jnp.int32)
-  # Aliases index the *flattened* operands: a None scale pool (a non-FP8 cache) is no operand,
-  # so `hist` is operand 5 then, not 6.
-  hist_index = len(jax.tree_util.tree_leaves(args))
-  return call(kernel, out_shape=(scores, jax.ShapeDtypeStruct(hist.shape, jnp.int32)),
-              input_output_aliases={hist_index: 1})(*args, hist)
+    return call(lambda *refs: kernel(*refs, None), out_shape=scores)(*args)
+  scores, part = call(kernel, out_shape=(scores, jax.ShapeDtypeStruct((batch, spans, 16, 16), jnp.int32)))(*args)
+  return scores, jnp.zeros((4, batch, 16, 16), jnp.int32).at[0].set(jnp.sum(part, axis=1))
 
 
 def _check(q, w, k_pool, k_scale_pool, page_table, lengths):

@@ -14,14 +14,14 @@ with every pass parallel over (row, chunk) programs and the whole score array L2
                   tokens still to take inside that prefix) from the histograms of passes
                   < p, histograms the next 8 bits of its chunk's keys that match the prefix
                   (a 16x16 one-hot matmul on the tensor cores instead of 256 compares per
-                  key), and atomically adds it to the row's histogram of pass p. A row is
+                  key), and stores it as its chunk's part of pass p (XLA sums the parts). A row is
                   done early once the bucket holding the k-th key is taken whole.
   count           per chunk: keys strictly above the threshold, keys equal to it.
   scatter         per chunk: exclusive prefix over earlier chunks' counts, then each taken
                   key writes its index at its rank (ties: lowest indices first), so the
                   output comes out sorted with no sort; chunk 0 writes the -1 padding.
 
-Six Pallas launches (plus zeroing the histograms), none data-dependent in size; at N=128K,
+Six Pallas launches (plus the tiny sums over chunks), none data-dependent in size; at N=128K,
 B=8 each pass reads the 4 MB of scores, which stay in L2. The kernel that computes the scores
 may do pass 1 on the fly (`histograms=`; dsa_indexer_scores(..., topk_histograms=True)).
 """
@@ -153,8 +153,11 @@ def first_pass_histograms(scores: jax.Array) -> jax.Array:
   return jnp.zeros((_PASSES, scores.shape[0], 16, 16), jnp.int32).at[0].set(hist.reshape(-1, 16, 16))
 
 
-def _hist_kernel(scores_ref, hist_in_ref, hist_ref, *, level, k, n, chunk, block):
-  del hist_in_ref  # aliased with hist_ref
+def _hist_kernel(scores_ref, hist_ref, part_ref, *, level, k, n, chunk, block):
+  """Pass `level` over one (row, chunk): its digit histogram of the keys that match the prefix
+  found so far (from hist_ref, the row totals of the earlier passes) into part_ref[row, chunk]. Plain
+  stores, summed over chunks by the caller: no atomics (Triton's atomic adds into the aliased
+  histogram left it all zeros on the H100 with jax 0.11.2, while interpret mode was right)."""
   row, c = pl.program_id(0), pl.program_id(1)
 
   def histogram(prefix):
@@ -163,14 +166,17 @@ def _hist_kernel(scores_ref, hist_in_ref, hist_ref, *, level, k, n, chunk, block
       match = valid if level == 1 else valid & (_top_bits(key, level - 1) == prefix)
       return acc + digit_histogram(key, match, level)
     acc = jax.lax.fori_loop(0, chunk // block, body, jnp.zeros((16, 16), jnp.float32))
-    # Index the whole ref (not a `.at` view): interpret mode's discharge mishandles views.
-    plt.atomic_add(hist_ref, (jnp.int32(level - 1), row, slice(None), slice(None)), acc.astype(jnp.int32))
+    part_ref[row, c] = acc.astype(jnp.int32)
 
   if level == 1:
     histogram(None)
     return
   prefix, _, full, _ = _state_after(lambda lv: hist_ref[lv - 1, row], k, level - 1)
   pl.when(jnp.logical_not(full))(lambda: histogram(prefix))
+
+  @pl.when(full)
+  def _():
+    part_ref[row, c] = jnp.zeros((16, 16), jnp.int32)
 
 
 def _count_kernel(scores_ref, hist_ref, counts_ref, *, k, n, chunk, block):
@@ -249,10 +255,11 @@ def _dsa_topk_pallas(scores, histograms, k, *, interpret, block=None, chunks=Non
   else:
     hist, first = histograms, 2
   for level in range(first, _PASSES + 1):
-    hist = pl.pallas_call(
+    part = pl.pallas_call(       # [row, chunk, 16, 16]: each chunk's histogram of this pass
         functools.partial(_hist_kernel, level=level, k=k, n=n, chunk=chunk, block=block),
-        out_shape=jax.ShapeDtypeStruct(hist.shape, jnp.int32), grid=grid, input_output_aliases={1: 0},
+        out_shape=jax.ShapeDtypeStruct((batch, chunks, 16, 16), jnp.int32), grid=grid,
         name=f"dsa_topk_hist{level}", **params)(scores, hist)
+    hist = hist.at[level - 1].set(jnp.sum(part, axis=1))
   counts = pl.pallas_call(       # [row, above | equal, chunk]; chunk slots past `chunks` stay unwritten
       functools.partial(_count_kernel, k=k, n=n, chunk=chunk, block=block),
       out_shape=jax.ShapeDtypeStruct((batch, 2, chunks_pad), jnp.int32), grid=grid, name="dsa_topk_count",
