@@ -43,6 +43,21 @@ case "$stage" in
     grep -a -E "gate|phase|eval|final|ERROR|Traceback|Error" /tmp/sj_train/a/console.log | tail -n 30
     for f in /tmp/sj_gpu1/*.log; do echo "===== $f"; filter < "$f" | tail -n 40; done
     tar czf "$OUT/trainbench.tgz" -C /tmp sj_gpu1 sj_train/a/console.log ;;
+  evalgrid)   # the accuracy grid on both GPUs: GPU0 dense table + RocketKV; GPU1 the other algorithms
+    w0=/tmp/sj_eval; w1=/tmp/sj_eval1; mkdir -p $w0 $w1
+    common="--backend=pallas --time_budget_s=${EVAL_BUDGET:-500} --sweep_samples=25"
+    ( CUDA_VISIBLE_DEVICES=0 timeout "${EVAL_LIMIT:-545}" python3 bench/eval_suite.py $common --dense_samples=100 \
+        --budgets=512,128,2048,256,1024 --algorithms=configs/rocket.yaml,configs/rocket_chunked.yaml \
+        --out=$w0/eval.json > $w0/eval.log 2>&1 ) &
+    p0=$!
+    ( CUDA_VISIBLE_DEVICES=1 timeout "${EVAL_LIMIT:-545}" python3 bench/eval_suite.py $common --dense_samples=25 \
+        --dense_contexts=8192 --dense_tasks=niah_single --budgets=512,128,2048,256,1024 \
+        --algorithms=configs/quest.yaml,configs/oracle.yaml,configs/snapkv.yaml,configs/streaming.yaml \
+        --out=$w1/eval.json > $w1/eval.log 2>&1 ) &
+    p1=$!
+    wait $p0 $p1
+    for f in $w0/*.log $w1/*.log; do echo "===== $f"; filter < "$f" | tail -n 12; done
+    tar czf "$OUT/evalgrid.tgz" -C /tmp sj_eval sj_eval1 ;;
   eval)
     model=/tmp/sj_best_model; [ -f $model/config.json ] || model=sparse_jax/assets/default_model
     w0=/tmp/sj_eval; w1=/tmp/sj_gpu1; mkdir -p $w0 $w1
