@@ -32,6 +32,7 @@ flags.DEFINE_list("budgets", ["128", "256", "512", "1024", "2048"], "token budge
 flags.DEFINE_list("algorithms", ["configs/rocket.yaml", "configs/quest.yaml", "configs/snapkv.yaml",
                                   "configs/streaming.yaml", "configs/oracle.yaml"],
                   "option YAMLs of the swept algorithms (run budget-major: each budget for every algorithm)")
+flags.DEFINE_bool("dense", True, "run the dense table and reference (off: another process runs it)")
 flags.DEFINE_integer("sweep_samples", 25, "samples per sweep point")
 flags.DEFINE_integer("max_batch_size", 16, "engine batch slots")
 flags.DEFINE_string("backend", None, "pallas or reference (default: auto)")
@@ -55,7 +56,7 @@ def main(_):
   dense_ctx = [int(c) for c in FLAGS.dense_contexts]
   sweep_ctx = [int(c) for c in FLAGS.sweep_contexts]
   longest = max(dense_ctx + sweep_ctx)
-  configs = [("dense", None, None, KvCacheConfig(), False)]
+  configs = [("dense", None, None, KvCacheConfig(), False)] if FLAGS.dense else []
   # Budget-major: a time limit then still leaves every algorithm measured at the first budgets.
   options = [load_llm_api_options(path) for path in FLAGS.algorithms]
   for b in FLAGS.budgets:

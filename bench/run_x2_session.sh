@@ -50,8 +50,7 @@ case "$stage" in
         --budgets=512,128,2048,256,1024 --algorithms=configs/rocket.yaml,configs/rocket_chunked.yaml \
         --out=$w0/eval.json > $w0/eval.log 2>&1 ) &
     p0=$!
-    ( CUDA_VISIBLE_DEVICES=1 timeout "${EVAL_LIMIT:-545}" python3 bench/eval_suite.py $common --dense_samples=25 \
-        --dense_contexts=8192 --dense_tasks=niah_single --budgets=512,128,2048,256,1024 \
+    ( CUDA_VISIBLE_DEVICES=1 timeout "${EVAL_LIMIT:-545}" python3 bench/eval_suite.py $common --nodense --budgets=512,128,2048,256,1024 \
         --algorithms=configs/quest.yaml,configs/oracle.yaml,configs/snapkv.yaml,configs/streaming.yaml \
         --out=$w1/eval.json > $w1/eval.log 2>&1 ) &
     p1=$!
