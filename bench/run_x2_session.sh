@@ -57,6 +57,32 @@ case "$stage" in
     wait $p0 $p1
     for f in $w0/*.log $w1/*.log; do echo "===== $f"; filter < "$f" | tail -n 12; done
     tar czf "$OUT/evalgrid.tgz" -C /tmp sj_eval sj_eval1 ;;
+  final3)   # GPU0: DSA kernels + 8B dense decode; GPU1: indexer distillation for the model, its sweep, leftovers
+    w0=/tmp/sj_f0; w1=/tmp/sj_f1; mkdir -p $w0 $w1
+    (
+      export CUDA_VISIBLE_DEVICES=0
+      OUT=$w0/dsa timeout 235 bash bench/run_dsa_gpu.sh > $w0/dsa.log 2>&1
+      XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 \
+        timeout "${DECODE_LIMIT:-250}" python3 bench/bench_decode.py --iters=20 --out=$w0/decode8b.json \
+        > $w0/decode8b.log 2>&1
+    ) &
+    p0=$!
+    (
+      export CUDA_VISIBLE_DEVICES=1
+      timeout 110 python3 -m sparse_jax.distill --model=sparse_jax/assets/default_model \
+        --output=$w1/default_model_indexer.safetensors --steps=300 --seq_len=1024 --batch_size=8 --topk=8 \
+        > $w1/distill.log 2>&1
+      sed "s#sparse_jax/assets/default_model_indexer.safetensors#$w1/default_model_indexer.safetensors#" \
+        configs/indexer.yaml > $w1/indexer.yaml
+      timeout "${SWEEP_LIMIT:-390}" python3 bench/eval_suite.py --backend=pallas --time_budget_s=370 --sweep_samples=25 \
+        --nodense --budgets=1024,512,2048,128,256 --algorithms=$w1/indexer.yaml,configs/rocket.yaml,configs/quest.yaml \
+        --out=$w1/eval.json > $w1/eval.log 2>&1
+    ) &
+    p1=$!
+    wait $p0 $p1
+    for f in $w0/*.log $w1/*.log; do echo "===== $f"; filter < "$f" | tail -n 14; done
+    grep -h "^CHECK" $w0/dsa/bench_dsa.log | grep -v " OK$" || echo "all DSA kernel checks OK"
+    tar czf "$OUT/final3.tgz" -C /tmp sj_f0 sj_f1 ;;
   eval)
     model=/tmp/sj_best_model; [ -f $model/config.json ] || model=sparse_jax/assets/default_model
     w0=/tmp/sj_eval; w1=/tmp/sj_gpu1; mkdir -p $w0 $w1
