@@ -74,9 +74,11 @@ case "$stage" in
         > $w1/distill.log 2>&1
       sed "s#sparse_jax/assets/default_model_indexer.safetensors#$w1/default_model_indexer.safetensors#" \
         configs/indexer.yaml > $w1/indexer.yaml
-      timeout "${SWEEP_LIMIT:-390}" python3 bench/eval_suite.py --backend=pallas --time_budget_s=370 --sweep_samples=25 \
-        --nodense --budgets=1024,512,2048,128,256 --algorithms=$w1/indexer.yaml,configs/rocket.yaml,configs/quest.yaml \
-        --out=$w1/eval.json > $w1/eval.log 2>&1
+      timeout 170 python3 bench/eval_suite.py --backend=pallas --time_budget_s=150 --sweep_samples=25 --nodense \
+        --budgets=1024 --algorithms=$w1/indexer.yaml,configs/rocket.yaml,configs/quest.yaml \
+        --out=$w1/eval_1024.json > $w1/eval_1024.log 2>&1
+      timeout 200 python3 bench/eval_suite.py --backend=pallas --time_budget_s=185 --sweep_samples=25 --nodense \
+        --budgets=512,2048,128,256 --algorithms=$w1/indexer.yaml --out=$w1/eval_indexer.json > $w1/eval_indexer.log 2>&1
     ) &
     p1=$!
     wait $p0 $p1
