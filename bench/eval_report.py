@@ -34,13 +34,28 @@ def tables(result: dict) -> str:
     out.append(f"| {task} | " + " | ".join(cells) + " |")
   sweep = [p for p in pts if p["algorithm"] != "dense"]
   if sweep:
-    out += ["", "### Budget sweep (accuracy, samples in parentheses; dense = all samples of the dense point)", "",
-            "| algorithm | budget | task | context | accuracy | dense | kept prompt tokens |", "|---|---|---|---|---|---|---|"]
-    for p in sweep:
-      d = dense.get((p["task"], p["context_length"])) or {"accuracy": float("nan")}
-      out.append(f"| {p['algorithm']} | {p['budget']} | {p['task']} | {p['context_length'] // 1024}K | "
-                 f"{p['accuracy']:.2f} ({p['num_samples']}) | {d['accuracy']:.2f} | "
-                 f"{p['mean_kept_prompt_tokens']:.0f} |")
+    tasks = list(dict.fromkeys(p["task"] for p in sweep))
+    short = [t.replace("niah_", "") for t in tasks]
+    n = sorted({p["num_samples"] for p in sweep})
+    out += ["", f"### Budget sweep ({'/'.join(map(str, n))} samples per point; dense: all samples of the dense point; "
+            "mean over the tasks, and that mean as a share of dense's; '-': not measured)"]
+    at = {(p["algorithm"], p["budget"], p["task"], p["context_length"]): p for p in sweep}
+    for ctx in sorted({p["context_length"] for p in sweep}):
+      d = [dense[(t, ctx)]["accuracy"] if (t, ctx) in dense else float("nan") for t in tasks]
+      d_mean = sum(d) / len(d)
+      out += ["", f"**{ctx // 1024}K context** (1/16 of it: budget {ctx // 16})", "",
+              "| algorithm | budget | " + " | ".join(short) + " | mean | of dense |", "|---|---|" + "---|" * (len(tasks) + 2),
+              "| dense | - | " + " | ".join(f"{v:.2f}" for v in d) + f" | {d_mean:.2f} | 100% |"]
+      for algo in dict.fromkeys(p["algorithm"] for p in sweep):
+        for budget in sorted({p["budget"] for p in sweep if p["algorithm"] == algo}):
+          row = [at.get((algo, budget, t, ctx)) for t in tasks]
+          if not any(row):
+            continue
+          cells = [f"{r['accuracy']:.2f}" if r else "-" for r in row]
+          mean = (f"{sum(r['accuracy'] for r in row) / len(row):.2f} | "
+                  f"{100 * sum(r['accuracy'] for r in row) / len(row) / d_mean:.0f}%") if all(row) else "- | -"
+          mark = "**" if budget == ctx // 16 else ""
+          out.append(f"| {algo} | {mark}{budget}{mark} | " + " | ".join(cells) + f" | {mean} |")
   skipped = collections.Counter((s["algorithm"], s["budget"]) for s in result.get("skipped", []))
   if skipped:
     out += ["", "Not measured (the suite's time limit ran out): " +
