@@ -86,6 +86,24 @@ def test_schedule():
     train.TrainConfig(output_dir="x", mixture=(("niah_nope", 1.0),))
 
 
+def test_phase_mixtures_pick_each_phase_tasks_and_gate():
+  """The recipe's second phase trains (and gates on) the multi-key needles; the others keep
+  the warm-up or the main mixture."""
+  single, keys = (("niah_single", 1.0),), (("niah_multikey", 0.6), ("kv_lookup", 0.3), ("niah_single", 0.1))
+  cfg = train.TrainConfig(output_dir="x", curriculum=((256, 0.2), (512, 0.3), (1024, 0.5)), warmup_mixture=single,
+                          phase_mixtures=((1, keys),), gate_tasks=("niah_single", "niah_multikey"))
+  assert cfg.mixture_at(256) == single and cfg.mixture_at(512) == keys and cfg.mixture_at(1024) == cfg.mixture
+  assert cfg.gate_tasks_at(256) == ("niah_single",)
+  assert cfg.gate_tasks_at(512) == ("niah_single", "niah_multikey")
+  with pytest.raises(ValueError, match="phase"):
+    train.TrainConfig(output_dir="x", curriculum=((256, 0.5), (512, 0.5)), phase_mixtures=((2, keys),))
+  with pytest.raises(ValueError, match="phase_mixtures"):
+    train.TrainConfig(output_dir="x", curriculum=((256, 0.5), (512, 0.5)), phase_mixtures=((1, (("nope", 1.0),)),))
+  assert train._phase_mixture("1=niah_multikey:0.6,kv_lookup:0.4") == (1, (("niah_multikey", 0.6), ("kv_lookup", 0.4)))
+  with pytest.raises(ValueError, match="PHASE="):
+    train._phase_mixture("niah_multikey:0.6")
+
+
 def test_loss_decreases_on_fixed_batch(counter):
   cfg = train.smoke_config("unused", model=TINY, lr=3e-3, warmup_steps=1)
   model = train.build_model(cfg, jnp.float32)
