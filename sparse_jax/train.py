@@ -860,8 +860,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
   loader.prime(lengths[0])
   # The curriculum gates measure exact match on held-out train-split samples at the gated phases' lengths.
   use_gate = cfg.gate_exact_match > 0
-  gate_lengths = [l for i, l in enumerate(lengths) if use_gate and 0 <= cfg.gate_from <= i <= cfg.gate_phase
-                  and i < len(lengths) - 1]
+  nominal = Schedule(cfg.curriculum, cfg.gate_phase, cfg.gate_exact_match, cfg.gate_max_progress, cfg.gate_from)
+  gate_lengths = [l for i, l in enumerate(lengths) if use_gate and nominal.gated(i)]
   gate_jobs = {gl: {task: submit_eval_rows(task, gl, cfg.slots(gl), cfg.gate_samples, cfg.seed, "train", "gate:")
                     for task in cfg.gate_tasks_at(gl)} for gl in gate_lengths}
 
