@@ -45,11 +45,8 @@ def _quiet():
   import warnings
   warnings.filterwarnings("ignore", message=".*Pallas.*deprecated.*")
   warnings.filterwarnings("ignore", message=".*pallas.*deprecated.*")
-  try:
-    from pallas_kernels._compat import silence_triton_deprecations
-    silence_triton_deprecations()
-  except ImportError:
-    pass
+  from pallas_kernels._compat import silence_triton_deprecations
+  silence_triton_deprecations()
 
 
 def _write(path: str, obj) -> None:
