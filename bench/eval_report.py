@@ -2,10 +2,11 @@
 
   python bench/eval_report.py --suite=eval.json --plot=docs/eval_budgets.png > tables.md
 
-Tables: dense accuracy per task and context; the budget sweep per algorithm, budget, task and
-context next to dense on the same samples (the suite's sweep samples are the first samples of
-the dense points, so "dense" here is dense on those samples); points the suite skipped (time
-limit) are listed, not invented. The plot: mean accuracy over the sweep tasks against the token
+Tables: dense accuracy per task and context; the budget sweep, one table per context: per
+algorithm and budget the accuracy of each sweep task, their mean, and that mean as a share of
+dense's (dense over all samples of its point; the sweep's samples are the first of them; the
+budget of 1/16 of the context in bold); points the suite skipped (time limit) are listed, not
+invented. The plot: mean accuracy over the sweep tasks against the token
 budget, one panel per context, one line per algorithm, dense as a horizontal reference line.
 """
 from __future__ import annotations

@@ -159,7 +159,7 @@ def test_indexer_scores_match_reference(name):
 def test_indexer_does_the_first_topk_pass(dtype):
   """dsa_indexer_scores(topk_histograms=True) histograms its scores' top radix digit as it
   computes them; dsa_topk(histograms=) then starts at pass 2 and selects exactly as alone.
-  Non-FP8 caches have no scale operand (the histogram output's alias must follow)."""
+  Non-FP8 caches have no scale operand (the histogram output must still be the right one)."""
   from pallas_kernels.dsa_topk import first_pass_histograms
   args = _indexer_case(1, batch=3, heads=16, dim=128, page_size=16, max_pages=6, dtype=dtype,
                        lengths=[0, 37, 96])
