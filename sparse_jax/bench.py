@@ -183,6 +183,16 @@ def plan_batch(pool_pages: int, page_size: int, request_tokens: int, steady_toke
   return 1 + (pool_pages - full) // steady
 
 
+def plan_pool(batch: int, page_size: int, request_tokens: int, steady_tokens: int) -> int:
+  """Pages a batch needs (the inverse of `plan_batch`): one request at full size, being admitted
+  and prefilled, the others at their size after prefill. Without prompt compression every
+  request is at full size. Prompts are prefilled one admission at a time once the pool is this
+  tight (the engine admits a request only when its full size is free)."""
+  full = math.ceil(request_tokens / page_size)
+  steady = math.ceil(steady_tokens / page_size)
+  return full + (batch - 1) * min(steady, full)
+
+
 def device_free_bytes() -> int | None:
   import jax
   stats = jax.devices()[0].memory_stats() or {}
@@ -377,10 +387,11 @@ def run_point(args: BenchArgs, model, tokenizer, dtype: str, source: Workload | 
       raise ValueError(f"one request of {request_tokens} tokens ({full_pages} pages) does not fit the KV pool "
                        f"of {pool_pages} pages")
     batch = min(batch_fit, args.max_batch_cap)
-    pool_pages = min(pool_pages, batch * full_pages)
+    pool_pages = min(pool_pages, plan_pool(batch, page, request_tokens, steady_tokens))
   else:
     batch = int(batch_spec)
-    pool_pages = math.ceil(args.kv_max_tokens / page) if args.kv_max_tokens else batch * full_pages
+    pool_pages = (math.ceil(args.kv_max_tokens / page) if args.kv_max_tokens else
+                  plan_pool(batch, page, request_tokens, steady_tokens))
   if not isinstance(source, Workload):
     workload = synthetic_workload(source, args.output_len, args.num_requests or batch, vocab, args.seed)
   num = len(workload.prompts)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sparse_jax.bench import BenchArgs, plan_batch, run_benchmark
+from sparse_jax.bench import BenchArgs, plan_batch, plan_pool, run_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORTED = ["output_tokens_per_s", "requests_per_s", "ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms",
@@ -92,6 +92,15 @@ def test_latency_mode_max_batch_and_sparse_comparison(tmp_path):
   assert comp["config"] == str(yaml) and comp["batch"] == 20 and comp["dense_batch"] == 8
   assert comp["per_user_decode_tokens_per_s_ratio"] == pytest.approx(
       rocket["per_user_decode_tokens_per_s"] / dense["per_user_decode_tokens_per_s"])
+
+
+def test_plan_pool_is_the_inverse_of_plan_batch():
+  # Dense: every request at full size. RocketKV: one at full size, the others compacted.
+  assert plan_pool(8, 32, 112, 112) == 32 and plan_batch(32, 32, 112, 112) == 8
+  assert plan_pool(20, 16, 112, 44) == 7 + 19 * 3 and plan_batch(plan_pool(20, 16, 112, 44), 16, 112, 44) == 20
+  # A 128K prompt with 512 output tokens, batch 2: RocketKV's pool is about half of dense's.
+  full, kept = 130560 + 512, 2048 + 512
+  assert plan_pool(2, 32, full, kept) == 4096 + 80 and plan_pool(2, 32, full, full) == 2 * 4096
 
 
 def test_dataset_jsonl(tmp_path):
