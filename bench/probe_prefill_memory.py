@@ -1,7 +1,7 @@
 """Where a long prefill's device memory goes: compiles (does not run) the engine's prefill
 programs for the Llama-3.1-8B shape at a given prompt length and batch, and prints XLA's memory
 analysis (temp = the one scratch allocation a program makes) and the largest arrays of the
-optimized HLO, with and without the between-layer optimization barrier.
+optimized HLO (instructions inside fusions included, so read them as hints, not allocations).
 
   python bench/probe_prefill_memory.py --input_len=130560 --options=configs/rocket_chunked.yaml
 """
@@ -23,7 +23,6 @@ flags.DEFINE_integer("output_len", 512, "generated tokens (pool sizing)")
 flags.DEFINE_integer("batch", 2, "sequences the pool holds at full length")
 flags.DEFINE_list("options", ["configs/rocket_chunked.yaml"], "options YAMLs ('dense' = none)")
 flags.DEFINE_string("config", "llama-3.1-8b", "model shape (bench/model_configs)")
-flags.DEFINE_bool("barrier_variants", True, "also compile without the between-layer barrier")
 flags.DEFINE_integer("top", 12, "largest HLO arrays to print per program")
 flags.DEFINE_bool("smoke", False, "tiny model on the CPU")
 
@@ -51,7 +50,6 @@ def main(_):
   import models
   from bench import model_config
   from pallas_kernels import _compat
-  from sparse_jax import decoder
   from sparse_jax.bench import load_options
   from sparse_jax.config import KvCacheConfig
   from sparse_jax.engine import Engine
@@ -63,7 +61,6 @@ def main(_):
   else:
     model = models.build_model(model_config(FLAGS.config), dtype=jnp.bfloat16)
     dtype, backend = jnp.bfloat16, "pallas"
-  barrier = jax.lax.optimization_barrier
   for entry in FLAGS.options:
     name, options = load_options(entry)
     sparse = options.sparse_attention_config if options else None
@@ -81,27 +78,22 @@ def main(_):
     samp = eng._sampling_state(np.array([0]))
     c = eng.chunk_size
     if chunked_cfg:
-      last = (FLAGS.input_len - 1) // c * c
+      last = max((FLAGS.input_len - 1) // c * c, 2 * c)
       programs = [("chunk (middle)", True, False, c, last - c), ("chunk (final)", True, True, c, last)]
     else:
       programs = [("one-shot", False, True, FLAGS.input_len, 0)]
-    for use_barrier in ((True, False) if FLAGS.barrier_variants and sparse is not None else (True,)):
-      jax.lax.optimization_barrier = barrier if use_barrier else (lambda x: x)
-      try:
-        for label, chunked, final, t, start in programs:
-          n_pages = min(eng.max_pages_per_seq, 1 << math.ceil(math.log2(math.ceil((start + t) / page))))
-          lowered = eng._prefill_fn.lower(
-              eng.params, eng.cache, table, jnp.zeros((1, t), jnp.int32), jnp.array([t], jnp.int32),
-              jnp.array([0], jnp.int32), jnp.array([start], jnp.int32), samp, n_pages=n_pages, chunked=chunked,
-              final=final)
-          compiled = lowered.compile()
-          m = compiled.memory_analysis()
-          print(f"-- {label}, barrier={use_barrier}: temp {m.temp_size_in_bytes / 2**30:.2f} GiB, args "
-                f"{m.argument_size_in_bytes / 2**30:.2f} GiB, aliased {m.alias_size_in_bytes / 2**30:.2f} GiB", flush=True)
-          for nbytes, (dt, dims, op, meta) in largest_arrays(compiled.as_text(), FLAGS.top):
-            print(f"   {nbytes / 2**30:7.3f} GiB {dt}{list(dims)} {op} {meta}")
-      finally:
-        jax.lax.optimization_barrier = barrier
+    for label, chunked, final, t, start in programs:
+      n_pages = min(eng.max_pages_per_seq, 1 << math.ceil(math.log2(math.ceil((start + t) / page))))
+      lowered = eng._prefill_fn.lower(
+          eng.params, eng.cache, table, jnp.zeros((1, t), jnp.int32), jnp.array([t], jnp.int32),
+          jnp.array([0], jnp.int32), jnp.array([start], jnp.int32), samp, n_pages=n_pages, chunked=chunked,
+          final=final)
+      compiled = lowered.compile()
+      m = compiled.memory_analysis()
+      print(f"-- {label}: temp {m.temp_size_in_bytes / 2**30:.2f} GiB, args "
+            f"{m.argument_size_in_bytes / 2**30:.2f} GiB, aliased {m.alias_size_in_bytes / 2**30:.2f} GiB", flush=True)
+      for nbytes, (dt, dims, op, meta) in largest_arrays(compiled.as_text(), FLAGS.top):
+        print(f"   {nbytes / 2**30:7.3f} GiB {dt}{list(dims)} {op} {meta}")
     del eng
 
 

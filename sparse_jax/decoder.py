@@ -38,12 +38,6 @@ class CachedDecoder:
         cache = cache.with_layer(i, new_layer)
         return out
       h = layer(h, attend)
-      if runtime.algorithm is not None and i + 1 < len(self.layers):
-        # Layer i's prompt scoring and compaction feed nothing later layers read, so XLA may
-        # schedule every layer's at the end, keeping all their full-length keys and score
-        # buffers alive at once (RocketKV's 128K prefill of the 8B shape asked for 118 GB on
-        # the H100). The barrier makes layer i+1 wait for layer i's cache: one layer's at a time.
-        h, cache = jax.lax.optimization_barrier((h, cache))
     last = jnp.take_along_axis(h, jnp.clip(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
     cache = cache.replace(lengths=cache.lengths.at[slots].set(counts.astype(jnp.int32), mode="drop"),
                           positions=cache.positions.at[slots].set(
