@@ -225,7 +225,8 @@ def sparse_chunk_attention(q, k, v, chunk_lens, k_ctx, v_ctx, ctx_lens, scale: f
   Not used: two cuDNN calls (chunk over itself, chunk over its context) merged by their
   log-sum-exps, which skips the packed form's wasted (U^2 / 2) pairs and measured 829 vs 1066 us
   per layer at U = C = 4096 on the H100, and matched the reference in a standalone check, but
-  gave wrong tokens inside the engine's jitted prefill on the GPU (cause not found, BENCHMARKS.md)."""
+  gave wrong tokens inside the engine's jitted prefill on the GPU (likely NaN from padding rows'
+  -inf log-sum-exps; unverified, BENCHMARKS.md)."""
   if (backend == "pallas" and _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) and
       q.shape[-1] == v.shape[-1]):
     return chunk_attention_packed(q, k, v, chunk_lens, k_ctx, v_ctx, ctx_lens, scale, implementation="cudnn")
