@@ -99,39 +99,25 @@ def main(_):
 
 def components(runtime, layer, q, k, v, lengths, rows, starts, ctx, c, budget):
   """The parts of a RocketKV chunk's prefill core, each jitted and timed alone."""
-  import dataclasses
   import jax
-  import jax.numpy as jnp
   from bench import common
   from sparse_jax import attention as A
-  from sparse_jax.cache import token_slots, write_tokens
 
   scale = q.shape[-1] ** -0.5
   spec = A._spec_for(q, layer, scale, runtime)
   algo = runtime.algorithm
   page = layer.k.shape[2]
+  block = runtime.sparse.page_size
 
-  def scores(q, layer, rows, starts, lengths):
-    samples = min(8, q.shape[1])
-    pick = (jnp.maximum(lengths - 1, 0)[:, None] * jnp.arange(1, samples + 1)[None, :]) // samples
-    q_rep = jnp.take_along_axis(q, pick[:, :, None, None], axis=1)
-    score = lambda qr: algo.chunk_scores(runtime.sparse, spec, qr, layer, rows, starts)[0]
-    return jnp.max(jax.vmap(score, in_axes=1)(q_rep), axis=0)
-
-  def select(sc, rows, starts):
-    sel = A.topk_selection(sc, max(1, budget // runtime.sparse.page_size), runtime.sparse.page_size)
-    return A.to_units(sel, rows, starts, page, A.unit_size_for(sel.block_size, page))
-
-  unit = A.unit_size_for(runtime.sparse.page_size, page)
+  scores = lambda q, layer, rows, starts, lengths: A.chunk_block_scores(q, layer, rows, starts, lengths, spec,
+                                                                        runtime)[0]
+  select = lambda sc, rows, starts: A.chunk_context_units(sc, block, rows, starts, page, budget)[:2]
+  unit = A.unit_size_for(block, page)
   gather = lambda layer, ids: (A.gather_units(layer.k, ids, unit), A.gather_units(layer.v, ids, unit))
 
   def write(layer, k, v, rows, starts, lengths):
-    n, t = k.shape[:2]
-    pos = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    slots = token_slots(rows, pos, jnp.arange(t)[None, :] < lengths[:, None], page, layer.k.shape[1]).reshape(-1)
-    layer = layer.replace(k=write_tokens(layer.k, slots, k.reshape(n * t, k.shape[2], -1)),
-                          v=write_tokens(layer.v, slots, v.reshape(n * t, v.shape[2], -1)))
-    return algo.update_aux(runtime.sparse, spec, layer, rows, starts, starts + lengths, t)
+    layer = A.write_chunk(layer, k, v, rows, starts, lengths)
+    return algo.update_aux(runtime.sparse, spec, layer, rows, starts, starts + lengths, k.shape[1])
 
   sc = jax.jit(scores)(q, layer, rows, starts, lengths)
   ids, ctx_lens = jax.jit(select)(sc, rows, starts)

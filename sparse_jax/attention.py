@@ -383,6 +383,31 @@ def _spec_for(q: jax.Array, layer: LayerCache, scale: float, runtime: Runtime) -
                        page_size=layer.k.shape[2], scale=scale, runtime=runtime)
 
 
+def chunk_block_scores(q, layer: LayerCache, rows, starts, chunk_lens, spec: AttentionSpec, runtime: Runtime):
+  """The algorithm's block scores of the stored context for a prompt chunk: the max over up to 8
+  chunk queries sampled evenly up to its last one. Returns (float32[n, H, blocks], block_size)."""
+  algo = runtime.algorithm
+  samples = min(8, q.shape[1])
+  pick = (jnp.maximum(chunk_lens - 1, 0)[:, None] * jnp.arange(1, samples + 1)[None, :]) // samples  # [n, R]
+  q_rep = jnp.take_along_axis(q, pick[:, :, None, None], axis=1)  # [n, R, Hq, D]
+  block_sizes = []
+
+  def score(qr):
+    scores, block_size = algo.chunk_scores(runtime.sparse, spec, qr, layer, rows, starts)
+    block_sizes.append(block_size)  # static; recorded while vmap traces
+    return scores
+
+  return jnp.max(jax.vmap(score, in_axes=1)(q_rep), axis=0), block_sizes[0]
+
+
+def chunk_context_units(scores, block_size: int, rows, starts, page_size: int, prefill_budget: int):
+  """The top blocks within `prefill_budget` tokens as gather units: (unit ids, lengths, unit size)."""
+  selection = topk_selection(scores, max(1, prefill_budget // block_size), block_size)
+  unit_size = unit_size_for(block_size, page_size)
+  ids, lens = to_units(selection, rows, starts, page_size, unit_size)
+  return ids, lens, unit_size
+
+
 def _context_for_chunk(q, layer: LayerCache, rows, starts, chunk_lens, scale, runtime: Runtime):
   """Units of the stored context a prompt chunk attends to: all of them (dense), or the
   algorithm's top blocks within `prefill_budget`, scored by the max over sampled chunk queries."""
@@ -391,18 +416,19 @@ def _context_for_chunk(q, layer: LayerCache, rows, starts, chunk_lens, scale, ru
   if algo is None or algo.chunk_scores is None:
     ids, lens = dense_units(rows, starts, kv_heads)
     return ids, lens, page_size
-  spec = _spec_for(q, layer, scale, runtime)
-  samples = min(8, q.shape[1])
-  pick = (jnp.maximum(chunk_lens - 1, 0)[:, None] * jnp.arange(1, samples + 1)[None, :]) // samples  # [n, R]
-  q_rep = jnp.take_along_axis(q, pick[:, :, None, None], axis=1)  # [n, R, Hq, D]
-  score = lambda qr: algo.chunk_scores(runtime.sparse, spec, qr, layer, rows, starts)[0]
-  scores = jnp.max(jax.vmap(score, in_axes=1)(q_rep), axis=0)  # [n, H, blocks]
-  _, block_size = algo.chunk_scores(runtime.sparse, spec, q_rep[:, 0], layer, rows, starts)
-  budget_blocks = max(1, runtime.sparse.prefill_budget // block_size)
-  selection = topk_selection(scores, budget_blocks, block_size)
-  unit_size = unit_size_for(block_size, page_size)
-  ids, lens = to_units(selection, rows, starts, page_size, unit_size)
-  return ids, lens, unit_size
+  scores, block_size = chunk_block_scores(q, layer, rows, starts, chunk_lens, _spec_for(q, layer, scale, runtime),
+                                          runtime)
+  return chunk_context_units(scores, block_size, rows, starts, page_size, runtime.sparse.prefill_budget)
+
+
+def write_chunk(layer: LayerCache, k, v, rows, starts, lengths) -> LayerCache:
+  """Stores a call's K/V ([n, T, Hkv, D], `lengths` valid per row) at positions starts.. of each row."""
+  n, t, kv_heads = k.shape[:3]
+  page_size, num_pages = layer.k.shape[2], layer.k.shape[1]
+  pos = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+  slots = token_slots(rows, pos, jnp.arange(t)[None, :] < lengths[:, None], page_size, num_pages).reshape(-1)
+  return layer.replace(k=write_tokens(layer.k, slots, k.reshape(n * t, kv_heads, -1)),
+                       v=write_tokens(layer.v, slots, v.reshape(n * t, kv_heads, -1)))
 
 
 def prefill_core(q, k, v, lengths, layer: LayerCache, rows, starts, *, scale, runtime: Runtime, extra,
@@ -414,17 +440,14 @@ def prefill_core(q, k, v, lengths, layer: LayerCache, rows, starts, *, scale, ru
   Returns (attention output [n, T, Hq, D], layer, counts int32[n] = tokens each row holds).
   """
   n, t, kv_heads = k.shape[0], k.shape[1], k.shape[2]
-  page_size, num_pages = layer.k.shape[2], layer.k.shape[1]
+  page_size = layer.k.shape[2]
   if chunked:
     ids, ctx_lens, unit_size = _context_for_chunk(q, layer, rows, starts, lengths, scale, runtime)
     out = sparse_chunk_attention(q, k, v, lengths, gather_units(layer.k, ids, unit_size),
                                  gather_units(layer.v, ids, unit_size), ctx_lens, scale, backend=runtime.backend)
   else:
     out = causal_attention(q, k, v, lengths, scale, backend=runtime.backend)
-  pos = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-  slots = token_slots(rows, pos, jnp.arange(t)[None, :] < lengths[:, None], page_size, num_pages).reshape(-1)
-  layer = layer.replace(k=write_tokens(layer.k, slots, k.reshape(n * t, kv_heads, -1)),
-                        v=write_tokens(layer.v, slots, v.reshape(n * t, kv_heads, -1)))
+  layer = write_chunk(layer, k, v, rows, starts, lengths)
   total = (starts + lengths).astype(jnp.int32)
   counts = total
   algo = runtime.algorithm
