@@ -52,7 +52,7 @@ def main(_):
   from pallas_kernels import _compat
   from sparse_jax.bench import load_options
   from sparse_jax.config import KvCacheConfig
-  from sparse_jax.engine import Engine
+  from sparse_jax.engine import Engine, _pow2_at_least
 
   _compat.silence_triton_deprecations()
   if FLAGS.smoke:
@@ -83,7 +83,7 @@ def main(_):
     else:
       programs = [("one-shot", False, True, FLAGS.input_len, 0)]
     for label, chunked, final, t, start in programs:
-      n_pages = min(eng.max_pages_per_seq, 1 << math.ceil(math.log2(math.ceil((start + t) / page))))
+      n_pages = min(eng.max_pages_per_seq, _pow2_at_least(math.ceil((start + t) / page)))  # as the engine does
       lowered = eng._prefill_fn.lower(
           eng.params, eng.cache, table, jnp.zeros((1, t), jnp.int32), jnp.array([t], jnp.int32),
           jnp.array([0], jnp.int32), jnp.array([start], jnp.int32), samp, n_pages=n_pages, chunked=chunked,
