@@ -12,9 +12,11 @@ copied before every custom call), and XLA updates each donated buffer in place.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import chex
 import jax
@@ -155,14 +157,36 @@ def create_cache(*, num_layers: int, kv_heads: int, head_dim: int, num_pages: in
       aux=aux)
 
 
+def page_hashes(token_ids: Sequence[int], page_size: int, parent: bytes = b"") -> list[bytes]:
+  """Hash chain of the full pages of a token sequence: page i's key digests its token ids and
+  page i - 1's key, so equal keys mean equal prefixes (vLLM's automatic prefix caching,
+  TensorRT-LLM's block reuse). A trailing partial page gets no key."""
+  keys = []
+  for start in range(0, len(token_ids) - page_size + 1, page_size):
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(np.asarray(token_ids[start:start + page_size], np.int64).tobytes())
+    parent = h.digest()
+    keys.append(parent)
+  return keys
+
+
 class PageAllocator:
-  """Host-side owner of page ids (outside jit).
+  """Host-side owner of page ids (outside jit), with reference counts and a prefix cache.
 
   Keeps a numpy mirror of the page table; `table()` is what the next jitted step receives.
   Every failing call leaves the allocator exactly as it was.
+
+  Prefix cache (`enable_reuse`): a full page whose K/V (and aux entries, which share its id)
+  are final can be registered under its hash-chain key (`register`). A later sequence with
+  the same prefix takes those pages by reference (`match_prefix`, `share`) instead of
+  computing them. A page returns to the pool when no sequence holds it; a registered page
+  then waits in an LRU of cached pages and is evicted (unregistered, reused for new tokens)
+  only when no truly free page is left. `free_pages` counts both kinds: a cached page is as
+  available to new requests as a free one, so caching never makes admission stricter.
   """
 
-  def __init__(self, num_pages: int, page_size: int, batch_slots: int, max_pages_per_seq: int):
+  def __init__(self, num_pages: int, page_size: int, batch_slots: int, max_pages_per_seq: int,
+               enable_reuse: bool = False):
     if num_pages <= 0 or page_size <= 0 or batch_slots <= 0 or max_pages_per_seq <= 0:
       raise ValueError(f"allocator sizes must be positive: num_pages={num_pages}, page_size={page_size}, "
                        f"batch_slots={batch_slots}, max_pages_per_seq={max_pages_per_seq}")
@@ -170,19 +194,35 @@ class PageAllocator:
     self.page_size = page_size
     self.batch_slots = batch_slots
     self.max_pages_per_seq = max_pages_per_seq
+    self.enable_reuse = enable_reuse
     # Pop from the end: hand out low page ids first (easier to read in a debugger).
     self._free: list[int] = list(range(num_pages - 1, -1, -1))
     self._pages: list[list[int]] = [[] for _ in range(batch_slots)]
     self._table = np.full((batch_slots, max_pages_per_seq), -1, np.int32)
+    self._refs = np.zeros(num_pages, np.int32)  # sequences holding each page
+    self._page_of: dict[bytes, int] = {}  # hash-chain key -> registered page
+    self._key_of: dict[int, bytes] = {}   # registered page -> its key
+    self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # unheld registered pages, oldest first
+    self.stats = collections.Counter()  # hit_pages, queried_pages, evicted_cached_pages
 
   # -- queries ---------------------------------------------------------------
   @property
   def free_pages(self) -> int:
-    return len(self._free)
+    """Pages a new sequence can take: free ones plus cached ones nobody holds."""
+    return len(self._free) + len(self._lru)
 
   @property
   def used_pages(self) -> int:
-    return self.num_pages - len(self._free)
+    """Pages held by at least one sequence."""
+    return self.num_pages - self.free_pages
+
+  @property
+  def cached_pages(self) -> int:
+    """Registered pages nobody holds (evictable)."""
+    return len(self._lru)
+
+  def refcount(self, page: int) -> int:
+    return int(self._refs[page])
 
   def pages(self, slot: int) -> list[int]:
     self._check_slot(slot)
@@ -197,7 +237,57 @@ class PageAllocator:
   def free_slots(self) -> list[int]:
     return [s for s in range(self.batch_slots) if not self._pages[s]]
 
+  def match_prefix(self, token_ids: Sequence[int], max_tokens: int | None = None) -> list[int]:
+    """Registered pages holding the longest cached prefix of `token_ids`, at most `max_tokens`
+    tokens (default: all but the last token, whose logits a prefill must compute). Counts
+    hits in `stats`; takes no reference (see `share`)."""
+    if not self.enable_reuse:
+      return []
+    limit = len(token_ids) - 1 if max_tokens is None else min(max_tokens, len(token_ids))
+    keys = page_hashes(token_ids[:max(limit, 0)], self.page_size)
+    found = []
+    for key in keys:
+      page = self._page_of.get(key)
+      if page is None:
+        break
+      found.append(page)
+    self.stats["queried_pages"] += len(keys)
+    self.stats["hit_pages"] += len(found)
+    return found
+
   # -- updates ---------------------------------------------------------------
+  def share(self, slot: int, pages: Sequence[int]) -> None:
+    """Makes an empty `slot` start with the given registered pages (one more reference each)."""
+    self._check_slot(slot)
+    if self._pages[slot]:
+      raise ValueError(f"slot {slot} already holds {len(self._pages[slot])} pages; share() starts a sequence")
+    if len(pages) > self.max_pages_per_seq:
+      raise CacheExhaustedError(f"slot {slot}: {len(pages)} shared pages exceed max_pages_per_seq="
+                                f"{self.max_pages_per_seq}")
+    unknown = [p for p in pages if p not in self._key_of]
+    if unknown:
+      raise ValueError(f"pages {unknown[:5]} are not registered in the prefix cache")
+    for p in pages:
+      self._hold(p)
+    self._pages[slot] = list(pages)
+    self._table[slot, :len(pages)] = pages
+
+  def register(self, slot: int, token_ids: Sequence[int], pages: Sequence[int] | None = None) -> int:
+    """Registers the full pages of `token_ids` (the tokens stored from position 0) held by `slot`
+    (or the given page ids, e.g. a row that compaction is about to replace). A key that is
+    already registered keeps its page (the duplicate stays private). Returns pages registered."""
+    if not self.enable_reuse:
+      return 0
+    pages = self._pages[slot] if pages is None else list(pages)
+    added = 0
+    for key, page in zip(page_hashes(token_ids, self.page_size), pages):
+      if key in self._page_of or page in self._key_of:
+        continue
+      self._page_of[key] = page
+      self._key_of[page] = key
+      added += 1
+    return added
+
   def ensure(self, slot: int, num_tokens: int) -> list[int]:
     """Makes `slot` hold pages for at least `num_tokens` tokens; returns the new page ids."""
     self._check_slot(slot)
@@ -211,28 +301,61 @@ class PageAllocator:
     extra = need - len(self._pages[slot])
     if extra <= 0:
       return []
-    if extra > len(self._free):
-      raise CacheExhaustedError(
-          f"KV cache exhausted: slot {slot} needs {extra} more pages for {num_tokens} tokens but only "
-          f"{len(self._free)} of {self.num_pages} pages are free")
-    new = [self._free.pop() for _ in range(extra)]
+    new = self.take(extra, f"slot {slot} needs {extra} more pages for {num_tokens} tokens")
     start = len(self._pages[slot])
     self._pages[slot].extend(new)
     self._table[slot, start:start + extra] = new
     return new
 
+  def take(self, count: int, why: str = "") -> list[int]:
+    """`count` pages held by nobody yet, one reference each (free ones first, then the least
+    recently used cached ones, which leave the prefix cache)."""
+    if count > self.free_pages:
+      raise CacheExhaustedError(
+          f"KV cache exhausted: {why or f'{count} pages requested'} but only {self.free_pages} of "
+          f"{self.num_pages} pages are free")
+    new = []
+    for _ in range(count):
+      if self._free:
+        page = self._free.pop()
+      else:
+        page, _ = self._lru.popitem(last=False)
+        del self._page_of[self._key_of.pop(page)]
+        self.stats["evicted_cached_pages"] += 1
+      self._refs[page] = 1
+      new.append(page)
+    return new
+
+  def drop(self, pages: Sequence[int]) -> None:
+    """Gives up one reference to each page (pages from `take` that no slot row holds)."""
+    for p in pages:
+      self._unhold(p)
+
+  def replace_row(self, slot: int, pages: Sequence[int]) -> list[int]:
+    """Gives `slot` a new row of pages it already holds a reference to (from `take`); drops its
+    old row's references (registered pages stay cached). Returns the old row."""
+    self._check_slot(slot)
+    if len(pages) > self.max_pages_per_seq:
+      raise CacheExhaustedError(f"slot {slot}: {len(pages)} pages exceed max_pages_per_seq={self.max_pages_per_seq}")
+    old = self._pages[slot]
+    self._pages[slot] = list(pages)
+    self._table[slot, :] = -1
+    self._table[slot, :len(pages)] = pages
+    self.drop(old)
+    return old
+
   def truncate(self, slot: int, num_tokens: int) -> list[int]:
-    """Keeps the pages holding the first `num_tokens` tokens of `slot`; frees the rest."""
+    """Keeps the pages holding the first `num_tokens` tokens of `slot`; releases the rest."""
     self._check_slot(slot)
     keep = self.pages_for(num_tokens)
     released = self._pages[slot][keep:]
     self._pages[slot] = self._pages[slot][:keep]
     self._table[slot, keep:] = -1
-    self._free.extend(reversed(released))
+    self.drop(reversed(released))
     return released
 
   def release_pages(self, slot: int, logical_pages: list[int]) -> list[int]:
-    """Frees the given logical pages of `slot` and closes the gap (eviction).
+    """Releases the given logical pages of `slot` and closes the gap (eviction).
 
     The surviving pages keep their order; the page table row is rewritten.
     """
@@ -244,25 +367,58 @@ class PageAllocator:
     self._pages[slot] = [pid for i, pid in enumerate(self._pages[slot]) if i not in drop]
     self._table[slot, :] = -1
     self._table[slot, :len(self._pages[slot])] = self._pages[slot]
-    self._free.extend(reversed(released))
+    self.drop(reversed(released))
     return released
 
   def recycle_pages(self, slot: int, logical_pages: list[int]) -> list[int]:
     """Eviction without giving pages up: the given logical pages of `slot` (their tokens are
     dropped) move to the end of its row, where they will hold the sequence's next tokens.
-    Returns their page ids. The slot keeps its page count, so it can never run out mid-decode."""
+    Returns their page ids. The slot keeps its page count, so it can never run out mid-decode.
+    Recycled pages will be overwritten, so they leave the prefix cache; a page another
+    sequence also holds cannot be recycled (ValueError)."""
     self._check_slot(slot)
     drop = set(logical_pages)
     row = self._pages[slot]
     if any(p < 0 or p >= len(row) for p in drop):
       raise ValueError(f"slot {slot}: logical pages {sorted(drop)} out of range 0..{len(row) - 1}")
     moved = [pid for i, pid in enumerate(row) if i in drop]
+    shared = [p for p in moved if self._refs[p] > 1]
+    if shared:
+      raise ValueError(f"slot {slot}: pages {shared[:5]} are shared with other sequences and cannot be recycled")
+    for p in moved:
+      key = self._key_of.pop(p, None)
+      if key is not None:
+        del self._page_of[key]
     self._pages[slot] = [pid for i, pid in enumerate(row) if i not in drop] + moved
     self._table[slot, :len(row)] = self._pages[slot]
     return moved
 
   def free(self, slot: int) -> list[int]:
     return self.truncate(slot, 0)
+
+  def clear_cache(self) -> int:
+    """Forgets every cached page nobody holds (they become free); returns how many."""
+    n = len(self._lru)
+    for page in self._lru:
+      del self._page_of[self._key_of.pop(page)]
+      self._free.append(page)
+    self._lru.clear()
+    return n
+
+  def _hold(self, page: int) -> None:
+    if self._refs[page] == 0:
+      self._lru.pop(page)
+    self._refs[page] += 1
+
+  def _unhold(self, page: int) -> None:
+    if self._refs[page] <= 0:
+      raise RuntimeError(f"page {page} released more often than it was taken")
+    self._refs[page] -= 1
+    if self._refs[page] == 0:
+      if page in self._key_of:
+        self._lru[page] = None  # most recently used last
+      else:
+        self._free.append(page)
 
   def _check_slot(self, slot: int) -> None:
     if not 0 <= slot < self.batch_slots:
