@@ -5,7 +5,7 @@ from sparse_jax.selection import AttnSelection, KeepSelection, to_pages, to_unit
 
 _LAZY = {
     "LLM": "sparse_jax.llm", "SamplingParams": "sparse_jax.llm", "RequestOutput": "sparse_jax.llm",
-    "CompletionOutput": "sparse_jax.llm", "SparseAttention": "sparse_jax.attention", "Runtime": "sparse_jax.attention",
+    "CompletionOutput": "sparse_jax.llm", "RequestError": "sparse_jax.llm", "SparseAttention": "sparse_jax.attention", "Runtime": "sparse_jax.attention",
     "PagedKVCache": "sparse_jax.cache", "PageAllocator": "sparse_jax.cache",
 }
 

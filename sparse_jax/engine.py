@@ -19,6 +19,7 @@ import dataclasses
 import enum
 import functools
 import itertools
+import logging
 import math
 import threading
 import time
@@ -34,9 +35,15 @@ from sparse_jax.cache import CacheExhaustedError, PageAllocator, create_cache_fo
 from sparse_jax.config import BaseSparseAttentionConfig, KvCacheConfig
 from sparse_jax.sampling import SamplingState, sample
 
+log = logging.getLogger("sparse_jax.engine")
+
 
 class QueueFullError(RuntimeError):
   """The waiting queue is at `max_queue_size`; the request was rejected."""
+
+
+class RequestError(RuntimeError):
+  """The engine failed a request (its `error` says why); the other requests were unaffected."""
 
 
 @dataclasses.dataclass
@@ -59,20 +66,46 @@ class SamplingParams:
   n: int = 1
 
   def __post_init__(self):
-    if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
-      raise ValueError(f"SamplingParams.max_tokens={self.max_tokens!r} must be a positive integer")
-    if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-      raise ValueError(f"SamplingParams.temperature={self.temperature!r} must be >= 0")
-    if not isinstance(self.top_k, int) or self.top_k < 0:
-      raise ValueError(f"SamplingParams.top_k={self.top_k!r} must be an integer >= 0 (0 = off)")
-    if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-      raise ValueError(f"SamplingParams.top_p={self.top_p!r} must be in (0, 1]")
-    if self.n != 1:
-      raise ValueError(f"SamplingParams.n={self.n!r}: only n=1 is supported")
-    if isinstance(self.stop, str):
-      self.stop = [self.stop]
-    self.stop = [s for s in (self.stop or []) if s]
-    self.stop_token_ids = list(self.stop_token_ids or [])
+    def bad(field: str, why: str):
+      raise ValueError(f"SamplingParams.{field}={getattr(self, field)!r}: {why}")
+
+    if not _is_int(self.max_tokens) or not 0 < self.max_tokens <= INT32_MAX:
+      bad("max_tokens", f"must be an integer in [1, {INT32_MAX}]")
+    if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+      bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+    if not _is_int(self.top_k) or not 0 <= self.top_k <= INT32_MAX:
+      bad("top_k", f"must be an integer in [0, {INT32_MAX}] (0 = off)")
+    if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+      bad("top_p", "must be a number in (0, 1]")
+    if self.seed is not None and (not _is_int(self.seed) or not -2**63 <= self.seed < 2**63):
+      bad("seed", "must be None or an integer in [-2**63, 2**63)")
+    if not isinstance(self.ignore_eos, (bool, np.bool_)):
+      bad("ignore_eos", "must be True or False")
+    if not _is_int(self.n) or self.n != 1:
+      bad("n", "only n=1 is supported")
+    stop = [self.stop] if isinstance(self.stop, str) else self.stop
+    if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)):
+      bad("stop", "must be None, a string or a list of strings")
+    ids = self.stop_token_ids
+    if ids is not None and (not isinstance(ids, (list, tuple, np.ndarray)) or
+                            not all(_is_int(t) and 0 <= t <= INT32_MAX for t in ids)):
+      bad("stop_token_ids", "must be None or a list of non-negative token ids")
+    self.max_tokens, self.top_k, self.ignore_eos = int(self.max_tokens), int(self.top_k), bool(self.ignore_eos)
+    self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+    self.seed = None if self.seed is None else int(self.seed)
+    self.stop = [s for s in (stop or []) if s]
+    self.stop_token_ids = [int(t) for t in (ids if ids is not None else [])]
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 class RequestState(enum.Enum):
@@ -97,6 +130,7 @@ class Request:
   finish_time: float | None = None
   kept_prompt_tokens: int | None = None
   pages_after_prefill: int | None = None
+  error: str | None = None  # why the engine failed the request (finish_reason "error")
   on_update: Callable[["Request"], None] | None = None
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   _cancelled: bool = False
@@ -188,12 +222,12 @@ class Engine:
     make_cache = functools.partial(create_cache_for, self.layout, num_pages=num_pages, page_size=self.page_size,
                                    batch_slots=max_batch_size, max_pages_per_seq=self.max_pages_per_seq,
                                    dtype=kv_dtype)
-    if mesh is None:
-      self.cache = make_cache()
-    else:
+    if mesh is not None:
       from sparse_jax import parallel
       shardings = parallel.cache_shardings(jax.eval_shape(make_cache), mesh, shard_kv)
-      self.cache = jax.jit(make_cache, out_shardings=shardings)()  # born sharded: no full copy on one device
+      make_cache = jax.jit(make_cache, out_shardings=shardings)  # born sharded: no full copy on one device
+    self._make_cache = make_cache  # also rebuilds the pool after a failed step consumed the donated one
+    self.cache = make_cache()
     if sparse_attention_config is not None:
       self._attach_predictors(model, sparse_attention_config)
     self.graphdef, self.params = nnx.split(model)
@@ -320,13 +354,76 @@ class Engine:
 
   # -- the loop -----------------------------------------------------------------------
   def step(self) -> None:
-    """Admits and prefills what fits, then runs one decode chunk over the running slots."""
+    """Admits and prefills what fits, then runs one decode chunk over the running slots.
+
+    A request whose work raises finishes with finish_reason "error" (its `error` says why) and
+    the others go on: a failing prefill group or decode chunk is retried one request at a time
+    to find the request at fault. Only if a failed step consumed the donated KV pool is every
+    running request failed (their keys and values are gone) and the pool rebuilt.
+    """
     self._reap_cancelled()
     admitted = self._admit()
     if admitted:
       self._prefill(admitted)
     if self._running:
-      self._decode()
+      self._isolated(self._decode, list(self._running.values()),
+                     lambda req: self._decode(only=[req.slot]), "decode")
+
+  def fail_all(self, exc: BaseException, where: str = "engine step") -> None:
+    """Fails every waiting and running request with `exc` and rebuilds the KV pool if a failed
+    step consumed it: the last resort of an engine loop when `step` itself raised."""
+    with self._lock:
+      waiting, self._waiting = list(self._waiting), collections.deque()
+      running = list(self._running.values())
+    self._fail(waiting + running, exc, where)
+    self._restore_cache(exc)
+
+  def _isolated(self, run_all: Callable[[], None], reqs: list[Request], run_one: Callable[[Request], None],
+                where: str) -> None:
+    """Runs `run_all`; if it raises, runs `run_one` for each of `reqs` (when more than one) and
+    fails those that raise alone."""
+    try:
+      run_all()
+      return
+    except Exception as e:
+      if self._restore_cache(e) or len(reqs) == 1:
+        self._fail(reqs, e, where)
+        return
+    for req in reqs:
+      if req.finished or self._running.get(req.slot) is not req:
+        continue
+      try:
+        run_one(req)
+      except Exception as e:
+        if self._restore_cache(e):
+          self._fail([req], e, where)
+          return
+        self._fail([req], e, where)
+
+  def _fail(self, reqs: list[Request], exc: BaseException, where: str) -> None:
+    with self._lock:
+      for req in reqs:
+        self._fail_locked(req, exc, where)
+
+  def _fail_locked(self, req: Request, exc: BaseException, where: str) -> None:
+    if req.finished:
+      return
+    req.error = f"{where} failed: {type(exc).__name__}: {exc}"
+    log.error("request %s: %s", req.request_id, req.error, exc_info=exc)
+    if req.slot is not None and self._running.get(req.slot) is req:
+      self._release(req.slot)
+    if req in self._waiting:
+      self._waiting.remove(req)
+    self._finish(req, "error")
+
+  def _restore_cache(self, exc: BaseException) -> bool:
+    """After a failed step: if the donated KV pool was consumed, fails every running request and
+    rebuilds the pool. True if it did."""
+    if not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(self.cache)):
+      return False
+    self._fail(list(self._running.values()), exc, "a step that lost the KV cache")
+    self.cache = self._make_cache()
+    return True
 
   def run_until_done(self) -> None:
     while self.has_unfinished():
@@ -389,11 +486,12 @@ class Engine:
 
   def _prefill(self, admitted: list[Request]) -> None:
     for req in admitted:
-      self._set_sampling(req.slot, req)
+      self._isolated(lambda: self._set_sampling(req.slot, req), [req], None, "sampling setup")
+    admitted = [r for r in admitted if not r.finished]
     # Group by padded length; cap rows x length at max_prefill_tokens (a long prompt goes alone).
     if self.chunk_size is not None:
       for req in [r for r in admitted if len(r.prompt_ids) > self.chunk_size]:
-        self._prefill_chunked(req)
+        self._isolated(lambda: self._prefill_chunked(req), [req], None, "prefill")
       admitted = [r for r in admitted if len(r.prompt_ids) <= self.chunk_size]
     admitted = sorted(admitted, key=lambda r: len(r.prompt_ids))
     groups, current = [], []
@@ -407,7 +505,7 @@ class Engine:
     if current:
       groups.append(current)
     for group in groups:
-      self._prefill_group(group)
+      self._isolated(lambda: self._prefill_group(group), group, lambda req: self._prefill_group([req]), "prefill")
 
   def _prefill_group(self, group: list[Request]) -> None:
     t = length_bucket(max(len(r.prompt_ids) for r in group))
@@ -466,10 +564,10 @@ class Engine:
         req.first_token_time = now
         self._samp["counters"][slot] = 1
         self._last_token[slot] = first[i]
-        self._emit(req, [int(first[i])])
+        self._emit_isolated(req, [int(first[i])])
 
-  def _decode(self) -> None:
-    slots = sorted(self._running)
+  def _decode(self, only: list[int] | None = None) -> None:
+    slots = sorted(self._running) if only is None else only
     active = np.zeros(self.max_batch_size, bool)
     remaining = np.zeros(self.max_batch_size, np.int32)
     ignore_eos = np.zeros(self.max_batch_size, bool)
@@ -498,7 +596,7 @@ class Engine:
         self.stats["decode_tokens"] += len(new)
         req = self._running.get(s)
         if req is not None and not req.finished:
-          self._emit(req, new)
+          self._emit_isolated(req, new)
       if self.decode_budget is not None:
         self._evict(np.asarray(importance))
 
@@ -534,9 +632,17 @@ class Engine:
     return cache.replace(lengths=cache.lengths - deltas, aux={**cache.aux, IMPORTANCE: pools})
 
   # -- per-request bookkeeping ------------------------------------------------------------
+  def _emit_isolated(self, req: Request, new_ids: list[int]) -> None:
+    """`_emit` under the lock; if it raises (a detokenizer error), fails only this request."""
+    try:
+      self._emit(req, new_ids)
+    except Exception as e:
+      self._fail_locked(req, e, "detokenization")
+
   def _emit(self, req: Request, new_ids: list[int]) -> None:
     """Appends generated tokens, applies stop conditions, finishes the request if done."""
     reason = None
+    already = len(req.output_ids)
     stop_ids = set(req.params.stop_token_ids)
     if not req.params.ignore_eos:
       stop_ids |= set(self.eos_token_ids)
@@ -550,16 +656,21 @@ class Engine:
         break
     if self.tokenizer is not None:
       req.text = self.tokenizer.decode(req.output_ids)
-      for stop in req.params.stop:
-        at = req.text.find(stop)
-        if at >= 0:
-          req.text = req.text[:at]
-          reason = "stop"
+      if any(stop in req.text for stop in req.params.stop):
+        # Keep the tokens up to the one that completes a stop string: the rest of the decode
+        # chunk was generated past the end of the answer and is not part of it (nor of usage).
+        for k in range(already + 1, len(req.output_ids) + 1):
+          text = self.tokenizer.decode(req.output_ids[:k])
+          if any(stop in text for stop in req.params.stop):
+            del req.output_ids[k:]
+            req.text = text[:min(text.find(s) for s in req.params.stop if s in text)]
+            break
+        reason = "stop"
     if reason is not None:
       self._release(req.slot)
       self._finish(req, reason)
-    elif req.on_update is not None:
-      req.on_update(req)
+    else:
+      self._notify(req)
 
   def _release(self, slot: int) -> None:
     self._running.pop(slot, None)
@@ -570,9 +681,18 @@ class Engine:
     req.state = RequestState.FINISHED
     req.finish_reason = reason
     req.finish_time = time.perf_counter()
-    if req.on_update is not None:
-      req.on_update(req)
+    self._notify(req)
     req.done.set()
+
+  def _notify(self, req: Request) -> None:
+    """Calls the request's `on_update`; one that raises cancels its own request, nothing more."""
+    if req.on_update is None:
+      return
+    try:
+      req.on_update(req)
+    except Exception:
+      log.exception("on_update of request %s raised; the request is cancelled", req.request_id)
+      req._cancelled = True
 
   # -- jitted steps --------------------------------------------------------------------------
   def _prefill_impl(self, params, cache, table, tokens, lengths, slots, starts, samp: SamplingState, *,

@@ -16,9 +16,11 @@ from typing import Any, Sequence
 import jax
 
 from sparse_jax.config import BaseSparseAttentionConfig, ConfigError, KvCacheConfig, LlmApiOptions, load_llm_api_options
-from sparse_jax.engine import Engine, QueueFullError, Request, SamplingParams  # noqa: F401 (QueueFullError re-exported)
+from sparse_jax.engine import (Engine, QueueFullError, Request, RequestError,  # noqa: F401 (errors re-exported)
+                               SamplingParams)
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "KvCacheConfig", "QueueFullError"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "KvCacheConfig", "QueueFullError",
+           "RequestError"]
 
 
 @dataclasses.dataclass
@@ -138,18 +140,29 @@ class LLM:
 
   def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                use_tqdm: bool = False) -> list[RequestOutput]:
-    """prompts: a string, a list of token ids, or a list of either. Returns one output per prompt."""
-    single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and
-                                          all(isinstance(t, int) for t in prompts))
+    """prompts: a string, a list of token ids, or a list of either. Returns one output per prompt.
+
+    Raises `RequestError` naming the prompt if the engine failed one (the others still ran, and
+    the engine is ready for the next call).
+    """
+    if not isinstance(prompts, (str, list, tuple)):
+      raise TypeError(f"prompts must be a string, a list of token ids or a list of those, got "
+                      f"{type(prompts).__name__}")
+    single = isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts))
     batch = [prompts] if single else list(prompts)
     if not batch:
       raise ValueError("prompts is empty")
     if sampling_params is None or isinstance(sampling_params, SamplingParams):
       params = [sampling_params or SamplingParams()] * len(batch)
-    else:
+    elif isinstance(sampling_params, (list, tuple)):
       params = list(sampling_params)
       if len(params) != len(batch):
         raise ValueError(f"got {len(params)} SamplingParams for {len(batch)} prompts")
+    else:
+      params = [sampling_params]
+    bad = [type(p).__name__ for p in params if not isinstance(p, SamplingParams)]
+    if bad:
+      raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {bad[0]}")
     encoded = [self.encode(p, f"prompt {i}") for i, p in enumerate(batch)]
     for i, (ids, sp) in enumerate(zip(encoded, params)):
       self.engine.validate(ids, sp, f"prompt {i}")
@@ -159,14 +172,24 @@ class LLM:
       bar = tqdm(total=len(batch), desc="generate", unit="req")
     requests: list[Request] = []
     pending = list(zip(batch, encoded, params))
-    while pending or self.engine.has_unfinished():
-      while pending and self.engine.num_waiting < self.engine.max_queue_size:
-        prompt, ids, sp = pending.pop(0)
-        requests.append(self.engine.add_request(ids, sp, prompt=prompt if isinstance(prompt, str) else None))
-      before = sum(r.finished for r in requests)
-      self.engine.step()
+    try:
+      while pending or self.engine.has_unfinished():
+        while pending and self.engine.num_waiting < self.engine.max_queue_size:
+          prompt, ids, sp = pending.pop(0)
+          requests.append(self.engine.add_request(ids, sp, prompt=prompt if isinstance(prompt, str) else None))
+        before = sum(r.finished for r in requests)
+        self.engine.step()
+        if bar is not None:
+          bar.update(sum(r.finished for r in requests) - before)
+    finally:
+      # An interrupted call (an exception, Ctrl-C) leaves nothing behind for the next one: its
+      # requests' slots and pages are freed at the next step.
+      for req in requests:
+        if not req.finished:
+          self.engine.abort(req)
       if bar is not None:
-        bar.update(sum(r.finished for r in requests) - before)
-    if bar is not None:
-      bar.close()
+        bar.close()
+    failed = [(i, r) for i, r in enumerate(requests) if r.error is not None]
+    if failed:
+      raise RequestError("; ".join(f"prompt {i}: {r.error}" for i, r in failed))
     return [RequestOutput.from_request(r) for r in requests]

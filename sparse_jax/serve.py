@@ -34,7 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from sparse_jax.engine import Engine, QueueFullError, Request, SamplingParams
+from sparse_jax.engine import INT32_MAX, Engine, QueueFullError, Request, SamplingParams
 
 log = logging.getLogger("sparse_jax.serve")
 
@@ -54,8 +54,8 @@ class _SamplingFields(BaseModel):
   model: StrictStr | None = None
   temperature: Annotated[StrictFloat, Field(ge=0, le=2)] = 1.0
   top_p: Annotated[StrictFloat, Field(gt=0, le=1)] = 1.0
-  top_k: Annotated[StrictInt, Field(ge=0)] = 0
-  seed: StrictInt | None = None
+  top_k: Annotated[StrictInt, Field(ge=0, le=INT32_MAX)] = 0
+  seed: Annotated[StrictInt, Field(ge=-2**63, lt=2**63)] | None = None
   stop: StrictStr | list[StrictStr] | None = None
   stream: StrictBool = False
   stream_options: StreamOptions | None = None
@@ -133,21 +133,21 @@ def _is_type_tag(part: str) -> bool:
 class EngineLoop:
   """Drives `engine.step()` on one daemon thread; sleeps in `engine.wait_for_work` when idle.
 
-  If a step raises, the loop stops, `error` holds the exception and `on_error(exc)` is called so
-  the server can fail the requests it is waiting on.
+  The loop outlives every request: the engine fails a request whose work raises and goes on
+  (see `Engine.step`); should `step` itself raise, the loop fails the requests in flight
+  (`engine.fail_all`), counts the failure in `failures` and keeps serving.
   """
 
-  def __init__(self, engine: Engine, on_error=None, idle_timeout_s: float = 1.0):
+  def __init__(self, engine: Engine, idle_timeout_s: float = 1.0):
     self.engine = engine
-    self.on_error = on_error
     self.idle_timeout_s = idle_timeout_s
-    self.error: BaseException | None = None
+    self.failures = 0
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name="sparse_jax-engine", daemon=True)
 
   @property
   def alive(self) -> bool:
-    return self._thread.is_alive() and self.error is None
+    return self._thread.is_alive()
 
   def start(self) -> "EngineLoop":
     self._thread.start()
@@ -160,17 +160,19 @@ class EngineLoop:
       self._thread.join(timeout)
 
   def _run(self) -> None:
-    try:
-      while not self._stop.is_set():
+    while not self._stop.is_set():
+      try:
         if self.engine.has_unfinished():
           self.engine.step()
         else:
           self.engine.wait_for_work(self.idle_timeout_s)
-    except BaseException as e:  # the engine's state is unknown after a failed step: stop serving
-      log.exception("engine step failed; the server stops accepting requests")
-      self.error = e
-      if self.on_error is not None:
-        self.on_error(e)
+      except Exception as e:
+        self.failures += 1
+        log.exception("engine step failed; failing the requests in flight and continuing")
+        try:
+          self.engine.fail_all(e)
+        except Exception:
+          log.exception("could not fail the requests in flight")
 
 
 # -- per-request plumbing ------------------------------------------------------------------------
@@ -193,10 +195,7 @@ class Stream:
     self.request: Request | None = None
 
   def on_update(self, req: Request) -> None:  # engine thread, engine lock held: copy and hand off
-    self._put(Update(req.text, len(req.output_ids), req.finish_reason))
-
-  def fail(self, message: str) -> None:
-    self._put(Update("", 0, "error", message))
+    self._put(Update(req.text, len(req.output_ids), req.finish_reason, req.error))
 
   def _put(self, update: Update) -> None:
     with contextlib.suppress(RuntimeError):  # the event loop has shut down
@@ -248,13 +247,7 @@ class Server:
         self._jinja = env.from_string(self.chat_template)
       except ImportError:
         log.warning("the tokenizer has a chat template but jinja2 is not installed: using 'role: content' lines")
-    self.loop = EngineLoop(self.engine, on_error=self._fail_all).start()
-
-  def _fail_all(self, exc: BaseException) -> None:
-    with self._active_lock:
-      streams = list(self.active)
-    for s in streams:
-      s.fail(f"engine failed: {type(exc).__name__}: {exc}")
+    self.loop = EngineLoop(self.engine).start()
 
   def check_model(self, model: str | None) -> None:
     if model is not None and model != self.served_model_name:
@@ -302,8 +295,11 @@ class Server:
   def sampling_params(self, body: _SamplingFields, max_tokens: int) -> SamplingParams:
     if body.n != 1:
       raise ApiError(400, f"n={body.n}: only n=1 is supported", "n")
-    return SamplingParams(max_tokens=max_tokens, temperature=float(body.temperature), top_p=float(body.top_p),
-                          top_k=body.top_k, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos)
+    try:
+      return SamplingParams(max_tokens=max_tokens, temperature=float(body.temperature), top_p=float(body.top_p),
+                            top_k=body.top_k, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos)
+    except ValueError as e:  # the body's own checks should have caught it: still the request's fault
+      raise ApiError(400, str(e)) from None
 
   def check_length(self, ids: list[int], max_tokens: int, field: str) -> None:
     limit = self.engine.max_seq_len - max_tokens
@@ -321,7 +317,7 @@ class Server:
   def submit(self, ids: list[int], params: SamplingParams, prompt: str | None, request_id: str,
              field: str) -> Stream:
     if not self.loop.alive:
-      raise ApiError(503, f"the engine has stopped ({self.loop.error!r}); restart the server", None, "server_error")
+      raise ApiError(503, "the engine thread has stopped; the server is shutting down", None, "server_error")
     stream = Stream(asyncio.get_running_loop())
     try:
       stream.request = self.engine.add_request(ids, params, prompt=prompt, request_id=request_id,
@@ -474,7 +470,7 @@ def create_app(llm, served_model_name: str | None = None) -> FastAPI:
   @app.get("/health")
   async def health():
     if not server.loop.alive:
-      return error_response(503, f"engine stopped: {server.loop.error!r}", None, "server_error")
+      return error_response(503, "the engine thread has stopped", None, "server_error")
     return {"status": "ok", "waiting": server.engine.num_waiting, "running": server.engine.num_running,
             "free_kv_pages": server.engine.allocator.free_pages, "kv_pages": server.engine.allocator.num_pages}
 
