@@ -111,7 +111,9 @@ def to_units(selection: AttnSelection, page_table: jax.Array, lengths: jax.Array
   logical = first + jnp.arange(span, dtype=jnp.int32)  # [B, H, M, span]
   end_unit = ((blocks + 1) * bs + u - 1) // u
   n_units = (lengths[:, None, None, None] + u - 1) // u
-  ok = (blocks >= 0) & (logical < end_unit) & (logical < n_units) & (logical < max_logical_units)
+  # A block wholly past `lengths` adds nothing, not even the stored head of a unit it shares.
+  stored = blocks * bs < lengths[:, None, None, None]
+  ok = (blocks >= 0) & stored & (logical < end_unit) & (logical < n_units) & (logical < max_logical_units)
   logical = jnp.where(ok, logical, -1).reshape(batch, kv_heads, max_blocks * span)
   if bs % u:
     # Units may be shared by neighbouring blocks: sort, then drop repeats (adjacent after sorting).
