@@ -1,4 +1,6 @@
 """sparse_jax: a JAX/Pallas inference engine with prediction-based token-sparse attention."""
+__version__ = "0.1.0"
+
 from sparse_jax.config import (BaseSparseAttentionConfig, ConfigError, KvCacheConfig, get_algorithm,
                                load_llm_api_options, load_sparse_attention_config, registered_algorithms)
 from sparse_jax.selection import AttnSelection, KeepSelection, to_pages, to_units

@@ -423,6 +423,7 @@ class Engine:
       return False
     self._fail(list(self._running.values()), exc, "a step that lost the KV cache")
     self.cache = self._make_cache()
+    self.allocator.clear_cache()  # cached prefix pages pointed into the lost pool
     return True
 
   def run_until_done(self) -> None:

@@ -3,7 +3,10 @@
     python -m sparse_jax.serve --model=path/to/hf_checkpoint --extra_llm_api_options=configs/rocket.yaml
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both stream with server-sent
-events when `stream` is true), `GET /v1/models`, `GET /health`.
+events when `stream` is true), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`,
+`GET /metrics` (Prometheus), `GET /version`. With `--api_key` (or the SPARSE_JAX_API_KEY
+environment variable) every `/v1` route wants `Authorization: Bearer <key>`;
+`--allowed_origins` turns on CORS for those origins.
 
 One background thread drives the engine (`EngineLoop`): it calls `engine.step()` while there is
 work and otherwise sleeps in `engine.wait_for_work()`, which `add_request` and `abort` end. The
@@ -12,15 +15,22 @@ under its lock); the callback only copies the request's text and hands it to the
 asyncio queue. A client that disconnects (streaming or not) aborts its request, which frees
 the request's batch slot and KV pages at the next engine step.
 
-Errors follow the OpenAI layout `{"error": {"message", "type", "param", "code"}}`: a malformed
-body, an unknown field, a wrong type or value, or a prompt longer than `max_seq_len -
-max_tokens` is a 400 naming the field; a full waiting queue is a 429; an unknown model a 404.
+Errors follow the OpenAI layout `{"error": {"message", "type", "param", "code"}}` everywhere: a
+malformed or non-UTF-8 body, an unknown field, a wrong type or value, text that is not valid
+Unicode, or a prompt longer than `max_seq_len - max_tokens` is a 400 naming the field; a missing
+or wrong API key a 401; an unknown model or route a 404; a body over `--max_body_bytes` a 413;
+a full waiting queue a 429; a request the engine failed a 500 (the server goes on).
+
+Prompts are tokenized on a worker thread, so a long one never holds up other requests or
+`/health`; a text whose first `(allowed tokens + 1) * 8` characters already make too many tokens
+is refused without tokenizing the rest.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import os
@@ -31,12 +41,20 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from starlette.exceptions import HTTPException
 
 from sparse_jax.engine import INT32_MAX, Engine, QueueFullError, Request, SamplingParams
+from sparse_jax.server_metrics import ServerMetrics, StatsLogger
 
 log = logging.getLogger("sparse_jax.serve")
+
+DEFAULT_MAX_BODY_BYTES = 32 * 2**20
+#: The length pre-check tokenizes only the first (allowed tokens + 1) * this many characters:
+#: real text averages 3-5 characters per token, so a too-long prompt shows itself there.
+PRECHECK_CHARS_PER_TOKEN = 8
+API_KEY_ENV = "SPARSE_JAX_API_KEY"
 
 # -- request bodies ----------------------------------------------------------------------------
 
@@ -92,9 +110,61 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, param: str | None = None,
-                   kind: str = "invalid_request_error") -> JSONResponse:
-  return JSONResponse(status_code=status,
+                   kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
+  return JSONResponse(status_code=status, headers=headers,
                       content={"error": {"message": message, "type": kind, "param": param, "code": status}})
+
+
+class BodyLimit:
+  """ASGI middleware: a body over `max_bytes` (declared or streamed) is a 413 in the OpenAI
+  layout before anything parses it."""
+
+  def __init__(self, app, max_bytes: int):
+    self.app, self.max_bytes = app, max_bytes
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    declared = dict(scope.get("headers") or ()).get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+      return await self.too_large(int(declared))(scope, receive, send)
+    received = 0
+
+    async def counting_receive():
+      nonlocal received
+      message = await receive()
+      if message["type"] == "http.request":
+        received += len(message.get("body", b""))
+        if received > self.max_bytes:  # FastAPI re-raises an HTTPException from the body read
+          raise HTTPException(413, self.message(received, "at least "))
+      return message
+
+    await self.app(scope, counting_receive, send)
+
+  def message(self, size: int, qualifier: str = "") -> str:
+    return (f"request body is {qualifier}{size} bytes, more than the server's limit of {self.max_bytes} bytes "
+            "(--max_body_bytes)")
+
+  def too_large(self, size: int) -> JSONResponse:
+    return error_response(413, self.message(size), None)
+
+
+class ApiKeyCheck:
+  """ASGI middleware: every `/v1` route wants `Authorization: Bearer <api_key>` (compared in
+  constant time); anything else is a 401 in the OpenAI layout."""
+
+  def __init__(self, app, api_key: str):
+    self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] == "http" and scope["path"].startswith("/v1") and scope.get("method") != "OPTIONS":
+      given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+      if not hmac.compare_digest(given, self.expected):
+        response = error_response(401, "missing or incorrect API key: send the header 'Authorization: Bearer "
+                                  "<key>' with the server's --api_key", None,
+                                  headers={"WWW-Authenticate": "Bearer"})
+        return await response(scope, receive, send)
+    return await self.app(scope, receive, send)
 
 
 def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -227,7 +297,7 @@ def stream_safe_prefix(text: str, stop: list[str]) -> str:
 class Server:
   """The state behind the app: the LLM, its engine thread and the requests being answered."""
 
-  def __init__(self, llm, served_model_name: str):
+  def __init__(self, llm, served_model_name: str, stats_log_interval_s: float | None = 10.0):
     self.llm = llm
     self.engine: Engine = llm.engine
     self.tokenizer = llm.tokenizer
@@ -247,6 +317,9 @@ class Server:
         self._jinja = env.from_string(self.chat_template)
       except ImportError:
         log.warning("the tokenizer has a chat template but jinja2 is not installed: using 'role: content' lines")
+    algorithm = getattr(getattr(llm, "sparse_attention_config", None), "algorithm", None) or "dense"
+    self.metrics = ServerMetrics(self.engine, algorithm)
+    self.stats_logger = StatsLogger(self.metrics, stats_log_interval_s).start() if stats_log_interval_s else None
     self.loop = EngineLoop(self.engine).start()
 
   def check_model(self, model: str | None) -> None:
@@ -255,16 +328,32 @@ class Server:
                      "model", "model_not_found")
 
   # -- prompts ---------------------------------------------------------------------------------
-  def encode(self, prompt: str | list[int], field: str) -> list[int]:
+  async def encode(self, prompt: str | list[int], field: str, max_tokens: int) -> list[int]:
     if isinstance(prompt, str):
       if self.tokenizer is None:
         raise ApiError(400, f"{field} is text but the model has no tokenizer; send a list of token ids", field)
       if not prompt:
         raise ApiError(400, f"{field} is empty", field)
-      return self.tokenizer.encode(prompt)
+      return await self.encode_text(prompt, field, max_tokens)
     if not prompt:
       raise ApiError(400, f"{field} is an empty list of token ids", field)
     return list(prompt)
+
+  async def encode_text(self, text: str, field: str, max_tokens: int) -> list[int]:
+    """Token ids of `text`, tokenized on a worker thread; refuses text that is not valid Unicode
+    and, from its start alone, text far longer than `max_seq_len - max_tokens` tokens."""
+    bad = _lone_surrogate(text)
+    if bad is not None:
+      raise ApiError(400, f"{field} is not valid Unicode: lone surrogate {text[bad]!r} at character {bad}", field)
+    limit = self.engine.max_seq_len - max_tokens
+    window = (max(limit, 0) + 1) * PRECHECK_CHARS_PER_TOKEN
+    if len(text) > window:
+      head = await asyncio.to_thread(self.tokenizer.encode, text[:window])
+      if len(head) > limit + PRECHECK_CHARS_PER_TOKEN:  # slack: the cut may split a word into more tokens
+        raise ApiError(400, f"{field} is too long: its first {window} characters alone are {len(head)} tokens, more "
+                       f"than the {max(limit, 0)} allowed (max_seq_len={self.engine.max_seq_len} minus "
+                       f"max_tokens={max_tokens})", field)
+    return await asyncio.to_thread(self.tokenizer.encode, text)
 
   def render_chat(self, messages: list[ChatMessage]) -> str:
     """The prompt text of a conversation: the tokenizer's chat template (jinja2) if it has one,
@@ -281,11 +370,12 @@ class Server:
         raise ApiError(400, f"messages: the chat template rejected them: {e}", "messages") from None
     return "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"
 
-  def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+  async def encode_chat(self, messages: list[ChatMessage], max_tokens: int) -> list[int]:
     if self.tokenizer is None:
       raise ApiError(400, "messages: the model has no tokenizer, so chat is unavailable; use /v1/completions "
                      "with token ids", "messages")
-    ids = self.tokenizer.encode(self.render_chat(messages))
+    text = await asyncio.to_thread(self.render_chat, messages)
+    ids = await self.encode_text(text, "messages", max_tokens)
     bos = self.tokenizer.bos_token_id
     if bos is not None and ids[:2] == [bos, bos]:  # the template wrote BOS and the tokenizer added another
       ids = ids[1:]
@@ -319,9 +409,15 @@ class Server:
     if not self.loop.alive:
       raise ApiError(503, "the engine thread has stopped; the server is shutting down", None, "server_error")
     stream = Stream(asyncio.get_running_loop())
+
+    def on_update(req: Request) -> None:
+      stream.on_update(req)
+      if req.finished:
+        self.metrics.observe(req)
+
     try:
       stream.request = self.engine.add_request(ids, params, prompt=prompt, request_id=request_id,
-                                               on_update=stream.on_update)
+                                               on_update=on_update)
     except QueueFullError as e:
       self.stats["rejected_queue_full"] += 1
       raise ApiError(429, f"{e} (max_queue_size={self.engine.max_queue_size})", None, "rate_limit_error") from None
@@ -345,12 +441,23 @@ class Server:
       self.stats["finished"] += 1
 
   def shutdown(self) -> None:
+    if self.stats_logger is not None:
+      self.stats_logger.stop()
     self.loop.stop()
     with self._active_lock:
       streams = list(self.active)
     for s in streams:
       if s.request is not None:
         self.engine.abort(s.request)
+
+
+def _lone_surrogate(text: str) -> int | None:
+  """The index of the first lone UTF-16 surrogate in `text` (JSON's "\\ud800"), or None."""
+  try:
+    text.encode("utf-8")
+    return None
+  except UnicodeEncodeError as e:
+    return e.start
 
 
 def _raise_template_error(message: str):
@@ -437,15 +544,22 @@ async def _stream_updates(server: Server, stream: Stream, params: SamplingParams
 
 # -- the app ------------------------------------------------------------------------------------
 
-def create_app(llm, served_model_name: str | None = None) -> FastAPI:
+def create_app(llm, served_model_name: str | None = None, *, api_key: str | None = None,
+               allowed_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               stats_log_interval_s: float | None = 10.0) -> FastAPI:
   """The OpenAI-compatible app over `llm` (an `LLM`); starts the engine thread now.
+
+  api_key: every `/v1` route wants `Authorization: Bearer <api_key>` (None: open).
+  allowed_origins: origins allowed by CORS ("*" for any; None: no CORS headers).
+  max_body_bytes: larger request bodies are a 413.
+  stats_log_interval_s: seconds between one-line stats logs while busy (None: off).
 
   Stop it with `app.state.server.shutdown()` (uvicorn's shutdown does this). Tests may run the
   app in-process (httpx.ASGITransport) or under uvicorn.
   """
   served_model_name = served_model_name or (os.path.basename(os.path.normpath(llm.model_path))
                                             if getattr(llm, "model_path", None) else "sparse_jax")
-  server = Server(llm, served_model_name)
+  server = Server(llm, served_model_name, stats_log_interval_s)
 
   @contextlib.asynccontextmanager
   async def lifespan(app: FastAPI):
@@ -454,6 +568,29 @@ def create_app(llm, served_model_name: str | None = None) -> FastAPI:
 
   app = FastAPI(title="sparse_jax OpenAI-compatible server", lifespan=lifespan)
   app.state.server = server
+  # Starlette runs the middleware added last first: CORS answers preflights before the key check.
+  app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+  if api_key:
+    app.add_middleware(ApiKeyCheck, api_key=api_key)
+  if allowed_origins:
+    from starlette.middleware.cors import CORSMiddleware
+    app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                       allow_headers=["*"], allow_credentials="*" not in allowed_origins)
+
+  @app.exception_handler(HTTPException)
+  async def _http_error(_, exc: HTTPException):
+    detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    if exc.status_code == 404:
+      detail = f"no route {_.method} {_.url.path}; see /docs for the routes"
+    elif exc.status_code == 400 and detail == "There was an error parsing the body":
+      detail = "malformed body: it is not JSON text in UTF-8"
+    return error_response(exc.status_code, detail, None, "not_found_error" if exc.status_code == 404
+                          else "invalid_request_error", headers=getattr(exc, "headers", None))
+
+  @app.exception_handler(Exception)
+  async def _unexpected(_, exc: Exception):
+    log.exception("unexpected error answering %s %s", _.method, _.url.path)
+    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", None, "server_error")
 
   @app.exception_handler(RequestValidationError)
   async def _invalid(_, exc: RequestValidationError):
@@ -474,17 +611,36 @@ def create_app(llm, served_model_name: str | None = None) -> FastAPI:
     return {"status": "ok", "waiting": server.engine.num_waiting, "running": server.engine.num_running,
             "free_kv_pages": server.engine.allocator.free_pages, "kv_pages": server.engine.allocator.num_pages}
 
+  def model_card() -> dict[str, Any]:
+    return {"id": served_model_name, "object": "model", "created": server.created, "owned_by": "sparse_jax",
+            "max_model_len": server.engine.max_seq_len}
+
   @app.get("/v1/models")
   async def list_models():
-    return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": server.created,
-                                        "owned_by": "sparse_jax", "max_model_len": server.engine.max_seq_len}]}
+    return {"object": "list", "data": [model_card()]}
+
+  @app.get("/v1/models/{model_id:path}")
+  async def retrieve_model(model_id: str):
+    server.check_model(model_id)
+    return model_card()
+
+  @app.get("/version")
+  async def version():
+    import jax
+    from sparse_jax import __version__
+    return {"version": __version__, "jax": jax.__version__}
+
+  @app.get("/metrics")
+  async def metrics():
+    from prometheus_client import CONTENT_TYPE_LATEST
+    return Response(server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
   @app.post("/v1/completions")
   async def completions(body: CompletionRequest, http: HttpRequest):
     server.check_model(body.model)
     if body.echo:
       raise ApiError(400, "echo=true is not supported", "echo")
-    ids = server.encode(body.prompt, "prompt")
+    ids = await server.encode(body.prompt, "prompt", body.max_tokens)
     server.check_length(ids, body.max_tokens, "prompt")
     params = server.sampling_params(body, body.max_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -518,8 +674,8 @@ def create_app(llm, served_model_name: str | None = None) -> FastAPI:
   @app.post("/v1/chat/completions")
   async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
     server.check_model(body.model)
-    ids = server.encode_chat(body.messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
+    ids = await server.encode_chat(body.messages, max_tokens or 1)
     if max_tokens is None:
       max_tokens = server.default_max_tokens(ids, "messages")
     else:
@@ -564,6 +720,11 @@ def create_app(llm, served_model_name: str | None = None) -> FastAPI:
 
 # -- command line -------------------------------------------------------------------------------
 
+def api_key_from(flag: str) -> str | None:
+  """The API key: the flag's value, else the SPARSE_JAX_API_KEY environment variable, else none."""
+  return flag or os.environ.get(API_KEY_ENV) or None
+
+
 def main(argv):
   del argv
   from absl import flags
@@ -584,7 +745,10 @@ def main(argv):
               max_queue_size=FLAGS.max_queue_size, tensor_parallel_size=FLAGS.tensor_parallel_size)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: cannot load the model: {e}") from None
-  app = create_app(llm, FLAGS.served_model_name or None)
+  origins = [o.strip() for o in FLAGS.allowed_origins.split(",") if o.strip()]
+  app = create_app(llm, FLAGS.served_model_name or None, api_key=api_key_from(FLAGS.api_key),
+                   allowed_origins=origins or None, max_body_bytes=FLAGS.max_body_bytes,
+                   stats_log_interval_s=FLAGS.stats_log_interval_s or None)
   name = app.state.server.served_model_name
   print(f"serving '{name}' (max_seq_len={llm.engine.max_seq_len}, max_batch_size={llm.engine.max_batch_size}, "
         f"backend={llm.backend}) on http://{FLAGS.host}:{FLAGS.port}/v1", flush=True)
@@ -607,6 +771,12 @@ def _define_flags():
   flags.DEFINE_integer("tensor_parallel_size", None, "devices the model is split over (default: the YAML's, "
                        "else 1)", lower_bound=1)
   flags.DEFINE_string("served_model_name", "", "model id in the API (default: the checkpoint directory's name)")
+  flags.DEFINE_string("api_key", "", f"clients must send 'Authorization: Bearer <key>' on /v1 routes (default: the "
+                      f"{API_KEY_ENV} environment variable; empty: no key)")
+  flags.DEFINE_string("allowed_origins", "", "comma-separated origins allowed by CORS, '*' for any (default: no CORS)")
+  flags.DEFINE_integer("max_body_bytes", DEFAULT_MAX_BODY_BYTES, "larger request bodies get HTTP 413", lower_bound=1)
+  flags.DEFINE_float("stats_log_interval_s", 10.0, "seconds between one-line stats logs while busy (0: off)",
+                     lower_bound=0)
   flags.DEFINE_enum("dtype", "auto", ["auto", "bfloat16", "float16", "float32"], "weights and KV cache dtype")
   flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "log level")
 
