@@ -1,4 +1,5 @@
-"""Hugging Face checkpoint loading: config.json, safetensors (single or sharded), tokenizer.json.
+"""Hugging Face checkpoint loading: config.json and safetensors (single or sharded); the tokenizer,
+chat template and generation_config.json are read by models/tokenizer.py.
 
 `from_pretrained(path, dtype)` builds the module for the checkpoint's `model_type` (looked
 up in `MODEL_TYPES`, where each architecture registers itself) without random init, then
@@ -192,69 +193,6 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, param_dty
   mt = model_type_of(cfg)
   model = build_model(cfg, dtype, param_dtype, abstract=True)
   return load_weights(model, mt, TensorStore(path), dtype, param_dtype)
-
-
-# -- tokenizer ----------------------------------------------------------------------
-
-class Tokenizer:
-  """A `tokenizers.Tokenizer` plus what tokenizer_config.json adds (special tokens, chat template)."""
-
-  def __init__(self, tokenizer, *, eos_token_ids: tuple[int, ...] = (), bos_token_id: int | None = None,
-               chat_template: str | None = None, add_bos: bool = False):
-    self._tok = tokenizer
-    self.eos_token_ids = tuple(eos_token_ids)
-    self.bos_token_id = bos_token_id
-    self.chat_template = chat_template
-    self.add_bos = add_bos
-
-  @property
-  def vocab_size(self) -> int:
-    return self._tok.get_vocab_size()
-
-  def encode(self, text: str) -> list[int]:
-    ids = self._tok.encode(text, add_special_tokens=False).ids
-    if self.add_bos and self.bos_token_id is not None:
-      ids = [self.bos_token_id] + ids
-    return ids
-
-  def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-    return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-  def token_to_id(self, token: str) -> int | None:
-    return self._tok.token_to_id(token)
-
-
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
-  """tokenizer.json (+ tokenizer_config.json / generation_config.json) or None if absent."""
-  from tokenizers import Tokenizer as HFTokenizer
-  path = os.fspath(path)
-  tok_file = os.path.join(path, "tokenizer.json")
-  if not os.path.exists(tok_file):
-    return None
-  try:
-    tok = HFTokenizer.from_file(tok_file)
-  except Exception as e:
-    raise CheckpointError(f"{tok_file}: cannot load tokenizer ({e})") from None
-  tcfg = {}
-  tcfg_file = os.path.join(path, "tokenizer_config.json")
-  if os.path.exists(tcfg_file):
-    with open(tcfg_file) as f:
-      tcfg = json.load(f)
-
-  def token_id(field):
-    value = tcfg.get(field)
-    if isinstance(value, dict):
-      value = value.get("content")
-    return tok.token_to_id(value) if isinstance(value, str) else None
-
-  cfg = read_config(path) if os.path.exists(os.path.join(path, "config.json")) else {}
-  eos = cfg.get("eos_token_id")
-  eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
-  if not eos_ids and token_id("eos_token") is not None:
-    eos_ids = (token_id("eos_token"),)
-  bos = cfg.get("bos_token_id", token_id("bos_token"))
-  return Tokenizer(tok, eos_token_ids=eos_ids, bos_token_id=bos, chat_template=tcfg.get("chat_template"),
-                   add_bos=bool(tcfg.get("add_bos_token", False)))
 
 
 # -- built-in architectures --------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from models.loading import Tokenizer
+from models import Tokenizer
 from sparse_jax import KvCacheConfig, LLM, SamplingParams
 from sparse_jax.serve import create_app, describe_validation_errors, stream_safe_prefix
 from tests.model_fixtures import tiny_llama
