@@ -304,6 +304,23 @@ def read_chat_template(path: str | os.PathLike, tokenizer_config: Mapping[str, A
   return None if template is None else _named_templates(template, os.path.join(path, "tokenizer_config.json"))
 
 
+def read_chat_template_arg(value: str) -> str:
+  """A `--chat_template` value: a .jinja file, a chat_template.json / tokenizer_config.json
+  (its `chat_template` field), or the template text itself."""
+  if os.path.isfile(value):
+    if value.endswith(".json"):
+      data = _read_json(value)
+      template = data.get("chat_template") if isinstance(data, dict) else None
+      if not isinstance(template, str):
+        raise ChatTemplateError(f"{value}: has no 'chat_template' string")
+      return template
+    with open(value, encoding="utf-8") as f:
+      return f.read()
+  if "{{" in value or "{%" in value:
+    return value
+  raise ChatTemplateError(f"chat template {value!r} is neither a file nor a template (no '{{{{' or '{{%')")
+
+
 def _named_templates(template: Any, where: str):
   if isinstance(template, str):
     return template

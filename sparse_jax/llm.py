@@ -71,6 +71,7 @@ class LLM:
   backend: "auto" (Pallas kernels on GPUs, pure-jnp references on the CPU), "pallas",
     "reference".
   extra_llm_api_options: a YAML path or dict in TensorRT-LLM's layout; explicit arguments win.
+  chat_template: a template (or a file holding one) used by `chat` instead of the checkpoint's.
   enable_chunked_prefill / max_num_tokens: prefill prompts longer than max_num_tokens in chunks
     of that many tokens; with an algorithm that supports it (RocketKV, Quest) each chunk attends
     only to the `prefill_budget` most relevant tokens of the earlier chunks (sparse prefill).
@@ -83,7 +84,7 @@ class LLM:
                max_batch_size: int | None = None, max_seq_len: int | None = None,
                tensor_parallel_size: int | None = None, extra_llm_api_options: Any = None,
                decode_chunk_size: int = 16, max_queue_size: int = 1024, seed: int = 0,
-               interpret: bool | None = None, max_num_tokens: int = 4096):
+               interpret: bool | None = None, max_num_tokens: int = 4096, chat_template: str | None = None):
     import models
     opts = load_llm_api_options(extra_llm_api_options) if extra_llm_api_options is not None else LlmApiOptions()
     kv_cache_config = kv_cache_config or opts.kv_cache_config
@@ -106,10 +107,16 @@ class LLM:
       self.model_path = path
       self.model = models.from_pretrained(path, dtype=dtype)
       self.tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(path)
+      self.generation_config = models.load_generation_config(path)
     else:
       self.model_path = None
       self.model = model
       self.tokenizer = tokenizer
+      self.generation_config = models.GenerationConfig()
+    if chat_template is not None:
+      if self.tokenizer is None:
+        raise ValueError("chat_template was given but the model has no tokenizer.json")
+      self.tokenizer = self.tokenizer.with_chat_template(models.tokenizer.read_chat_template_arg(chat_template))
     from models.loading import resolve_dtype
     self.dtype = resolve_dtype(dtype)
     self.sparse_attention_config = sparse_attention_config
@@ -138,6 +145,24 @@ class LLM:
       return list(prompt)
     raise TypeError(f"{name} must be a string or a list of token ids, got {type(prompt).__name__}")
 
+  def get_default_sampling_params(self) -> SamplingParams:
+    """SamplingParams() with the checkpoint's generation_config.json values (temperature, top_p,
+    top_k; greedy when it sets do_sample=false; max_new_tokens as max_tokens): what `generate`
+    and `chat` use when called without sampling_params."""
+    return SamplingParams(**self.generation_config.sampling_defaults())
+
+  def chat(self, messages: Any, sampling_params: SamplingParams | None = None, *, tools: Any = None,
+           add_generation_prompt: bool = True, use_tqdm: bool = False, **template_kwargs: Any) -> list[RequestOutput]:
+    """Generates a reply to a conversation (a list of {"role", "content"} dicts) or to each of a
+    list of conversations, rendered with the checkpoint's chat template (or `chat_template`).
+    Raises models.ChatTemplateError when there is no template or it fails."""
+    if self.tokenizer is None:
+      raise ValueError("chat needs a tokenizer; this model has no tokenizer.json")
+    conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+    ids = [self.tokenizer.encode_chat(c, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs)
+           for c in conversations]
+    return self.generate(ids, sampling_params, use_tqdm=use_tqdm)
+
   def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                use_tqdm: bool = False) -> list[RequestOutput]:
     """prompts: a string, a list of token ids, or a list of either. Returns one output per prompt.
@@ -153,7 +178,7 @@ class LLM:
     if not batch:
       raise ValueError("prompts is empty")
     if sampling_params is None or isinstance(sampling_params, SamplingParams):
-      params = [sampling_params or SamplingParams()] * len(batch)
+      params = [sampling_params or self.get_default_sampling_params()] * len(batch)
     elif isinstance(sampling_params, (list, tuple)):
       params = list(sampling_params)
       if len(params) != len(batch):

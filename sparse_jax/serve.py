@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -45,6 +46,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
+from models.tokenizer import ChatTemplateError
 from sparse_jax.engine import INT32_MAX, Engine, QueueFullError, Request, SamplingParams
 from sparse_jax.server_metrics import ServerMetrics, StatsLogger
 
@@ -83,22 +85,29 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-  prompt: StrictStr | list[StrictInt]
+  #: every OpenAI form: a string, a list of strings, a token list, a list of token lists (one
+  #: choice per prompt, `index` in order, as lm-evaluation-harness's local-completions sends).
+  prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
   max_tokens: PositiveInt = 16
   echo: StrictBool = False
 
 
 class ChatMessage(BaseModel):
   model_config = ConfigDict(extra="forbid")
-  role: Literal["system", "developer", "user", "assistant"]
-  content: StrictStr | list[dict[str, Any]]
+  role: Literal["system", "developer", "user", "assistant", "tool"]
+  content: StrictStr | list[dict[str, Any]] | None = None
   name: StrictStr | None = None
+  tool_calls: list[dict[str, Any]] | None = None
+  tool_call_id: StrictStr | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
   messages: Annotated[list[ChatMessage], Field(min_length=1)]
   max_tokens: PositiveInt | None = None
   max_completion_tokens: PositiveInt | None = None
+  tools: list[dict[str, Any]] | None = None           # passed to the chat template, as transformers does
+  add_generation_prompt: StrictBool = True            # vLLM extension
+  chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension: extra template variables
 
 
 class ApiError(Exception):
@@ -297,26 +306,23 @@ def stream_safe_prefix(text: str, stop: list[str]) -> str:
 class Server:
   """The state behind the app: the LLM, its engine thread and the requests being answered."""
 
-  def __init__(self, llm, served_model_name: str, stats_log_interval_s: float | None = 10.0):
+  def __init__(self, llm, served_model_name: str, stats_log_interval_s: float | None = 10.0,
+               chat_template: str | None = None):
     self.llm = llm
     self.engine: Engine = llm.engine
     self.tokenizer = llm.tokenizer
+    if chat_template is not None:
+      if self.tokenizer is None:
+        raise ValueError("a chat template was given but the model has no tokenizer.json")
+      self.tokenizer = self.tokenizer.with_chat_template(chat_template)
+    # Sampling fields a request leaves unset take generation_config.json's values (vLLM's
+    # --generation-config auto); the request's own values always win.
+    self.sampling_defaults = llm.generation_config.sampling_defaults()
     self.served_model_name = served_model_name
     self.created = int(time.time())
     self.active: set[Stream] = set()
     self.stats = {"requests": 0, "finished": 0, "aborted_by_client": 0, "rejected_queue_full": 0, "rejected_invalid": 0}
     self._active_lock = threading.Lock()
-    self.chat_template = getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
-    self._jinja = None
-    if self.chat_template:
-      try:
-        import jinja2.sandbox
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent, ensure_ascii=False)
-        env.globals["raise_exception"] = _raise_template_error
-        self._jinja = env.from_string(self.chat_template)
-      except ImportError:
-        log.warning("the tokenizer has a chat template but jinja2 is not installed: using 'role: content' lines")
     algorithm = getattr(getattr(llm, "sparse_attention_config", None), "algorithm", None) or "dense"
     self.metrics = ServerMetrics(self.engine, algorithm)
     self.stats_logger = StatsLogger(self.metrics, stats_log_interval_s).start() if stats_log_interval_s else None
@@ -339,55 +345,49 @@ class Server:
       raise ApiError(400, f"{field} is an empty list of token ids", field)
     return list(prompt)
 
-  async def encode_text(self, text: str, field: str, max_tokens: int) -> list[int]:
+  async def encode_text(self, text: str, field: str, max_tokens: int, add_special_tokens: bool = True) -> list[int]:
     """Token ids of `text`, tokenized on a worker thread; refuses text that is not valid Unicode
     and, from its start alone, text far longer than `max_seq_len - max_tokens` tokens."""
     bad = _lone_surrogate(text)
     if bad is not None:
       raise ApiError(400, f"{field} is not valid Unicode: lone surrogate {text[bad]!r} at character {bad}", field)
+    encode = functools.partial(self.tokenizer.encode, add_special_tokens=add_special_tokens)
     limit = self.engine.max_seq_len - max_tokens
     window = (max(limit, 0) + 1) * PRECHECK_CHARS_PER_TOKEN
     if len(text) > window:
-      head = await asyncio.to_thread(self.tokenizer.encode, text[:window])
+      head = await asyncio.to_thread(encode, text[:window])
       if len(head) > limit + PRECHECK_CHARS_PER_TOKEN:  # slack: the cut may split a word into more tokens
         raise ApiError(400, f"{field} is too long: its first {window} characters alone are {len(head)} tokens, more "
                        f"than the {max(limit, 0)} allowed (max_seq_len={self.engine.max_seq_len} minus "
                        f"max_tokens={max_tokens})", field)
-    return await asyncio.to_thread(self.tokenizer.encode, text)
+    return await asyncio.to_thread(encode, text)
 
-  def render_chat(self, messages: list[ChatMessage]) -> str:
-    """The prompt text of a conversation: the tokenizer's chat template (jinja2) if it has one,
-    else one 'role: content' line per message and a final 'assistant:'."""
-    plain = [{"role": m.role, "content": _message_text(m, i)} for i, m in enumerate(messages)]
-    if self._jinja is not None:
-      tok = self.tokenizer
-      special = lambda i: tok.decode([i], skip_special_tokens=False) if i is not None else ""
-      eos = tok.eos_token_ids[0] if tok.eos_token_ids else None
-      try:
-        return self._jinja.render(messages=plain, add_generation_prompt=True, bos_token=special(tok.bos_token_id),
-                                  eos_token=special(eos))
-      except Exception as e:  # a template's raise_exception or a rendering bug: the request's fault
-        raise ApiError(400, f"messages: the chat template rejected them: {e}", "messages") from None
-    return "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"
-
-  async def encode_chat(self, messages: list[ChatMessage], max_tokens: int) -> list[int]:
+  async def encode_chat(self, body: "ChatCompletionRequest", max_tokens: int) -> list[int]:
+    """Token ids of the conversation rendered with the tokenizer's chat template (or --chat_template);
+    the template writes every special token, so none is added."""
     if self.tokenizer is None:
       raise ApiError(400, "messages: the model has no tokenizer, so chat is unavailable; use /v1/completions "
                      "with token ids", "messages")
-    text = await asyncio.to_thread(self.render_chat, messages)
-    ids = await self.encode_text(text, "messages", max_tokens)
-    bos = self.tokenizer.bos_token_id
-    if bos is not None and ids[:2] == [bos, bos]:  # the template wrote BOS and the tokenizer added another
-      ids = ids[1:]
-    return ids
+    messages = [_message_dict(m, i) for i, m in enumerate(body.messages)]
+    render = functools.partial(self.tokenizer.apply_chat_template, messages, tools=body.tools,
+                               add_generation_prompt=body.add_generation_prompt, **(body.chat_template_kwargs or {}))
+    try:
+      text = await asyncio.to_thread(render)
+    except ChatTemplateError as e:
+      raise ApiError(400, f"messages: {e}", "messages") from None
+    except TypeError as e:  # chat_template_kwargs repeats a name the server sets
+      raise ApiError(400, f"chat_template_kwargs: {e}", "chat_template_kwargs") from None
+    return await self.encode_text(text, "messages", max_tokens, add_special_tokens=False)
 
   # -- submission -------------------------------------------------------------------------------
   def sampling_params(self, body: _SamplingFields, max_tokens: int) -> SamplingParams:
     if body.n != 1:
       raise ApiError(400, f"n={body.n}: only n=1 is supported", "n")
+    given = body.model_fields_set
+    unset = {k: v for k, v in self.sampling_defaults.items() if k in ("temperature", "top_p", "top_k") and k not in given}
+    fields = {"temperature": float(body.temperature), "top_p": float(body.top_p), "top_k": body.top_k, **unset}
     try:
-      return SamplingParams(max_tokens=max_tokens, temperature=float(body.temperature), top_p=float(body.top_p),
-                            top_k=body.top_k, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos)
+      return SamplingParams(max_tokens=max_tokens, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos, **fields)
     except ValueError as e:  # the body's own checks should have caught it: still the request's fault
       raise ApiError(400, str(e)) from None
 
@@ -460,8 +460,12 @@ def _lone_surrogate(text: str) -> int | None:
     return e.start
 
 
-def _raise_template_error(message: str):
-  raise ValueError(message)
+def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
+  """A message as the chat template sees it (text parts joined; unset fields left out)."""
+  out = m.model_dump(exclude_none=True)
+  if m.content is not None:
+    out["content"] = _message_text(m, i)
+  return out
 
 
 def _message_text(m: ChatMessage, i: int) -> str:
@@ -476,9 +480,18 @@ def _message_text(m: ChatMessage, i: int) -> str:
   return "".join(texts)
 
 
-def _usage(req: Request) -> dict[str, int]:
-  return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
-          "total_tokens": len(req.prompt_ids) + len(req.output_ids)}
+def _usage(*reqs: Request) -> dict[str, int]:
+  prompt = sum(len(r.prompt_ids) for r in reqs)
+  completion = sum(len(r.output_ids) for r in reqs)
+  return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _prompt_list(prompt: Any) -> list[str | list[int]]:
+  """The prompts of a completions body: a string or a token list is one prompt; a list of strings
+  or of token lists is several."""
+  if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+    return [prompt]
+  return list(prompt)
 
 
 def _sse(obj: Any) -> str:
@@ -492,15 +505,15 @@ async def _wait_for_disconnect(http: HttpRequest) -> None:
       return
 
 
-async def _final_update(server: Server, stream: Stream, http: HttpRequest) -> Update | None:
-  """Waits for the request to finish; None if the client went away first (the request is aborted)."""
-  async def finished() -> Update:
+async def _final_updates(server: Server, streams: list[Stream], http: HttpRequest) -> list[Update] | None:
+  """Waits for every request to finish; None if the client went away first (all are aborted)."""
+  async def finished(stream: Stream) -> Update:
     while True:
       update = await stream.next()
       if update.finish_reason is not None:
         return update
 
-  done_task = asyncio.ensure_future(finished())
+  done_task = asyncio.ensure_future(asyncio.gather(*(finished(s) for s in streams)))
   gone_task = asyncio.ensure_future(_wait_for_disconnect(http))
   disconnected = False
   try:
@@ -512,7 +525,32 @@ async def _final_update(server: Server, stream: Stream, http: HttpRequest) -> Up
   finally:
     for t in (done_task, gone_task):
       t.cancel()
-    server.release(stream, disconnected=disconnected)
+    for s in streams:
+      server.release(s, disconnected=disconnected)
+
+
+async def _merged_stream_updates(server: Server, streams: list[Stream], params: SamplingParams):
+  """Yields (choice index, delta, finish_reason, error) from several requests as they progress;
+  closing it aborts every request still running."""
+  queue: asyncio.Queue = asyncio.Queue()
+
+  async def pump(index: int, stream: Stream) -> None:
+    async with contextlib.aclosing(_stream_updates(server, stream, params)) as updates:
+      async for item in updates:
+        await queue.put((index, *item))
+
+  tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+  try:
+    for _ in range(sum(1 for _ in streams)):
+      while True:
+        index, delta, reason, error = await queue.get()
+        yield index, delta, reason, error
+        if reason is not None:
+          break
+  finally:
+    for t in tasks:
+      t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _stream_updates(server: Server, stream: Stream, params: SamplingParams):
@@ -546,20 +584,24 @@ async def _stream_updates(server: Server, stream: Stream, params: SamplingParams
 
 def create_app(llm, served_model_name: str | None = None, *, api_key: str | None = None,
                allowed_origins: list[str] | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               stats_log_interval_s: float | None = 10.0) -> FastAPI:
+               stats_log_interval_s: float | None = 10.0, chat_template: str | None = None) -> FastAPI:
   """The OpenAI-compatible app over `llm` (an `LLM`); starts the engine thread now.
 
   api_key: every `/v1` route wants `Authorization: Bearer <api_key>` (None: open).
   allowed_origins: origins allowed by CORS ("*" for any; None: no CORS headers).
   max_body_bytes: larger request bodies are a 413.
   stats_log_interval_s: seconds between one-line stats logs while busy (None: off).
+  chat_template: a template (or a file holding one) used instead of the checkpoint's.
 
   Stop it with `app.state.server.shutdown()` (uvicorn's shutdown does this). Tests may run the
   app in-process (httpx.ASGITransport) or under uvicorn.
   """
   served_model_name = served_model_name or (os.path.basename(os.path.normpath(llm.model_path))
                                             if getattr(llm, "model_path", None) else "sparse_jax")
-  server = Server(llm, served_model_name, stats_log_interval_s)
+  if chat_template is not None:
+    from models.tokenizer import read_chat_template_arg
+    chat_template = read_chat_template_arg(chat_template)
+  server = Server(llm, served_model_name, stats_log_interval_s, chat_template)
 
   @contextlib.asynccontextmanager
   async def lifespan(app: FastAPI):
@@ -640,33 +682,46 @@ def create_app(llm, served_model_name: str | None = None, *, api_key: str | None
     server.check_model(body.model)
     if body.echo:
       raise ApiError(400, "echo=true is not supported", "echo")
-    ids = await server.encode(body.prompt, "prompt", body.max_tokens)
-    server.check_length(ids, body.max_tokens, "prompt")
+    prompts = _prompt_list(body.prompt)
+    fields = ["prompt"] if len(prompts) == 1 else [f"prompt.{i}" for i in range(len(prompts))]
+    encoded = [await server.encode(p, f, body.max_tokens) for p, f in zip(prompts, fields)]
+    for ids, field in zip(encoded, fields):  # every prompt is checked before any is submitted
+      server.check_length(ids, body.max_tokens, field)
     params = server.sampling_params(body, body.max_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    stream = server.submit(ids, params, body.prompt if isinstance(body.prompt, str) else None, rid, "prompt")
+    streams: list[Stream] = []
+    try:
+      for i, (p, ids, field) in enumerate(zip(prompts, encoded, fields)):
+        streams.append(server.submit(ids, params, p if isinstance(p, str) else None,
+                                     rid if len(prompts) == 1 else f"{rid}-{i}", field))
+    except ApiError:
+      for s in streams:
+        server.release(s, disconnected=True)
+      raise
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": served_model_name}
     if not body.stream:
-      update = await _final_update(server, stream, http)
-      if update is None:
+      updates = await _final_updates(server, streams, http)
+      if updates is None:
         return JSONResponse(status_code=499, content={})  # nobody is listening
-      if update.error is not None:
-        return error_response(500, update.error, None, "server_error")
-      choice = {"index": 0, "text": update.text, "logprobs": None, "finish_reason": update.finish_reason}
-      return {**head, "choices": [choice], "usage": _usage(stream.request)}
+      failed = next((u.error for u in updates if u.error is not None), None)
+      if failed is not None:
+        return error_response(500, failed, None, "server_error")
+      choices = [{"index": i, "text": u.text, "logprobs": None, "finish_reason": u.finish_reason}
+                 for i, u in enumerate(updates)]
+      return {**head, "choices": choices, "usage": _usage(*(s.request for s in streams))}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
-      async with contextlib.aclosing(_stream_updates(server, stream, params)) as updates:
-        async for delta, reason, error in updates:
+      async with contextlib.aclosing(_merged_stream_updates(server, streams, params)) as updates:
+        async for index, delta, reason, error in updates:
           if error is not None:
             yield _sse({"error": {"message": error, "type": "server_error", "param": None, "code": 500}})
             break
-          yield _sse({**head, "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": reason}]})
+          yield _sse({**head, "choices": [{"index": index, "text": delta, "logprobs": None, "finish_reason": reason}]})
         else:
           if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(stream.request)})
+            yield _sse({**head, "choices": [], "usage": _usage(*(s.request for s in streams))})
       yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -675,7 +730,7 @@ def create_app(llm, served_model_name: str | None = None, *, api_key: str | None
   async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
     server.check_model(body.model)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    ids = await server.encode_chat(body.messages, max_tokens or 1)
+    ids = await server.encode_chat(body, max_tokens or 1)
     if max_tokens is None:
       max_tokens = server.default_max_tokens(ids, "messages")
     else:
@@ -685,9 +740,10 @@ def create_app(llm, served_model_name: str | None = None, *, api_key: str | None
     stream = server.submit(ids, params, None, rid, "messages")
     head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": served_model_name}
     if not body.stream:
-      update = await _final_update(server, stream, http)
-      if update is None:
+      updates = await _final_updates(server, [stream], http)
+      if updates is None:
         return JSONResponse(status_code=499, content={})
+      update = updates[0]
       if update.error is not None:
         return error_response(500, update.error, None, "server_error")
       choice = {"index": 0, "message": {"role": "assistant", "content": update.text}, "logprobs": None,
@@ -746,9 +802,12 @@ def main(argv):
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: cannot load the model: {e}") from None
   origins = [o.strip() for o in FLAGS.allowed_origins.split(",") if o.strip()]
-  app = create_app(llm, FLAGS.served_model_name or None, api_key=api_key_from(FLAGS.api_key),
-                   allowed_origins=origins or None, max_body_bytes=FLAGS.max_body_bytes,
-                   stats_log_interval_s=FLAGS.stats_log_interval_s or None)
+  try:
+    app = create_app(llm, FLAGS.served_model_name or None, api_key=api_key_from(FLAGS.api_key),
+                     allowed_origins=origins or None, max_body_bytes=FLAGS.max_body_bytes,
+                     stats_log_interval_s=FLAGS.stats_log_interval_s or None, chat_template=FLAGS.chat_template or None)
+  except ValueError as e:
+    raise SystemExit(f"error: --chat_template: {e}") from None
   name = app.state.server.served_model_name
   print(f"serving '{name}' (max_seq_len={llm.engine.max_seq_len}, max_batch_size={llm.engine.max_batch_size}, "
         f"backend={llm.backend}) on http://{FLAGS.host}:{FLAGS.port}/v1", flush=True)
@@ -770,6 +829,8 @@ def _define_flags():
                        lower_bound=1)
   flags.DEFINE_integer("tensor_parallel_size", None, "devices the model is split over (default: the YAML's, "
                        "else 1)", lower_bound=1)
+  flags.DEFINE_string("chat_template", "", "chat template (a .jinja file, a chat_template.json, or the template "
+                      "text) used instead of the checkpoint's")
   flags.DEFINE_string("served_model_name", "", "model id in the API (default: the checkpoint directory's name)")
   flags.DEFINE_string("api_key", "", f"clients must send 'Authorization: Bearer <key>' on /v1 routes (default: the "
                       f"{API_KEY_ENV} environment variable; empty: no key)")
