@@ -80,6 +80,33 @@ def gather_load(ref, idx, *, mask, other, interpret: bool):
   )
 
 
+def scatter_store(ref, idx, value, *, mask, interpret: bool) -> None:
+  """``ref[idx] = value`` where ``mask`` (idx: an index vector on the leading axis, value
+  ``[len(idx), *ref.shape[1:]]``, mask broadcastable to value).
+
+  On the GPU masked lanes issue no memory request. Interpret mode has no rule for masked
+  stores through an index vector: it rewrites the whole block with a dropping scatter
+  (masked lanes aimed past the end), so masked lanes never touch memory there either.
+  """
+  if interpret:
+    mask = jnp.broadcast_to(mask, value.shape)
+    lead = mask.reshape(mask.shape[0], -1).all(axis=1)  # a lane is stored whole or not at all
+    target = jnp.where(lead, idx, ref.shape[0])
+    ref[...] = ref[...].at[target].set(value.astype(ref.dtype), mode="drop")
+    return
+  shape = ref.at[idx].shape
+  plgpu.store(ref.at[idx], value, mask=jnp.broadcast_to(mask, shape))
+
+
+def reload(ref, idx, *, interpret: bool):
+  """``ref[idx]`` of values this program stored earlier in the same launch (after a
+  :func:`cta_barrier`): a volatile load on the GPU, so that no non-coherent cache line
+  written before the store can answer it."""
+  if interpret:
+    return ref[idx]
+  return plgpu.load(ref.at[idx], volatile=True)
+
+
 def slice_load(ref, idx, *, mask, other, interpret: bool):
   """``ref[idx]`` with ``other`` where ``mask`` is False (idx: slices / scalars only).
   Masked lanes may lie past the end of the array."""

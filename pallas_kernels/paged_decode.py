@@ -29,62 +29,35 @@ _LOG2E = math.log2(math.e)
 _NEG = _compat.NEG_INF_FINITE
 
 
-def _paged_decode_kernel(
-    q_ref,  # [group, D]               the q heads of one GQA group
-    k_ref,  # [num_units, unit_size, D]  the K pool of this kv head
-    v_ref,  # [num_units, unit_size, D]
-    ids_ref,  # [max_units]            unit ids of this (batch, kv head), -1 padded
-    len_ref,  # [1]                    kv_len of this (batch, kv head)
-    o_ref,  # [block_g, D] f32        unnormalised output of this split (rows < group)
-    m_ref,  # [block_g] f32           running max (log2 domain) of this split
-    l_ref,  # [block_g] f32           running sum of exp2(logit - m)
-    *,
-    num_splits: int,
-    units_per_block: int,
-    qk_scale_log2: float,
-    precision,
-    interpret: bool,
-):
-  """One program = one (batch row, kv head, split). Online softmax in the log2 domain.
+def attend_units(q_ref, k_ref, v_ref, load_ids, kv_len, start, end, *, block_g,
+                 units_per_block, qk_scale_log2, precision, interpret):
+  """Online softmax (log2 domain) of a GQA group over listed units ``[start, end)``.
 
-  The split owns units ``[split * per, min((split + 1) * per, n_units))`` where
-  ``n_units = ceil(kv_len / unit_size)`` and ``per = ceil(n_units / num_splits)`` rounded
-  up to whole iterations: the work is balanced on the *actual* length, and a split whose
-  range is empty runs zero iterations (no K/V loads). Each iteration gathers
-  ``units_per_block`` units (``units_per_block * unit_size`` tokens) of K and V.
-  Masked tokens (past kv_len, or a -1 id) are never loaded on the GPU (masked gather);
-  their ids are clamped to 0 so no -1 is ever dereferenced.
+  ``q_ref [group, D]``; ``k_ref``, ``v_ref [num_units, unit_size, D]``; ``load_ids(first)``
+  returns the ``units_per_block`` unit ids listed from position ``first`` (-1 = none).
+  Token j of the concatenation of the listed units is valid iff ``j < kv_len`` and its
+  unit id is >= 0. Masked tokens are never loaded on the GPU (masked gather); their ids
+  are clamped to 0 so no -1 is ever dereferenced. The group's q rows are padded to
+  ``block_g`` (>= 16, as tl.dot needs) in registers, not in memory.
 
-  The group's q rows are padded to ``block_g`` (>= 16, as tl.dot needs) in registers,
-  not in memory, and only the ``group`` real rows of the partial results are stored.
+  Returns unnormalised ``o [block_g, D]`` f32, running max ``m [block_g]`` (log2 domain)
+  and sum ``l [block_g]``; rows >= group are zero.
   """
-  split = pl.program_id(2)
   group, head_dim = q_ref.shape
-  block_g = o_ref.shape[0]
   unit_size = k_ref.shape[1]
-  max_units = ids_ref.shape[0]
   upb = units_per_block
   block_tokens = upb * unit_size
-
-  kv_len = len_ref[0]
-  n_units = jnp.clip(pl.cdiv(kv_len, unit_size), 0, max_units)
-  per_split = pl.cdiv(pl.cdiv(n_units, num_splits), upb) * upb
-  start = split * per_split
-  end = jnp.minimum(start + per_split, n_units)
   num_iters = pl.cdiv(jnp.maximum(end - start, 0), upb)
 
   rows = jnp.arange(block_g, dtype=jnp.int32)
   real_row = rows < group
   q = q_ref[jnp.minimum(rows, group - 1)]  # [block_g, D]: rows >= group repeat the last
   q = jnp.where(real_row[:, None], q, jnp.zeros((), q.dtype))
-  unit_index = jnp.arange(upb, dtype=jnp.int32)
 
   def body(i, carry):
     o_prev, m_prev, l_prev = carry
     first_unit = start + i * upb
-    ids = _compat.slice_load(ids_ref, pl.ds(first_unit, upb),
-                             mask=first_unit + unit_index < max_units, other=-1,
-                             interpret=interpret)  # [upb]
+    ids = load_ids(first_unit)  # [upb]
     unit_ok = ids >= 0
     safe_ids = jnp.where(unit_ok, ids, 0)
     token = (first_unit + jnp.arange(upb, dtype=jnp.int32))[:, None] * unit_size + (
@@ -114,7 +87,58 @@ def _paged_decode_kernel(
   o0 = jnp.zeros((block_g, head_dim), jnp.float32)
   m0 = jnp.full((block_g,), _NEG, jnp.float32)
   l0 = jnp.zeros((block_g,), jnp.float32)
-  o, m, l = lax.fori_loop(0, num_iters, body, (o0, m0, l0))
+  return lax.fori_loop(0, num_iters, body, (o0, m0, l0))
+
+
+def _paged_decode_kernel(
+    q_ref,  # [group, D]               the q heads of one GQA group
+    k_ref,  # [num_units, unit_size, D]  the K pool of this kv head
+    v_ref,  # [num_units, unit_size, D]
+    ids_ref,  # [max_units]            unit ids of this (batch, kv head), -1 padded
+    len_ref,  # [1]                    kv_len of this (batch, kv head)
+    o_ref,  # [block_g, D] f32        unnormalised output of this split (rows < group)
+    m_ref,  # [block_g] f32           running max (log2 domain) of this split
+    l_ref,  # [block_g] f32           running sum of exp2(logit - m)
+    *,
+    num_splits: int,
+    units_per_block: int,
+    qk_scale_log2: float,
+    precision,
+    interpret: bool,
+):
+  """One program = one (batch row, kv head, split); :func:`attend_units` does the work.
+
+  The split owns units ``[split * per, min((split + 1) * per, n_units))`` where
+  ``n_units = ceil(kv_len / unit_size)`` and ``per = ceil(n_units / num_splits)`` rounded
+  up to whole iterations: the work is balanced on the *actual* length, and a split whose
+  range is empty runs zero iterations (no K/V loads). Each iteration gathers
+  ``units_per_block`` units (``units_per_block * unit_size`` tokens) of K and V. Only
+  the ``group`` real rows of the partial results are stored.
+  """
+  split = pl.program_id(2)
+  group = q_ref.shape[0]
+  block_g = o_ref.shape[0]
+  unit_size = k_ref.shape[1]
+  max_units = ids_ref.shape[0]
+  upb = units_per_block
+
+  kv_len = len_ref[0]
+  n_units = jnp.clip(pl.cdiv(kv_len, unit_size), 0, max_units)
+  per_split = pl.cdiv(pl.cdiv(n_units, num_splits), upb) * upb
+  start = split * per_split
+  end = jnp.minimum(start + per_split, n_units)
+  unit_index = jnp.arange(upb, dtype=jnp.int32)
+
+  def load_ids(first_unit):
+    return _compat.slice_load(ids_ref, pl.ds(first_unit, upb),
+                              mask=first_unit + unit_index < max_units, other=-1,
+                              interpret=interpret)
+
+  o, m, l = attend_units(q_ref, k_ref, v_ref, load_ids, kv_len, start, end,
+                         block_g=block_g, units_per_block=upb,
+                         qk_scale_log2=qk_scale_log2, precision=precision,
+                         interpret=interpret)
+  real_row = jnp.arange(block_g, dtype=jnp.int32) < group
   everything = (slice(None),)
   _compat.store_slice(o_ref, everything * 2, o,
                       mask=jnp.broadcast_to(real_row[:, None], o.shape), interpret=interpret)
@@ -214,7 +238,7 @@ def default_num_splits(batch: int, kv_heads: int, max_units: int,
   return 1 << (splits.bit_length() - 1)
 
 
-def _check_inputs(q, k_pages, v_pages, unit_ids, kv_lens):
+def check_decode_inputs(q, k_pages, v_pages, unit_ids, kv_lens):
   if q.ndim != 3:
     raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
   if k_pages.ndim != 4:
@@ -296,7 +320,7 @@ def paged_decode_attention(
     ``[batch, q_heads, head_dim]`` in ``q.dtype``; q head h attends with kv head
     ``h // (q_heads // kv_heads)``.
   """
-  _check_inputs(q, k_pages, v_pages, unit_ids, kv_lens)
+  check_decode_inputs(q, k_pages, v_pages, unit_ids, kv_lens)
   head_dim = q.shape[-1]
   if scale is None:
     scale = head_dim ** -0.5
@@ -344,7 +368,7 @@ def paged_decode_attention_reference(
   """Plain-XLA reference of :func:`paged_decode_attention` (same shapes and contract):
   gathers the listed units into ``[batch, kv_heads, max_units * unit_size, D]``, masks,
   softmax in f32."""
-  _check_inputs(q, k_pages, v_pages, unit_ids, kv_lens)
+  check_decode_inputs(q, k_pages, v_pages, unit_ids, kv_lens)
   batch, q_heads, head_dim = q.shape
   kv_heads, _, unit_size, _ = k_pages.shape
   max_units = unit_ids.shape[-1]

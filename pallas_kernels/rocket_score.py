@@ -154,13 +154,14 @@ def _softmax_mean_pallas(raw, n_valid, total_blocks, *, chunk, interpret):
 
 
 def _rocket_scores_pallas(qm, sign, kt, page_table, n_valid, *, num_splits,
-                          blocks_per_iter, num_warps, num_stages, interpret):
+                          blocks_per_iter, num_warps, num_stages, interpret,
+                          pad_multiple=_EPILOGUE_CHUNK):
   """qm: [B, Hkv, G, D] f32 (scaled); sign: [B, Hkv, D] int32 -> raw [B, Hkv, G, T_pad]."""
   batch, kv_heads, group, head_dim = qm.shape
   _, num_pages, blocks_per_page, _, _ = kt.shape
   max_pages = page_table.shape[1]
   total_blocks = max_pages * blocks_per_page
-  step = max(blocks_per_iter, _EPILOGUE_CHUNK)
+  step = max(blocks_per_iter, pad_multiple)
   padded_blocks = pl.cdiv(total_blocks, step) * step
   kt_rows = kt.reshape(kv_heads, num_pages * blocks_per_page, 2, head_dim)
   kernel = functools.partial(
@@ -186,6 +187,22 @@ def _rocket_scores_pallas(qm, sign, kt, page_table, n_valid, *, num_splits,
       interpret=interpret,
       name="rocket_block_scores",
   )(qm, sign, page_table.astype(jnp.int32), n_valid.reshape(batch, 1), kt_rows)
+
+
+def rocket_block_logits(q, kt, page_table, n_valid, *, topr, scale, num_splits,
+                        blocks_per_iter, num_warps, num_stages, interpret,
+                        pad_multiple=_EPILOGUE_CHUNK):
+  """The scoring launch alone (the channel choice as an XLA preamble, then the KT scan):
+  ``raw [batch, kv_heads, group, T_padded]`` f32, the scaled per-q-head block logits,
+  valid for ``t < n_valid`` (int32[batch]) and garbage after. ``T_padded`` is the
+  page-table width in blocks rounded up to a multiple of ``pad_multiple`` and of
+  ``blocks_per_iter`` (powers of two). Inputs as :func:`rocket_block_scores`; no checks."""
+  kv_heads = kt.shape[0]
+  qm, sign = _select_channels(q, kv_heads, topr)
+  return _rocket_scores_pallas(
+      qm * scale, sign.astype(jnp.int32), kt, page_table, n_valid,
+      num_splits=num_splits, blocks_per_iter=blocks_per_iter, num_warps=num_warps,
+      num_stages=num_stages, interpret=interpret, pad_multiple=pad_multiple)
 
 
 def _select_channels(q, kv_heads, topr):
@@ -217,7 +234,7 @@ def _softmax_group_mean(raw, n_valid):
   return jnp.where(valid[:, None, :], p.mean(axis=2), -jnp.inf)
 
 
-def _check_inputs(q, kt, page_table, lengths, topr):
+def check_score_inputs(q, kt, page_table, lengths, topr):
   if q.ndim != 3:
     raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
   batch, q_heads, head_dim = q.shape
@@ -301,7 +318,7 @@ def rocket_block_scores(
     ``float32[batch, kv_heads, max_pages * blocks_per_page]``: group-averaged softmax
     probabilities over the valid blocks, exactly -inf for invalid blocks.
   """
-  _check_inputs(q, kt, page_table, lengths, topr)
+  check_score_inputs(q, kt, page_table, lengths, topr)
   head_dim = q.shape[-1]
   if scale is None:
     scale = head_dim ** -0.5
@@ -324,11 +341,10 @@ def rocket_block_scores(
     raise ValueError(f"epilogue must be 'pallas' or 'xla', got {epilogue!r}")
   interpret = _compat.resolve_interpret(interpret)
   n_valid = pl.cdiv(lengths.astype(jnp.int32), block_size)
-  qm, sign = _select_channels(q, kv_heads, topr)
-  raw = _rocket_scores_pallas(
-      qm * scale, sign.astype(jnp.int32), kt, page_table, n_valid,
-      num_splits=num_splits, blocks_per_iter=blocks_per_iter, num_warps=num_warps,
-      num_stages=num_stages, interpret=interpret)
+  raw = rocket_block_logits(
+      q, kt, page_table, n_valid, topr=topr, scale=scale, num_splits=num_splits,
+      blocks_per_iter=blocks_per_iter, num_warps=num_warps, num_stages=num_stages,
+      interpret=interpret)
   if epilogue == "xla":
     return _softmax_group_mean(raw[..., :total_blocks], n_valid)
   return _softmax_mean_pallas(raw, n_valid, total_blocks, chunk=_EPILOGUE_CHUNK,
@@ -348,7 +364,7 @@ def rocket_block_scores_reference(
 ) -> jax.Array:
   """Plain-XLA reference of :func:`rocket_block_scores`, written independently of the
   kernel path (stable argsort for the channel choice, full gather of the KT cache)."""
-  _check_inputs(q, kt, page_table, lengths, topr)
+  check_score_inputs(q, kt, page_table, lengths, topr)
   batch, q_heads, head_dim = q.shape
   kv_heads, _, blocks_per_page, _, _ = kt.shape
   group = q_heads // kv_heads
