@@ -490,11 +490,13 @@ def decode_core(q, k, v, layer: LayerCache, page_table, lengths, active, *, scal
   layer = layer.replace(k=write_tokens(layer.k, slot, k), v=write_tokens(layer.v, slot, v))
   new_lengths = lengths + active.astype(jnp.int32)
   algo = runtime.algorithm
-  selection = None
+  selection = out = None
   if algo is not None:
     spec = _spec_for(q, layer, scale, runtime)
     layer = algo.update_aux(runtime.sparse, spec, layer, page_table, lengths, new_lengths, 1, **extra)
-    if runtime.predict:
+    if runtime.predict and algo.decode_attention is not None:
+      out = algo.decode_attention(runtime.sparse, spec, q, layer, page_table, new_lengths, **extra)
+    if runtime.predict and out is None:
       selection = algo.predict_attn(runtime.sparse, spec, q, layer, page_table, new_lengths, **extra)
     if runtime.evict:
       scores = algo.page_scores(runtime.sparse, spec, q, layer, page_table, new_lengths, **extra)  # [S, max_pages]
@@ -502,6 +504,8 @@ def decode_core(q, k, v, layer: LayerCache, page_table, lengths, active, *, scal
       ids = jnp.where((page_table >= 0) & active[:, None], page_table, imp.shape[1])
       imp = imp.at[0, ids.reshape(-1), 0].add(scores.reshape(-1).astype(imp.dtype), mode="drop")
       layer = layer.replace(aux={**layer.aux, IMPORTANCE: imp})
+  if out is not None:
+    return out, layer
   if selection is None:
     unit_size = page_size
     unit_ids, kv_lens = dense_units(page_table, new_lengths, kv_heads)

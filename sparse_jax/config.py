@@ -130,6 +130,10 @@ class Algorithm:
     the prediction while all are shorter, keeping aux pools current): at least the length up to
     which predict_attn selects every block; an algorithm may set it higher where its sparse
     paths are meant to stay off (RocketKV: up to prompt_budget).
+  decode_attention(cfg, spec, q, layer, page_table, lengths) -> [batch, q_heads, D] | None: the
+    generation-phase prediction and sparse attention of one decode token per row fused into the
+    algorithm's own kernels (lengths include the token); None where it has none for this
+    runtime, and the caller composes predict_attn, to_units and the paged decode kernel.
   build_predictor(cfg, spec, layer_index) -> nnx.Module | None: a learned predictor the attention
     layer owns; when present, predict_kv / update_aux / predict_attn / page_scores also receive
     `predictor=` and `hidden=` (the layer's input hidden states: [n, T, hidden]).
@@ -144,6 +148,7 @@ class Algorithm:
   build_predictor: Callable[..., Any] | None = None
   chunk_scores: Callable[..., Any] | None = None
   dense_below: Callable[..., int] | None = None
+  decode_attention: Callable[..., Any] | None = None
 
 
 _REGISTRY: dict[str, Algorithm] = {}

@@ -17,6 +17,7 @@ from pallas_kernels import _compat
 from pallas_kernels import named_shapes as ns
 from pallas_kernels.compaction import compact_pages
 from pallas_kernels.paged_decode import paged_decode_attention
+from pallas_kernels.rocket_decode import rocket_decode_attention
 from pallas_kernels.rocket_score import rocket_block_scores
 
 _sds = jax.ShapeDtypeStruct
@@ -59,6 +60,13 @@ def _rocket_args(name):
           _sds((s.batch,), jnp.int32)), dict(topr=s.topr, block_size=s.block_size)
 
 
+def _rocket_decode_args(name):
+  (q, kt, page_table, lengths), kwargs = _rocket_args(name)
+  s = ns.ROCKET_SHAPES[name]
+  pool = _sds(kt.shape[:2] + (s.page_size, s.head_dim), q.dtype)
+  return (q, pool, pool, kt, page_table, lengths), dict(kwargs, topk=64)
+
+
 CASES = {
     "decode_sel2k": (paged_decode_attention,
                      _decode_args("bench_b8_h32_kv8_d128_ctx32k_sel2k"),
@@ -77,6 +85,9 @@ CASES = {
     "rocket_fp8": (rocket_block_scores,
                    _rocket_args("bench_b8_h32_kv8_d128_keep2k_fp8"),
                    ["rocket_block_scores", "rocket_softmax_mean"]),
+    "rocket_decode_fp8": (rocket_decode_attention,
+                          _rocket_decode_args("bench_b8_h32_kv8_d128_keep2k_fp8"),
+                          ["rocket_block_scores", "rocket_select_attend"]),
     "rocket_bf16": (rocket_block_scores,
                     _rocket_args("bench_b8_h32_kv8_d128_keep2k_bf16"),
                     ["rocket_block_scores", "rocket_softmax_mean"]),

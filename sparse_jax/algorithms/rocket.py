@@ -204,6 +204,18 @@ def predict_attn(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, layer: La
   return topk_selection(scores, cfg.topk, cfg.page_size)
 
 
+def decode_attention(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, layer: LayerCache, page_table: jax.Array,
+                     lengths: jax.Array) -> jax.Array | None:
+  """predict_attn, to_units and the sparse decode kernel as two Pallas launches (scoring, then
+  selection + attention in one kernel); None on the reference backend, which composes them."""
+  if spec.runtime.backend != "pallas":
+    return None
+  from pallas_kernels.rocket_decode import rocket_decode_attention
+  return rocket_decode_attention(q, layer.k, layer.v, layer.aux["kt"], page_table, lengths,
+                                 topr=cfg.channels(spec.head_dim), topk=cfg.topk, block_size=cfg.page_size,
+                                 scale=spec.scale, **spec.runtime.kernel_kwargs()).out
+
+
 def page_scores(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, layer: LayerCache, page_table: jax.Array,
                 lengths: jax.Array) -> jax.Array:
   """Per KV page importance (sum of its blocks' probabilities, max over heads): float32[batch, max_pages]."""
@@ -213,6 +225,7 @@ def page_scores(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, layer: Lay
 register_algorithm(Algorithm(name="rocket", config_cls=RocketSparseAttentionConfig, aux_spec=aux_spec,
                              predict_kv=predict_kv, update_aux=update_aux, predict_attn=predict_attn,
                              page_scores=page_scores, chunk_scores=chunk_scores,
+                             decode_attention=decode_attention,
                              # Sparse paths stay off up to prompt_budget (nothing to compress, and a
                              # top-k over so few blocks costs more than it saves; measured: 0.89x of
                              # dense at 1K on the H100 with them on), and wherever every block is selected.
