@@ -51,6 +51,7 @@ from pallas_kernels.paged_decode import (
 from pallas_kernels.rocket_score import (
     check_score_inputs,
     default_num_splits,
+    group_mean_softmax,
     rocket_block_logits,
     rocket_block_scores_reference,
 )
@@ -105,33 +106,12 @@ def _select_attend_kernel(
   n_chunks = pl.cdiv(n_valid, chunk)
   lane = jnp.arange(chunk, dtype=jnp.int32)
 
-  def load_raw(h, c):
-    t = c * chunk + lane
-    return t, jnp.where(t < n_valid, raw_ref[h, pl.ds(c * chunk, chunk)], _NEG)
-
-  # Softmax statistics per q head (online max / sum).
-  def stats(c, carry):
-    ms, ls = carry
-    new_ms, new_ls = [], []
-    for h in range(group):
-      _, x = load_raw(h, c)
-      m = jnp.maximum(ms[h], x.max())
-      new_ls.append(ls[h] * jnp.exp(ms[h] - m) + jnp.exp(x - m).sum())
-      new_ms.append(m)
-    return tuple(new_ms), tuple(new_ls)
-
-  init = (tuple(jnp.float32(_NEG) for _ in range(group)),
-          tuple(jnp.float32(0.0) for _ in range(group)))
-  ms, ls = lax.fori_loop(0, n_chunks, stats, init)
-  inv = [1.0 / (group * jnp.maximum(l, 1e-30)) for l in ls]
+  mean_probs = group_mean_softmax(raw_ref, n_valid, chunk)
 
   # Group-mean probabilities as int32 bit patterns: for floats >= 0 (and +inf) the
   # integer order is the float order; -1 marks blocks that cannot be selected.
   def probs(c, carry):
-    acc = jnp.zeros((chunk,), jnp.float32)
-    for h in range(group):
-      t, x = load_raw(h, c)
-      acc += jnp.exp(x - ms[h]) * inv[h]
+    t, acc = mean_probs(c)
     bits = jnp.where(t < n_valid, lax.bitcast_convert_type(acc, jnp.int32), -1)
     bits_ref[pl.ds(c * chunk, chunk)] = jnp.where(t == n_valid - 1, _INF_BITS, bits)
     return carry

@@ -82,18 +82,11 @@ def _rocket_score_kernel(qm_ref, sign_ref, pt_ref, nvalid_ref, kt_ref, raw_ref, 
   lax.fori_loop(0, num_iters, body, 0)
 
 
-def _softmax_mean_kernel(raw_ref, nvalid_ref, out_ref, *, chunk: int, interpret: bool):
-  """One program = one (batch row, kv head): masked softmax per q head + group mean.
-
-  Refs: ``raw_ref [G, T_padded]`` f32 (valid for t < n_valid, garbage after),
-  ``nvalid_ref [1]``, ``out_ref [T]`` f32. Reads raw only up to n_valid (the page table,
-  hence T, may be far wider than the valid blocks): pass 1 online max/sum per head,
-  pass 2 writes ``mean_h exp(raw - m_h) / l_h``, pass 3 fills -inf up to T.
-  """
+def group_mean_softmax(raw_ref, n_valid, chunk: int):
+  """``mean_h softmax(raw_ref[h, :n_valid])`` by chunks (``raw_ref [G, T_padded]``): one
+  pass here for the per-head max and sum, then the returned ``probs(i)`` gives chunk i as
+  ``(t [chunk] block indices, p [chunk] f32)``; p is meaningless for ``t >= n_valid``."""
   group = raw_ref.shape[0]
-  total = out_ref.shape[0]
-  n_valid = nvalid_ref[0]
-  valid_chunks = pl.cdiv(n_valid, chunk)
 
   def load(h, i):
     t = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
@@ -111,14 +104,34 @@ def _softmax_mean_kernel(raw_ref, nvalid_ref, out_ref, *, chunk: int, interpret:
 
   init = (tuple(jnp.float32(_NEG) for _ in range(group)),
           tuple(jnp.float32(0.0) for _ in range(group)))
-  ms, ls = lax.fori_loop(0, valid_chunks, stats, init)
+  ms, ls = lax.fori_loop(0, pl.cdiv(n_valid, chunk), stats, init)
   inv = [1.0 / (group * jnp.maximum(l, 1e-30)) for l in ls]
 
-  def write(i, carry):
+  def probs(i):
     acc = jnp.zeros((chunk,), jnp.float32)
     for h in range(group):
       t, x = load(h, i)
       acc += jnp.exp(x - ms[h]) * inv[h]
+    return t, acc
+
+  return probs
+
+
+def _softmax_mean_kernel(raw_ref, nvalid_ref, out_ref, *, chunk: int, interpret: bool):
+  """One program = one (batch row, kv head): masked softmax per q head + group mean.
+
+  Refs: ``raw_ref [G, T_padded]`` f32 (valid for t < n_valid, garbage after),
+  ``nvalid_ref [1]``, ``out_ref [T]`` f32. Reads raw only up to n_valid (the page table,
+  hence T, may be far wider than the valid blocks): pass 1 online max/sum per head,
+  pass 2 writes ``mean_h exp(raw - m_h) / l_h``, pass 3 fills -inf up to T.
+  """
+  total = out_ref.shape[0]
+  n_valid = nvalid_ref[0]
+  valid_chunks = pl.cdiv(n_valid, chunk)
+  probs = group_mean_softmax(raw_ref, n_valid, chunk)
+
+  def write(i, carry):
+    t, acc = probs(i)
     out = jnp.where(t < n_valid, acc, -jnp.inf)
     _compat.store_slice(out_ref, pl.ds(i * chunk, chunk), out, mask=t < total,
                         interpret=interpret)
