@@ -1,14 +1,23 @@
 """The whole RocketKV generation-phase attention step per layer, after a long prompt.
 
 Per layer: KT-cache scoring (top-r channels, sign-dependent min/max product, softmax, group
-mean) + top-k + to_units + block-sparse paged decode attention over the compacted cache.
-Measured inside one jitted step over `--layers` layers, each with its own cache (so L2
-cannot hold them), once with the Pallas kernels and once composed from the pure-jnp
-references under XLA, in the same run. Bytes: the valid KT entries + the selected tokens'
-K and V + q and output, per layer.
+mean) + top-k blocks + attention over the selected tokens of the compacted cache. Measured
+inside one jitted step over `--layers` layers, each with its own cache (so L2 cannot hold
+them), three ways in the same run:
+
+* `fused`:    two launches per layer (pallas_kernels/rocket_decode.py: scoring, then
+              selection + sorted unit ids + attention in one kernel);
+* `pallas`:   the unfused Pallas path (scoring kernels, lax.top_k, sort, to_units, the
+              paged decode kernel and its XLA split combine);
+* `xla_lean`: plain XLA written for speed, not as a reference: KT scoring as two einsums,
+              lax.top_k, sorted token ids, a take_along_axis gather, einsum attention.
+
+Bytes: the valid KT entries + the selected tokens' K and V + q and output, per layer.
 
   python bench/bench_rocket_step.py --out=$OUT/rocket_step.json
+  python bench/bench_rocket_step.py --smoke     # CPU, tiny shapes, interpret mode (or SMOKE=1)
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,6 +37,7 @@ flags.DEFINE_integer("kv_heads", 8, "KV heads")
 flags.DEFINE_integer("head_dim", 128, "head dim")
 flags.DEFINE_integer("kv_page", 32, "KV cache page size")
 flags.DEFINE_integer("layers", 32, "layers of the main point (default config)")
+flags.DEFINE_integer("prompt_budget", 2048, "prompt budget of the main point")
 flags.DEFINE_integer("sweep_layers", 8, "layers of each sweep point")
 flags.DEFINE_string("sweep", "4:1024,4:4096,8:2048,16:2048", "extra (rocket page_size:prompt_budget) points")
 flags.DEFINE_integer("generated", 64, "tokens generated after the prompt (cache holds budget + this)")
@@ -68,24 +78,88 @@ def build(rk_page, budget, layers, key):
   return cfg, spec, tuple(layer_list), table, lengths, q, length
 
 
-def step_fn(cfg, spec, backend):
+VARIANTS = ("fused", "pallas", "xla_lean")
+
+
+def lean_xla_attention(q, k_pages, v_pages, kt, table, lengths, *, topr, topk, block_size, scale):
+  """RocketKV decode attention in plain XLA, written for speed (a baseline, not a reference).
+
+  q: [B, Hq, D]; k_pages, v_pages: [Hkv, num_pages, page_size, D]; kt: [Hkv, num_pages,
+  page_size // block_size, 2, D]; table: int32[B, W]; lengths: int32[B] (decode token
+  included). Returns [B, Hq, D] in q.dtype.
+  """
   import jax
   import jax.numpy as jnp
+  from jax import lax
+
+  batch, q_heads, dim = q.shape
+  kv_heads, num_pages, bpp = kt.shape[:3]
+  page_size = k_pages.shape[2]
+  group = q_heads // kv_heads
+  qg = q.reshape(batch, kv_heads, group, dim)
+  q32 = qg.astype(jnp.float32)
+  if topr < dim:
+    _, channels = lax.top_k(jnp.abs(q32).mean(axis=2), topr)
+    keep = (channels[..., :, None] == jnp.arange(dim)).any(axis=-2)
+    q32 = jnp.where(keep[:, :, None, :], q32, 0.0)
+  use_max = (q32.sum(axis=2) > 0)[:, :, None, :]
+  q_max = (jnp.where(use_max, q32, 0.0) * scale).astype(jnp.bfloat16)
+  q_min = (jnp.where(use_max, 0.0, q32) * scale).astype(jnp.bfloat16)
+  blocks = kt[:, jnp.maximum(table, 0)].astype(jnp.bfloat16)  # [Hkv, B, W, bpp, 2, D]
+  blocks = blocks.reshape(kv_heads, batch, -1, 2, dim)
+  raw = (jnp.einsum("bhgd,hbtd->bhgt", q_max, blocks[..., 1, :], preferred_element_type=jnp.float32)
+         + jnp.einsum("bhgd,hbtd->bhgt", q_min, blocks[..., 0, :], preferred_element_type=jnp.float32))
+  total = raw.shape[-1]
+  n_valid = (lengths + block_size - 1) // block_size
+  t = jnp.arange(total)
+  valid = t[None, :] < n_valid[:, None]
+  probs = jax.nn.softmax(jnp.where(valid[:, None, None, :], raw, -jnp.inf), axis=-1).mean(axis=2)
+  probs = jnp.where(valid[:, None, :], probs, -jnp.inf)
+  probs = jnp.where(t[None, None, :] == (n_valid - 1)[:, None, None], jnp.inf, probs)
+  values, picked = lax.top_k(probs, min(topk, total))
+  picked = jnp.sort(jnp.where(jnp.isneginf(values), total, picked), axis=-1)  # [B, Hkv, k]
+  tokens = (picked[..., None] * block_size + jnp.arange(block_size)).reshape(batch, kv_heads, -1)
+  ok = tokens < lengths[:, None, None]
+  pages = jnp.take_along_axis(table[:, None, :], jnp.minimum(tokens // page_size, table.shape[1] - 1), axis=-1)
+  slots = jnp.where(ok, pages * page_size + tokens % page_size, 0)  # [B, Hkv, S]
+  slots = jnp.swapaxes(slots, 0, 1).reshape(kv_heads, -1, 1)
+  k_sel = jnp.take_along_axis(k_pages.reshape(kv_heads, -1, dim), slots, axis=1)
+  v_sel = jnp.take_along_axis(v_pages.reshape(kv_heads, -1, dim), slots, axis=1)
+  k_sel = jnp.swapaxes(k_sel.reshape(kv_heads, batch, -1, dim), 0, 1)  # [B, Hkv, S, D]
+  v_sel = jnp.swapaxes(v_sel.reshape(kv_heads, batch, -1, dim), 0, 1)
+  logits = jnp.einsum("bhgd,bhsd->bhgs", qg, k_sel, preferred_element_type=jnp.float32) * scale
+  weights = jax.nn.softmax(jnp.where(ok[:, :, None, :], logits, -jnp.inf), axis=-1)
+  out = jnp.einsum("bhgs,bhsd->bhgd", weights.astype(v_sel.dtype), v_sel)
+  return out.reshape(batch, q_heads, dim).astype(q.dtype)
+
+
+def step_fn(cfg, spec, variant):
   import dataclasses
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels.rocket_decode import rocket_decode_attention
   from sparse_jax.algorithms.rocket import predict_attn
   from sparse_jax.attention import Runtime, paged_decode
   from sparse_jax.selection import to_units, unit_size_for
 
-  rt = Runtime(backend=backend, sparse=cfg)
+  rt = Runtime(backend="pallas", sparse=cfg)
   spec = dataclasses.replace(spec, runtime=rt)
+  kwargs = dict(topr=cfg.channels(spec.head_dim), topk=cfg.topk, block_size=cfg.page_size, scale=spec.scale)
+
+  def attend(q, layer, table, lengths):
+    if variant == "fused":
+      return rocket_decode_attention(q, layer.k, layer.v, layer.aux["kt"], table, lengths, **kwargs).out
+    if variant == "xla_lean":
+      return lean_xla_attention(q, layer.k, layer.v, layer.aux["kt"], table, lengths, **kwargs)
+    sel = predict_attn(cfg, spec, q, layer, table, lengths)
+    u = unit_size_for(sel.block_size, spec.page_size)
+    ids, kv_lens = to_units(sel, table, lengths, spec.page_size, u)
+    return paged_decode(q, layer, ids, kv_lens, u, spec.scale, rt)
 
   def step(layers, table, lengths, q):
     acc = jnp.zeros(q.shape[1:], jnp.float32)
     for i, layer in enumerate(layers):
-      sel = predict_attn(cfg, spec, q[i], layer, table, lengths)
-      u = unit_size_for(sel.block_size, spec.page_size)
-      ids, kv_lens = to_units(sel, table, lengths, spec.page_size, u)
-      acc = acc + paged_decode(q[i], layer, ids, kv_lens, u, spec.scale, rt).astype(jnp.float32)
+      acc = acc + attend(q[i], layer, table, lengths).astype(jnp.float32)
     return acc
 
   return jax.jit(step)
@@ -97,11 +171,11 @@ def main(_):
   from bench.common import bandwidth, measure_copy_ceiling, setup, time_fn
 
   info = setup()
-  if FLAGS.smoke:
+  if FLAGS.smoke or os.environ.get("SMOKE") == "1":
     FLAGS.batch, FLAGS.q_heads, FLAGS.kv_heads, FLAGS.head_dim, FLAGS.kv_page = 2, 4, 2, 16, 16
-    FLAGS.layers, FLAGS.sweep_layers, FLAGS.sweep, FLAGS.generated = 2, 1, "8:128", 8
+    FLAGS.layers, FLAGS.prompt_budget, FLAGS.sweep, FLAGS.generated = 1, 64, "", 8
   ceiling = measure_copy_ceiling()
-  points = [(4, 2048 if not FLAGS.smoke else 64, FLAGS.layers)]
+  points = [(4, FLAGS.prompt_budget, FLAGS.layers)]
   points += [(int(a), int(bud), FLAGS.sweep_layers) for a, bud in (p.split(":") for p in FLAGS.sweep.split(",") if p)]
   rows = []
   for rk_page, budget, layers in points:
@@ -112,29 +186,32 @@ def main(_):
     sel_tokens = min(cfg.topk * rk_page, length)
     kv_bytes = b * hk * sel_tokens * d * 2 * 2
     per_layer = kt_bytes + kv_bytes + 2 * b * FLAGS.q_heads * d * 2
-    for backend in ("pallas", "reference"):
+    outs = {}
+    for variant in VARIANTS:
+      point = dict(variant=variant, rocket_page_size=rk_page, prompt_budget=budget, layers=layers)
       try:
-        t = time_fn(step_fn(cfg, spec, backend), layer_caches, table, lengths, q, loop=False, iters=20)
+        fn = step_fn(cfg, spec, variant)
+        outs[variant] = fn(layer_caches, table, lengths, q)
+        t = time_fn(fn, layer_caches, table, lengths, q, loop=False, iters=20)
         us = t.us / layers
-        row = dict(backend=backend, rocket_page_size=rk_page, prompt_budget=budget, layers=layers,
-                   us_per_layer=round(us, 2), **bandwidth(per_layer, us, ceiling), timing=t.as_dict())
-      except Exception as e:  # a failing backend is a row, not a lost run
-        row = dict(backend=backend, rocket_page_size=rk_page, prompt_budget=budget, layers=layers,
-                   error=f"{type(e).__name__}: {e}"[:500])
+        row = dict(point, us_per_layer=round(us, 2), **bandwidth(per_layer, us, ceiling), timing=t.as_dict())
+      except Exception as e:  # a failing variant is a row, not a lost run
+        row = dict(point, error=f"{type(e).__name__}: {e}"[:500])
+      if variant in outs and "fused" in outs:
+        row["max_abs_diff_vs_fused"] = float(jnp.abs(outs[variant] - outs["fused"]).max())
       rows.append(row)
       print(json.dumps(row), flush=True)
     del layer_caches
   print(f"\ncopy ceiling {ceiling / 1e12:.2f} TB/s")
-  print("| rocket page | prompt budget | layers | pallas us/layer | reference us/layer | speed-up | pallas TB/s | % ceiling |")
-  print("|---|---|---|---|---|---|---|---|")
-  for i in range(0, len(rows), 2):
-    p, r = rows[i], rows[i + 1]
-    if "error" in p or "error" in r:
-      print(f"| {p['rocket_page_size']} | {p['prompt_budget']} | {p['layers']} | {p.get('us_per_layer', p.get('error'))} "
-            f"| {r.get('us_per_layer', r.get('error'))} | | | |")
-      continue
-    print(f"| {p['rocket_page_size']} | {p['prompt_budget']} | {p['layers']} | {p['us_per_layer']} | "
-          f"{r['us_per_layer']} | {r['us_per_layer'] / p['us_per_layer']:.2f}x | {p['tb_s']} | {p['pct_ceiling']}% |")
+  print("| rocket page | prompt budget | layers | fused us/layer | pallas us/layer | xla_lean us/layer "
+        "| fused vs pallas | fused vs xla_lean | fused % ceiling |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for i in range(0, len(rows), len(VARIANTS)):
+    f, p, x = rows[i:i + len(VARIANTS)]
+    us = [r.get("us_per_layer", r.get("error", "")[:40]) for r in (f, p, x)]
+    ratio = lambda r: f"{r['us_per_layer'] / f['us_per_layer']:.2f}x" if "us_per_layer" in r and "us_per_layer" in f else ""
+    print(f"| {f['rocket_page_size']} | {f['prompt_budget']} | {f['layers']} | {us[0]} | {us[1]} | {us[2]} "
+          f"| {ratio(p)} | {ratio(x)} | {f.get('pct_ceiling', '')}% |")
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(dict(info, copy_ceiling_tb_s=ceiling / 1e12, rows=rows), f, indent=1)
