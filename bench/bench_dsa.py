@@ -9,7 +9,8 @@ First a correctness check of every Pallas kernel against its reference on this d
 small shape with NaN in every pool slot the kernel must not read, then the bench size), then:
 
   indexer    dsa_indexer_scores (Pallas, small config sweep at 128K) vs its plain-XLA reference
-  top-k      dsa_topk (Pallas radix select) vs lax.top_k vs lax.approx_max_k on [8, context]
+  top-k      dsa_topk (Pallas radix select: one launch, and the six-launch kernel) vs lax.top_k
+             vs lax.approx_max_k on [8, context]
   sparse MLA sparse_mla_decode over the 2048 selected tokens (config sweep at 128K)
   dense MLA  the same kernel over every token (dense absorbed MLA decode of this engine, sweep)
              vs plain XLA (the reference: gather every latent, einsum, softmax)
@@ -41,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.dsa_indexer import dsa_indexer_scores, dsa_indexer_scores_reference  # noqa: E402
-from pallas_kernels.dsa_topk import (dsa_topk, dsa_topk_internals, dsa_topk_reference,  # noqa: E402
+from pallas_kernels.dsa_topk import (KERNELS, dsa_topk, dsa_topk_internals, dsa_topk_reference,  # noqa: E402
                                      pass_histograms_reference)
 from pallas_kernels.sparse_mla_decode import sparse_mla_decode  # noqa: E402
 from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill, sparse_mla_prefill_reference  # noqa: E402
@@ -186,13 +187,13 @@ def _poisoned(x, s: Shape, context: int):
   return x
 
 
-def topk_diagnostics(scores, k, interpret):
+def topk_diagnostics(scores, k, interpret, kernel):
   """Per row: ids differing from lax.top_k, and the first radix pass whose histogram differs
   from plain jnp's (pass 1..4 of dsa_topk), with the kernel's and the reference's totals."""
-  ids, hist, counts = jax.jit(lambda sc: dsa_topk_internals(sc, k, interpret=interpret))(scores)
+  ids, hist = jax.jit(lambda sc: dsa_topk_internals(sc, k, kernel=kernel, interpret=interpret))(scores)
   ref_ids = np.asarray(jax.jit(lambda sc: dsa_topk_reference(sc, k))(scores))
   ref_hist = np.asarray(jax.jit(lambda sc: pass_histograms_reference(sc, k))(scores))
-  ids, hist, counts = np.asarray(ids), np.asarray(hist), np.asarray(counts)
+  ids, hist = np.asarray(ids), np.asarray(hist)
   problems = 0
   for b in range(scores.shape[0]):
     bad = [lv + 1 for lv in range(4) if not np.array_equal(hist[lv, b], ref_hist[lv, b])]
@@ -202,9 +203,9 @@ def topk_diagnostics(scores, k, interpret):
     print(f"  topk row {b}: valid={int(np.isfinite(np.asarray(scores[b])).sum())} "
           f"ids differing={int(np.sum(ids[b] != ref_ids[b]))} taken={int(np.sum(ids[b] >= 0))}/"
           f"{int(np.sum(ref_ids[b] >= 0))} pass totals kernel={hist[:, b].sum(axis=(1, 2)).tolist()} "
-          f"ref={ref_hist[:, b].sum(axis=(1, 2)).tolist()} first bad pass={bad[0] if bad else None} "
-          f"chunk counts (above, equal) sums={counts[b].sum(axis=1).tolist()}", flush=True)
-  print(f"  topk diagnostics: {problems} of {scores.shape[0]} rows differ (ids or a pass histogram)", flush=True)
+          f"ref={ref_hist[:, b].sum(axis=(1, 2)).tolist()} first bad pass={bad[0] if bad else None}", flush=True)
+  print(f"  topk diagnostics ({kernel}): {problems} of {scores.shape[0]} rows differ (ids or a pass histogram)",
+        flush=True)
 
 
 def check(s: Shape, contexts, interpret: bool) -> bool:
@@ -237,9 +238,10 @@ def check(s: Shape, contexts, interpret: bool) -> bool:
     scale = float(np.abs(np.asarray(x["scores"])[np.isfinite(np.asarray(x["scores"]))]).max())
     run("dsa_indexer_scores", indexer_fn(interpret=interpret), indexer_fn(backend="reference"), indexer_args(x),
         1e-3 * scale)
-    run("dsa_topk (mismatching ids)", topk_fn(s.topk, interpret=interpret),
-        jax.jit(lambda sc: dsa_topk_reference(sc, s.topk)), (x["scores"],), 0, exact=True)
-    common.guarded("topk diagnostics", topk_diagnostics, x["scores"], s.topk, interpret)
+    for kernel in KERNELS:
+      run(f"dsa_topk kernel={kernel} (mismatching ids)", topk_fn(s.topk, dict(kernel=kernel), interpret=interpret),
+          jax.jit(lambda sc: dsa_topk_reference(sc, s.topk)), (x["scores"],), 0, exact=True)
+      common.guarded("topk diagnostics", topk_diagnostics, x["scores"], s.topk, interpret, kernel)
     fused = jax.jit(lambda *a: _fused_select(a, s.topk, interpret))
     # vs lax.top_k of the kernel's own scores (the reference scores differ in rounding: near-ties may flip)
     run("indexer + top-k, fused first pass (mismatching ids)", fused,
@@ -274,7 +276,11 @@ def check(s: Shape, contexts, interpret: bool) -> bool:
 INDEXER_SWEEP = [dict(block=64, span=1024, num_warps=4, num_stages=2), dict(block=128, span=1024, num_warps=4),
                  dict(block=64, span=2048, num_warps=4), dict(block=128, span=2048, num_warps=8),
                  dict(block=64, span=1024, num_warps=8, num_stages=3), dict(block=32, span=512, num_warps=4)]
-TOPK_SWEEP = [dict(), dict(chunks=32), dict(block=512, chunks=128), dict(block=2048, chunks=16, num_warps=8)]
+# kernel="row" (one launch, a program per row) against the six-launch kernel="chunked" it replaces.
+TOPK_SWEEP = [dict(), dict(block=512), dict(block=2048), dict(block=1024, num_warps=4), dict(block=2048, num_warps=16),
+              dict(block=4096, num_warps=16), dict(kernel="chunked"), dict(kernel="chunked", chunks=32),
+              dict(kernel="chunked", block=512, chunks=128)]
+CHUNKED_PEER = dict(kernel="chunked")
 # The [block_h, 512] float32 accumulator and the resident [block_h, 576] query share the
 # registers: 64 heads want 8+ warps, 32 heads 8, 16 heads 4 (the sweep says which spills least).
 MLA_SPARSE_SWEEP = [dict(), dict(block_k=64), dict(num_splits=16), dict(num_splits=4),
@@ -355,6 +361,9 @@ def main(argv=None) -> int:
     timed(dict(context=ctx, op="indexer", impl="xla"), indexer_fn(backend="reference"), *indexer_args(x), nbytes=ib)
     # top-k
     top = sweep(ctx, "topk", TOPK_SWEEP, lambda c: topk_fn(s.topk, c, interpret=interpret), (x["scores"],), kb, first)
+    if not first:          # the six-launch kernel at every context, as the peer of the best one
+      timed(dict(context=ctx, op="topk", impl="pallas", config=label(CHUNKED_PEER)),
+            topk_fn(s.topk, CHUNKED_PEER, interpret=interpret), x["scores"], nbytes=kb)
     for impl, fn in (("lax.top_k", jax.jit(lambda sc: jax.lax.top_k(sc, s.topk)[1])),
                      ("lax.approx_max_k", jax.jit(lambda sc: jax.lax.approx_max_k(sc, s.topk)[1]))):
       r = timed(dict(context=ctx, op="topk", impl=impl), fn, x["scores"], nbytes=kb)
@@ -379,6 +388,9 @@ def main(argv=None) -> int:
     if first:
       timed(dict(context=ctx, op="dsa_step", impl="pallas unfused", config="top-k does its own first pass"),
             dsa_step_fn(s, x["scale"], cfgs, interpret=interpret, fused=False), *step_args(x), nbytes=step_bytes)
+      peer = dict(cfgs, topk=CHUNKED_PEER)
+      timed(dict(context=ctx, op="dsa_step", impl="pallas", config=f"top-k {label(CHUNKED_PEER)}"),
+            dsa_step_fn(s, x["scale"], peer, interpret=interpret), *step_args(x), nbytes=step_bytes)
     if step.get("us"):
       limit_us = step_bytes / ceiling * 1e6
       step["vs"] = f"{step['us'] / limit_us:.2f}x its byte limit ({limit_us:.1f} us)"

@@ -50,7 +50,7 @@ def gather_rows(ref, rows, col_start, width, ok):
 def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, o_ref, hist_ref, *, page_size, n_tokens,
             span, block, n_scale_blocks):
   """hist_ref (or None): int32[B, spans, 16, 16], this program's pass-1 histogram at [row, p]
-  (plain stores, summed by the caller: no atomics, see dsa_topk._hist_kernel)."""
+  (plain stores, no atomics; dsa_topk adds the parts up)."""
   row, p = pl.program_id(0), pl.program_id(1)
   heads_pad, dim = q_ref.shape[1], q_ref.shape[2]
   chunk = dim // n_scale_blocks
@@ -124,8 +124,7 @@ def _pallas(q, w, k_pool, k_scale_pool, page_table, lengths, *, interpret, block
                            name="dsa_indexer_scores")
   if not topk_histograms:
     return call(lambda *refs: kernel(*refs, None), out_shape=scores)(*args)
-  scores, part = call(kernel, out_shape=(scores, jax.ShapeDtypeStruct((batch, spans, 16, 16), jnp.int32)))(*args)
-  return scores, jnp.zeros((4, batch, 16, 16), jnp.int32).at[0].set(jnp.sum(part, axis=1))
+  return call(kernel, out_shape=(scores, jax.ShapeDtypeStruct((batch, spans, 16, 16), jnp.int32)))(*args)
 
 
 def _check(q, w, k_pool, k_scale_pool, page_table, lengths):
@@ -146,8 +145,9 @@ def dsa_indexer_scores(q: jax.Array, w: jax.Array, k_pool: jax.Array, k_scale_po
                        num_warps: int = 4, num_stages: int = 2):
   """Indexer scores float32[B, max_pages * page_size] (-inf at and past each row's length).
 
-  topk_histograms: also return dsa_topk's pass histograms int32[4, B, 16, 16] with its first
-    radix pass done on the scores as they are computed (pass them as dsa_topk(histograms=)).
+  topk_histograms: also return dsa_topk's first radix pass, done on the scores as they are
+    computed: int32[B, spans, 16, 16], one partial histogram per program (pass them as
+    dsa_topk(histograms=), which adds them up in its own kernel).
   backend: "pallas" or "reference"; interpret: None = interpret mode only off-GPU.
   block: tokens per inner step; span: tokens per program (powers of two).
   """

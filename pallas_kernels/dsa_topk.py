@@ -7,23 +7,30 @@ A score is valid unless it is -inf or NaN. Ties at the k-th value are broken tow
 lower index, so the result is unique (the same contract as `lax.top_k`, whose order we
 then sort).
 
-Kernel: an exact radix select (MSB first, 8 bits per pass) on order-preserving int32 keys,
-with every pass parallel over (row, chunk) programs and the whole score array L2-resident:
+Both kernels are exact radix selects (MSB first, 8 bits per pass) on order-preserving int32
+keys; a pass histograms one digit of the keys that match the prefix of the k-th key found
+so far (a 16x16 one-hot matmul on the tensor cores instead of 256 compares per key).
 
-  pass p = 1..4   each program derives the row's state (prefix of the k-th key found so far,
-                  tokens still to take inside that prefix) from the histograms of passes
-                  < p, histograms the next 8 bits of its chunk's keys that match the prefix
-                  (a 16x16 one-hot matmul on the tensor cores instead of 256 compares per
-                  key), and stores it as its chunk's part of pass p (XLA sums the parts). A row is
-                  done early once the bucket holding the k-th key is taken whole.
-  count           per chunk: keys strictly above the threshold, keys equal to it.
-  scatter         per chunk: exclusive prefix over earlier chunks' counts, then each taken
-                  key writes its index at its rank (ties: lowest indices first), so the
-                  output comes out sorted with no sort; chunk 0 writes the -1 padding.
+kernel="row" (default): ONE launch, one program per row, every histogram on chip:
 
-Six Pallas launches (plus the tiny sums over chunks), none data-dependent in size; at N=128K,
-B=8 each pass reads the 4 MB of scores, which stay in L2. The kernel that computes the scores
-may do pass 1 on the fly (`histograms=`; dsa_indexer_scores(..., topk_histograms=True)).
+  pass 1      the row's top digit (or the sum of first-pass histograms that the scoring
+              kernel made as it went: `histograms=`, see pallas_kernels/dsa_indexer.py).
+  compaction  one read of the row: every key at or above the pass-1 bucket goes, with its
+              id and in id order, to a per-row candidate list (the scatter needs them all;
+              passes 2-4 only look at the bucket). Taken from the top bucket down, that is
+              about k keys plus the bucket holding the k-th.
+  passes 2-4  histograms over the candidates only; skipped once the bucket holding the
+              k-th key is taken whole.
+  scatter     each taken candidate writes its id at its rank (ties: lowest ids first), so
+              the output comes out sorted with no sort; then the -1 padding.
+
+  The row is read twice (once with `histograms=`); nothing runs between the passes. One
+  program per row keeps the whole select in registers, but a batch of 8 keeps only 8 SMs busy.
+
+kernel="chunked": the row split over (row, chunk) programs in six launches (four histogram
+  passes summed over chunks in XLA, a count, a scatter): more programs, more launches, no
+  atomics (Triton's atomic adds into an aliased histogram read back as zeros on the H100
+  with jax 0.11.2). At N=128K, B=8 each pass reads the 4 MB of scores from L2.
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels import _compat
 
 BACKENDS = ("pallas", "reference")
+KERNELS = ("row", "chunked")
 _PASSES = 4
 _INT32_MIN = np.int32(-2 ** 31)
 
@@ -141,16 +149,95 @@ def digit_histogram(key: jax.Array, match: jax.Array, level: int) -> jax.Array:
 
 
 def first_pass_histograms(scores: jax.Array) -> jax.Array:
-  """The pass histograms dsa_topk starts from, pass 1 done: int32[4, B, 16, 16] (plain jnp).
+  """int32[B, 1, 16, 16]: each row's pass-1 histogram (plain jnp), in the layout of
+  `dsa_topk(histograms=)`: int32[B, P, 16, 16] partial histograms that add up to the row's.
 
-  Kernels that produce the scores (pallas_kernels/dsa_indexer.py) can fill pass 1 as they go
-  and hand it to `dsa_topk(..., histograms=)`, which then skips its first pass.
+  Kernels that produce the scores (pallas_kernels/dsa_indexer.py) fill one part per program
+  as they go; dsa_topk then skips its first pass and adds the parts up itself.
   """
   x = scores.astype(jnp.float32)
   valid = x > -jnp.inf
   d = _digit(order_key(x), 1)
   hist = jnp.sum((d[..., None] == jnp.arange(256)) & valid[..., None], axis=1, dtype=jnp.int32)
-  return jnp.zeros((_PASSES, scores.shape[0], 16, 16), jnp.int32).at[0].set(hist.reshape(-1, 16, 16))
+  return hist.reshape(-1, 1, 16, 16)
+
+
+# -- kernel="row": the whole select of a row in one program --------------------------------------
+
+def _row_kernel(scores_ref, parts_ref, out_ref, cand_key_ref, cand_id_ref, hist_ref, *, k, n, block, interpret):
+  """One row: pass 1 (or the sum of `parts_ref`), compaction, passes 2-4 over the candidates,
+  scatter. cand_*_ref: int32[B, n + block] per-row candidate lists (keys, ids); the `block`
+  tail only takes interpret mode's writes of masked lanes. hist_ref: int32[B, 4, 16, 16], the
+  pass histograms, for diagnostics."""
+  row = pl.program_id(0)
+  lanes = jnp.arange(block, dtype=jnp.int32)
+  n_blocks = pl.cdiv(n, block)
+  zeros = jnp.zeros((16, 16), jnp.float32)
+
+  if parts_ref is None:
+    def pass_one(i, acc):
+      _, key, valid = _load_block(scores_ref, row, i * block, block, n)
+      return acc + digit_histogram(key, valid, 1)
+    hist = jax.lax.fori_loop(0, n_blocks, pass_one, zeros).astype(jnp.int32)
+  else:
+    hist = parts_ref[row, 0]
+    for p in range(1, parts_ref.shape[1]):
+      hist = hist + parts_ref[row, p]
+  hist_ref[row, 0] = hist
+  state = _next_state((jnp.int32(0), jnp.int32(k), jnp.bool_(False), jnp.int32(0)), hist, k, 1)
+  prefix, _, _, done = state
+
+  def compact(i, count):
+    idx, key, valid = _load_block(scores_ref, row, i * block, block, n)
+    keep = valid & ((done == 0) | (_top_bits(key, 1) >= prefix))       # done == 0: every valid key
+    rank = count + jnp.cumsum(keep.astype(jnp.int32)) - 1
+    where = jnp.where(keep, rank, n + lanes)   # masked lanes: distinct in-bounds addresses (interpret mode)
+    plt.store(cand_key_ref.at[row, where], key, mask=keep)
+    plt.store(cand_id_ref.at[row, where], idx, mask=keep)
+    return count + jnp.sum(keep.astype(jnp.int32))
+
+  n_cand = jax.lax.fori_loop(0, n_blocks, compact, jnp.int32(0))
+  cand_blocks = (n_cand + block - 1) // block
+  # The candidates were written by other threads of this program: make them visible.
+  _compat.cta_barrier(interpret)
+
+  def load_candidates(i):
+    pos = i * block + lanes
+    ok = pos < n_cand
+    key = plt.load(cand_key_ref.at[row, pl.ds(i * block, block)], mask=ok, other=0)
+    idx = plt.load(cand_id_ref.at[row, pl.ds(i * block, block)], mask=ok, other=0)
+    return idx, key, ok
+
+  for level in range(2, _PASSES + 1):
+    prefix, _, full, _ = state
+
+    def histogram(i, acc, prefix=prefix, level=level):
+      _, key, ok = load_candidates(i)
+      return acc + digit_histogram(key, ok & (_top_bits(key, level - 1) == prefix), level)
+
+    trips = cand_blocks * (1 - full.astype(jnp.int32))          # none once the bucket is taken whole
+    hist = jax.lax.fori_loop(0, trips, histogram, zeros).astype(jnp.int32)
+    hist_ref[row, level - 1] = hist
+    state = _next_state(state, hist, k, level)
+
+  _, k_rem, full, _ = state
+
+  def scatter(i, carry):
+    taken, equal_seen = carry
+    idx, key, ok = load_candidates(i)
+    above, equal = _classify(key, ok, state)
+    equal_rank = equal_seen + jnp.cumsum(equal.astype(jnp.int32)) - 1
+    take = above | (equal & (full | (equal_rank < k_rem)))
+    rank = taken + jnp.cumsum(take.astype(jnp.int32)) - 1
+    keep = take & (rank < k)
+    plt.store(out_ref.at[row, jnp.where(keep, rank, k + lanes)], idx, mask=keep)
+    return taken + jnp.sum(take.astype(jnp.int32)), equal_seen + jnp.sum(equal.astype(jnp.int32))
+
+  taken, _ = jax.lax.fori_loop(0, cand_blocks, scatter, (jnp.int32(0), jnp.int32(0)))
+  for j in range(pl.cdiv(k, block)):                 # -1 after the last taken id (no pre-fill)
+    pos = j * block + lanes
+    plt.store(out_ref.at[row, pl.ds(j * block, block)], jnp.full((block,), -1, jnp.int32),
+              mask=(pos >= taken) & (pos < k))
 
 
 def _hist_kernel(scores_ref, hist_ref, part_ref, *, level, k, n, chunk, block):
@@ -243,17 +330,41 @@ def _plan(batch: int, n: int, block: int | None, chunks: int | None) -> tuple[in
   return block, per_chunk * block, chunks
 
 
+@functools.partial(jax.jit, static_argnames=("k", "interpret", "block", "num_warps"))
+def _row_pallas(scores, histograms, k, *, interpret, block=None, num_warps=8):
+  """(ids int32[B, k], pass histograms int32[4, B, 16, 16]) of kernel="row"."""
+  batch, n = scores.shape
+  block = min(block or 1024, max(16, pl.next_power_of_2(n)))
+  width = n + block
+  kernel = functools.partial(_row_kernel, k=k, n=n, block=block, interpret=interpret)
+  if histograms is None:
+    kernel = functools.partial(lambda s_ref, *refs, f: f(s_ref, None, *refs), f=kernel)
+    args = (scores,)
+  else:
+    args = (scores, histograms)
+  # Interpret mode writes masked lanes too (k + lane: a scratch tail); on the GPU they write nothing.
+  out, _, _, hist = pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((batch, k + block if interpret else k), jnp.int32),
+                 jax.ShapeDtypeStruct((batch, width), jnp.int32), jax.ShapeDtypeStruct((batch, width), jnp.int32),
+                 jax.ShapeDtypeStruct((batch, _PASSES, 16, 16), jnp.int32)),
+      grid=(batch,), compiler_params=_compat.compiler_params(num_warps=num_warps, num_stages=1),
+      interpret=interpret, name="dsa_topk_row")(*args)
+  return out[:, :k], jnp.moveaxis(hist, 1, 0)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "interpret", "block", "chunks", "num_warps", "internals"))
-def _dsa_topk_pallas(scores, histograms, k, *, interpret, block=None, chunks=None, num_warps=4, internals=False):
+def _chunked_pallas(scores, histograms, k, *, interpret, block=None, chunks=None, num_warps=4, internals=False):
   batch, n = scores.shape
   block, chunk, chunks = _plan(batch, n, block, chunks)
   chunks_pad = pl.next_power_of_2(chunks)
   grid = (batch, chunks)
   params = dict(compiler_params=_compat.compiler_params(num_warps=num_warps, num_stages=1), interpret=interpret)
+  hist = jnp.zeros((_PASSES, batch, 16, 16), jnp.int32)
   if histograms is None:
-    hist, first = jnp.zeros((_PASSES, batch, 16, 16), jnp.int32), 1
+    first = 1
   else:
-    hist, first = histograms, 2
+    hist, first = hist.at[0].set(jnp.sum(histograms, axis=1)), 2
   for level in range(first, _PASSES + 1):
     part = pl.pallas_call(       # [row, chunk, 16, 16]: each chunk's histogram of this pass
         functools.partial(_hist_kernel, level=level, k=k, n=n, chunk=chunk, block=block),
@@ -275,28 +386,41 @@ def _dsa_topk_pallas(scores, histograms, k, *, interpret, block=None, chunks=Non
 
 
 def dsa_topk(scores: jax.Array, k: int, *, histograms: jax.Array | None = None, backend: str = "pallas",
-             interpret: bool | None = None, block: int | None = None, chunks: int | None = None,
-             num_warps: int = 4) -> jax.Array:
+             kernel: str = "row", interpret: bool | None = None, block: int | None = None,
+             chunks: int | None = None, num_warps: int | None = None) -> jax.Array:
   """Top-k ids per row: scores float32[B, N] -> int32[B, k] ascending, -1 padded (ties -> lower index).
 
-  histograms: int32[4, B, 16, 16] with the first radix pass done (`first_pass_histograms`,
-    or filled by the kernel that computed the scores): the select starts at pass 2.
-  backend: "pallas" (radix-select kernels) or "reference" (lax.top_k + sort).
+  histograms: int32[B, P, 16, 16] partial pass-1 histograms adding up to each row's
+    (`first_pass_histograms`, or one per program of the kernel that computed the scores):
+    the select starts at pass 2.
+  backend: "pallas" or "reference" (lax.top_k + sort).
+  kernel: "row" (one launch, one program per row) or "chunked" (six launches over (row,
+    chunk) programs); see the module docstring.
   interpret: run the Pallas kernels in interpret mode; None = only when not on a GPU.
+  block: keys per inner step; chunks ("chunked" only): programs per row; num_warps: None =
+    8 for "row", 4 for "chunked".
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+  if kernel not in KERNELS:
+    raise ValueError(f"kernel={kernel!r}; expected one of {KERNELS}")
   if scores.ndim != 2:
     raise ValueError(f"scores must be [batch, tokens], got shape {scores.shape}")
   if not isinstance(k, int) or k <= 0:
     raise ValueError(f"k must be a positive integer, got {k!r}")
   if histograms is not None:
-    chex.assert_shape(histograms, (_PASSES, scores.shape[0], 16, 16))
+    chex.assert_shape(histograms, (scores.shape[0], None, 16, 16))
+  if kernel == "row" and chunks is not None:
+    raise ValueError(f"chunks={chunks} applies to kernel='chunked' only (kernel='row' runs one program per row)")
   if backend == "reference":
     return dsa_topk_reference(scores, k)
   interpret = _compat.resolve_interpret(interpret)
-  out = _dsa_topk_pallas(scores.astype(jnp.float32), histograms, k, interpret=interpret, block=block,
-                         chunks=chunks, num_warps=num_warps)
+  scores = scores.astype(jnp.float32)
+  if kernel == "row":
+    out, _ = _row_pallas(scores, histograms, k, interpret=interpret, block=block, num_warps=num_warps or 8)
+  else:
+    out = _chunked_pallas(scores, histograms, k, interpret=interpret, block=block, chunks=chunks,
+                          num_warps=num_warps or 4)
   chex.assert_shape(out, (scores.shape[0], k))
   return out
 
@@ -319,18 +443,22 @@ def pass_histograms_reference(scores: jax.Array, k: int) -> jax.Array:
   return jnp.moveaxis(jax.vmap(row)(x), 0, 1)
 
 
-def dsa_topk_internals(scores: jax.Array, k: int, *, interpret: bool | None = None, **plan):
-  """(ids, pass histograms int32[4, B, 16, 16], per-chunk counts int32[B, 2, chunks]) of the
-  Pallas select: compare the histograms with `pass_histograms_reference` to find a failing pass."""
-  return _dsa_topk_pallas(scores.astype(jnp.float32), None, k, interpret=_compat.resolve_interpret(interpret),
-                          internals=True, **plan)
+def dsa_topk_internals(scores: jax.Array, k: int, *, kernel: str = "row", interpret: bool | None = None,
+                       **plan):
+  """(ids, pass histograms int32[4, B, 16, 16]) of a Pallas select: compare the histograms with
+  `pass_histograms_reference` to find a failing pass."""
+  scores, interpret = scores.astype(jnp.float32), _compat.resolve_interpret(interpret)
+  if kernel == "row":
+    return _row_pallas(scores, None, k, interpret=interpret, **plan)
+  ids, hist, _ = _chunked_pallas(scores, None, k, interpret=interpret, internals=True, **plan)
+  return ids, hist
 
 
 def dsa_topk_reference(scores: jax.Array, k: int, *, histograms: jax.Array | None = None, backend: str = "reference",
-                       interpret: bool | None = None, block: int | None = None, chunks: int | None = None,
-                       num_warps: int = 4) -> jax.Array:
+                       kernel: str = "row", interpret: bool | None = None, block: int | None = None,
+                       chunks: int | None = None, num_warps: int | None = None) -> jax.Array:
   """Plain-XLA top-k with the same contract (lax.top_k prefers lower indices among equal values)."""
-  del histograms, backend, interpret, block, chunks, num_warps
+  del histograms, backend, kernel, interpret, block, chunks, num_warps
   batch, n = scores.shape
   x = scores.astype(jnp.float32)
   x = jnp.where(jnp.isnan(x), -jnp.inf, x)

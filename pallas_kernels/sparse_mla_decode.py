@@ -33,11 +33,31 @@ from pallas_kernels import _compat
 BACKENDS = ("pallas", "reference")
 
 
-def _gather(ref, rows, width, ok):
+def gather_rows_zeroed(ref, rows, width, ok):
   """ref[rows, :width] for int32[n] rows, zero where not ok (all-array indices: see dsa_indexer)."""
   cols = jnp.arange(width, dtype=jnp.int32)
   mask = jnp.broadcast_to(ok[:, None], (rows.shape[0], width))
   return plt.load(ref.at[rows[:, None], cols[None, :]], mask=mask, other=0)
+
+
+def softmax_step(q_lat, q_rope, lat, kr, ok, carry, scale):
+  """One online-softmax step of q_lat [bh, R] / q_rope [bh, r] over a block of tokens' latents
+  lat [bk, R] and rope keys kr [bk, r] (zero where not ok: bool[bk]).
+
+  carry = (acc float32[bh, R] unnormalised, m float32[bh] running max, l float32[bh] sum);
+  returns the updated carry. The latent is both the key (with the rope part) and the value.
+  """
+  acc, m, l = carry
+  s = jax.lax.dot_general(q_lat, lat, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  s = s + jax.lax.dot_general(q_rope, kr, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  s = jnp.where(ok[None, :], s * scale, -jnp.inf)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)            # all-masked so far: keep exp finite
+  p = jnp.exp(s - m_safe[:, None])
+  alpha = jnp.exp(m - m_safe)
+  l = alpha * l + jnp.sum(p, axis=1)
+  acc = alpha[:, None] * acc + jax.lax.dot(p.astype(lat.dtype), lat, preferred_element_type=jnp.float32)
+  return acc, m_new, l
 
 
 def attend_tokens(q_lat, q_rope, lat_ref, rope_ref, ids_ref, pt_ref, *, ids_row, pt_row, start, stop, block_k,
@@ -65,18 +85,9 @@ def attend_tokens(q_lat, q_rope, lat_ref, rope_ref, ids_ref, pt_ref, *, ids_row,
   def body(i, carry):
     acc, m, l, slot, ok = carry
     next_slot, next_ok = slots_of(i + 1)
-    lat = _gather(lat_ref, slot, rank, ok)                                  # [bk, R]
-    kr = _gather(rope_ref, slot, rope_dim, ok)                              # [bk, r]
-    s = jax.lax.dot_general(q_lat, lat, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    s = s + jax.lax.dot_general(q_rope, kr, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    s = jnp.where(ok[None, :], s * scale, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)          # all-masked so far: keep exp finite
-    p = jnp.exp(s - m_safe[:, None])
-    alpha = jnp.exp(m - m_safe)
-    l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + jax.lax.dot(p.astype(lat.dtype), lat, preferred_element_type=jnp.float32)
-    return acc, m_new, l, next_slot, next_ok
+    lat = gather_rows_zeroed(lat_ref, slot, rank, ok)                       # [bk, R]
+    kr = gather_rows_zeroed(rope_ref, slot, rope_dim, ok)                   # [bk, r]
+    return (*softmax_step(q_lat, q_rope, lat, kr, ok, (acc, m, l), scale), next_slot, next_ok)
 
   n_blocks = (jnp.maximum(stop - start, 0) + block_k - 1) // block_k
   init = (jnp.zeros((block_h, rank), jnp.float32), jnp.full((block_h,), -jnp.inf, jnp.float32),
@@ -110,7 +121,7 @@ def merge_splits(out: jax.Array, lse: jax.Array, dtype) -> jax.Array:
   return merged.astype(dtype)
 
 
-def _plan_splits(batch: int, head_blocks: int, n_ids: int, block_k: int, num_splits: int | None) -> int:
+def plan_splits(batch: int, head_blocks: int, n_ids: int, block_k: int, num_splits: int | None) -> int:
   if num_splits is None:
     # ~2 programs per SM of an H100 (132 SMs), but >= 256 ids per split: a split writes (and the
     # merge reads) heads x R partial outputs, 128 KB in bf16 at 128 x 512, vs 288 KB of latents
@@ -130,7 +141,7 @@ def _pallas(q, latent_pool, rope_pool, page_table, token_ids, *, scale, interpre
   block_h = min(block_h, heads_pad)
   q = jnp.pad(q, ((0, 0), (0, heads_pad - heads), (0, 0)))
   head_blocks = heads_pad // block_h
-  splits = _plan_splits(batch, head_blocks, n_ids, block_k, num_splits)
+  splits = plan_splits(batch, head_blocks, n_ids, block_k, num_splits)
   per_split = pl.cdiv(pl.cdiv(n_ids, splits), block_k) * block_k
   splits = pl.cdiv(n_ids, per_split)
   counts = jnp.sum(token_ids >= 0, axis=1).astype(jnp.int32)

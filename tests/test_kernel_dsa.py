@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 from pallas_kernels.dsa_indexer import dsa_indexer_scores, dsa_indexer_scores_reference
 from pallas_kernels.dsa_topk import (_next_state, dsa_topk, dsa_topk_internals, dsa_topk_reference,
                                      pass_histograms_reference)
+from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.sparse_mla_decode import sparse_mla_decode
 from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill
 from sparse_jax.algorithms import dsa
@@ -19,7 +20,7 @@ from sparse_jax.algorithms import dsa
 def _topk_pair(scores, k, **kw):
   """(kernel ids, reference ids); also checks every radix pass's histogram against plain jnp."""
   x = jnp.asarray(scores, jnp.float32)
-  ids, hist, _ = dsa_topk_internals(x, k, interpret=True, **kw)
+  ids, hist = dsa_topk_internals(x, k, interpret=True, **kw)
   np.testing.assert_array_equal(np.asarray(hist), np.asarray(pass_histograms_reference(x, k)))
   return np.asarray(ids), np.asarray(dsa_topk_reference(x, k))
 
@@ -53,8 +54,10 @@ def _scenario_rows(rng, n):
   ]).astype(np.float32)
 
 
-@pytest.mark.parametrize("n,k,plan", [(250, 16, dict(block=16, chunks=4)),      # several chunks, ragged N
-                                      (20, 32, {})])                             # default plan, k > N
+@pytest.mark.parametrize("n,k,plan", [
+    (250, 16, dict(kernel="row", block=32)),                   # several blocks of candidates, ragged N
+    (20, 32, dict(kernel="row")),                              # default plan, k > N
+    (250, 16, dict(kernel="chunked", block=16, chunks=4))])    # several chunks, ragged N
 def test_topk_matches_reference(n, k, plan):
   scores = _scenario_rows(np.random.default_rng(0), n)
   out, ref = _topk_pair(scores, k, **plan)
@@ -70,9 +73,10 @@ def test_topk_ties_property(values):
   """Few distinct values, so ties straddle the k-th place in most rows and across chunks:
   the kernel must take exactly k, the lowest-index ones among the tied."""
   scores = np.asarray(values, np.float32).reshape(2, 192)
-  out, ref = _topk_pair(scores, 24, block=16, chunks=6)
-  np.testing.assert_array_equal(out, ref)
-  _check_contract(out, scores, 24)
+  for plan in (dict(kernel="row", block=32), dict(kernel="chunked", block=16, chunks=6)):
+    out, ref = _topk_pair(scores, 24, **plan)
+    np.testing.assert_array_equal(out, ref)
+    _check_contract(out, scores, 24)
 
 
 @pytest.mark.parametrize("scale", [2000, 70_000, 3_000_000])
@@ -158,16 +162,21 @@ def test_indexer_scores_match_reference(name):
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "bfloat16", "float32"])
 def test_indexer_does_the_first_topk_pass(dtype):
   """dsa_indexer_scores(topk_histograms=True) histograms its scores' top radix digit as it
-  computes them; dsa_topk(histograms=) then starts at pass 2 and selects exactly as alone.
+  computes them, one part per program; dsa_topk(histograms=) adds the parts up, starts at
+  pass 2 and selects exactly as alone.
   Non-FP8 caches have no scale operand (the histogram output must still be the right one)."""
   from pallas_kernels.dsa_topk import first_pass_histograms
   args = _indexer_case(1, batch=3, heads=16, dim=128, page_size=16, max_pages=6, dtype=dtype,
                        lengths=[0, 37, 96])
-  scores, hist = dsa_indexer_scores(*args, topk_histograms=True, interpret=True, block=16, span=32)
-  np.testing.assert_array_equal(np.asarray(hist), np.asarray(first_pass_histograms(scores)))
-  assert np.asarray(hist)[0].sum(axis=(1, 2)).tolist() == [0, 37, 96]
-  ids = dsa_topk(scores, 16, histograms=hist, interpret=True, block=16, chunks=4)
-  np.testing.assert_array_equal(np.asarray(ids), np.asarray(dsa_topk_reference(scores, 16)))
+  scores, parts = dsa_indexer_scores(*args, topk_histograms=True, interpret=True, block=16, span=32)
+  assert parts.shape == (3, 3, 16, 16)                               # one part per 32-token span
+  np.testing.assert_array_equal(np.asarray(parts).sum(axis=1, keepdims=True),
+                                np.asarray(first_pass_histograms(scores)))
+  assert np.asarray(parts).sum(axis=(1, 2, 3)).tolist() == [0, 37, 96]
+  ref = np.asarray(dsa_topk_reference(scores, 16))
+  plans = [dict(kernel="row", block=16)] + ([dict(kernel="chunked", block=16, chunks=4)] if dtype == "float8_e4m3fn" else [])
+  for plan in plans:
+    np.testing.assert_array_equal(np.asarray(dsa_topk(scores, 16, histograms=parts, interpret=True, **plan)), ref)
 
 
 # -- lowering ----------------------------------------------------------------------------------
@@ -179,6 +188,8 @@ def _bench_args():
   pages = batch * n // page
   return {
       "dsa_topk": (lambda x: dsa_topk(x, 2048, interpret=False), (s((batch, n), jnp.float32),)),
+      "dsa_topk chunked": (lambda x: dsa_topk(x, 2048, kernel="chunked", interpret=False),
+                           (s((batch, n), jnp.float32),)),
       "dsa_indexer_scores+topk_histograms": (
           lambda q, w, k, sc, pt, l: dsa_indexer_scores(q, w, k, sc, pt, l, topk_histograms=True, interpret=False),
           (s((batch, 64, 128), jnp.bfloat16), s((batch, 64), jnp.float32), s((pages, page, 128), jnp.float8_e4m3fn),
@@ -189,7 +200,9 @@ def _bench_args():
           (s((batch, 64, 128), jnp.bfloat16), s((batch, 64), jnp.float32), s((pages, page, 128), jnp.bfloat16),
            s((batch, n // page), jnp.int32), s((batch,), jnp.int32))),
       "dsa_topk+histograms": (lambda x, h: dsa_topk(x, 2048, histograms=h, interpret=False),
-                              (s((batch, n), jnp.float32), s((4, batch, 16, 16), jnp.int32))),
+                              (s((batch, n), jnp.float32), s((batch, n // 1024, 16, 16), jnp.int32))),
+      "dsa_topk chunked+histograms": (lambda x, h: dsa_topk(x, 2048, histograms=h, kernel="chunked", interpret=False),
+                                      (s((batch, n), jnp.float32), s((batch, n // 1024, 16, 16), jnp.int32))),
       "dsa_indexer_scores": (
           lambda q, w, k, sc, pt, l: dsa_indexer_scores(q, w, k, sc, pt, l, interpret=False),
           (s((batch, 64, 128), jnp.bfloat16), s((batch, 64), jnp.float32), s((pages, page, 128), jnp.float8_e4m3fn),
@@ -198,6 +211,10 @@ def _bench_args():
           lambda q, lat, r, pt, ids: sparse_mla_decode(q, lat, r, pt, ids, 0.1, interpret=False),
           (s((batch, 128, 576), jnp.bfloat16), s((pages, page, 512), jnp.bfloat16), s((pages, page, 64), jnp.bfloat16),
            s((batch, n // page), jnp.int32), s((batch, 2048), jnp.int32))),
+      "mla_decode": (
+          lambda q, lat, r, pt, l: mla_decode(q, lat, r, pt, l, 0.1, interpret=False),
+          (s((batch, 128, 576), jnp.bfloat16), s((pages, page, 512), jnp.bfloat16), s((pages, page, 64), jnp.bfloat16),
+           s((batch, n // page), jnp.int32), s((batch,), jnp.int32))),
       "sparse_mla_prefill": (
           lambda q, lat, r, pt, ids: sparse_mla_prefill(q, lat, r, pt, ids, 0.1, interpret=False),
           (s((1, 128, 128, 576), jnp.bfloat16), s((pages, page, 512), jnp.bfloat16), s((pages, page, 64), jnp.bfloat16),
@@ -205,10 +222,11 @@ def _bench_args():
   }
 
 
-@pytest.mark.parametrize("name,launches", [("dsa_topk", 6), ("dsa_topk+histograms", 5), ("dsa_indexer_scores", 1),
+@pytest.mark.parametrize("name,launches", [("dsa_topk", 1), ("dsa_topk+histograms", 1), ("dsa_topk chunked", 6),
+                                           ("dsa_topk chunked+histograms", 5), ("dsa_indexer_scores", 1),
                                            ("dsa_indexer_scores+topk_histograms", 1),
                                            ("dsa_indexer_scores+topk_histograms, bf16 cache", 1), ("sparse_mla_decode", 1),
-                                           ("sparse_mla_prefill", 1)])
+                                           ("mla_decode", 1), ("sparse_mla_prefill", 1)])
 def test_kernels_lower_to_triton_at_bench_shapes(name, launches):
   """backend="pallas" really is the Triton kernel (no fallback), and the Pallas -> Triton-IR
   lowering accepts it for CUDA at the benchmark shapes (power-of-two tiles, fp8 loads, ...)."""
@@ -223,3 +241,25 @@ def test_kernels_lower_to_triton_at_bench_shapes(name, launches):
   calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line
            and any(f"@{t}(" in line for t in _compat.TRITON_CUSTOM_CALL_TARGETS)]
   assert len(calls) == launches
+
+
+def test_fused_select_is_two_kernels_and_nothing_between():
+  """Indexer scores (with the top-k's first pass) then the one-launch top-k: two Triton calls
+  and no XLA reduction, sort or arithmetic between them (the histogram parts go in as they are)."""
+  from pallas_kernels import _compat
+  _, args = _bench_args()["dsa_indexer_scores"]
+
+  def select(q, w, k, sc, pt, l):
+    scores, parts = dsa_indexer_scores(q, w, k, sc, pt, l, topk_histograms=True, interpret=False)
+    return dsa_topk(scores, 2048, histograms=parts, interpret=False)
+
+  try:
+    text = _compat.lower_as_text(select, *args)
+  except RuntimeError as e:
+    if "platform" in str(e).lower() or "backend" in str(e).lower():
+      pytest.skip(f"this jaxlib cannot lower for cuda: {e}")
+    raise
+  ops = [line.split("=", 1)[-1].split()[0] for line in text.splitlines() if "stablehlo." in line]
+  assert ops.count("stablehlo.custom_call") == 2, ops
+  for op in ("stablehlo.reduce", "stablehlo.sort", "stablehlo.add", "stablehlo.scatter", "stablehlo.transpose"):
+    assert op not in ops, f"{op} around the kernels"
