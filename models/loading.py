@@ -62,6 +62,47 @@ def resolve_dtype(dtype: Any) -> Any:
   return dt.type
 
 
+def read_json(path: str) -> Any:
+  """A checkpoint's JSON file; a corrupt or unreadable one raises CheckpointError naming it."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+  except OSError as e:
+    raise CheckpointError(f"{path}: cannot read it: {e}") from None
+
+
+#: config.json fields that are counts when present and not null: name -> smallest valid value.
+_CONFIG_COUNTS = {
+    "vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
+    "num_key_value_heads": 1, "head_dim": 1, "max_position_embeddings": 1, "sliding_window": 1,
+    "moe_intermediate_size": 1, "q_lora_rank": 1, "kv_lora_rank": 1, "qk_nope_head_dim": 1, "qk_rope_head_dim": 1,
+    "v_head_dim": 1, "n_routed_experts": 0, "n_shared_experts": 0, "num_experts_per_tok": 0, "n_group": 1,
+    "topk_group": 1, "first_k_dense_replace": 0, "moe_layer_freq": 1, "index_topk": 1, "index_n_heads": 1,
+    "index_head_dim": 1}
+#: config.json fields that are positive real numbers when present and not null.
+_CONFIG_POSITIVE = ("rms_norm_eps", "rope_theta", "routed_scaling_factor")
+
+
+def check_config_values(cfg: Mapping[str, Any], where: str) -> None:
+  """Raises CheckpointError naming the first config.json field whose value has the wrong type."""
+  from sparse_jax.config import is_int, is_real
+  for name, minimum in _CONFIG_COUNTS.items():
+    value = cfg.get(name)
+    if value is not None and (not is_int(value) or value < minimum):
+      raise CheckpointError(f"{where}: {name}={value!r} must be an integer >= {minimum}")
+  for name in _CONFIG_POSITIVE:
+    value = cfg.get(name)
+    if value is not None and (not is_real(value) or value <= 0):
+      raise CheckpointError(f"{where}: {name}={value!r} must be a positive number")
+  for name in ("eos_token_id", "bos_token_id"):
+    value = cfg.get(name)
+    ids = value if isinstance(value, list) else [value]
+    if value is not None and not all(is_int(i) and i >= 0 for i in ids):
+      raise CheckpointError(f"{where}: {name}={value!r} must be a token id or a list of token ids")
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
   path = os.fspath(path)
   cfg_path = os.path.join(path, "config.json")
@@ -69,13 +110,10 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     raise CheckpointError(f"checkpoint directory not found: {path}")
   if not os.path.exists(cfg_path):
     raise CheckpointError(f"{path}: no config.json")
-  try:
-    with open(cfg_path) as f:
-      cfg = json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{cfg_path}: not valid JSON: {e}") from None
+  cfg = read_json(cfg_path)
   if not isinstance(cfg, dict) or "model_type" not in cfg:
     raise CheckpointError(f"{cfg_path}: no model_type field")
+  check_config_values(cfg, cfg_path)
   return cfg
 
 
@@ -95,6 +133,10 @@ def build_model(cfg: Mapping[str, Any], dtype=jnp.float32, param_dtype=None, *, 
     config = mt.config_from_hf(cfg)
   except KeyError as e:
     raise CheckpointError(f"config.json lacks required field {e.args[0]!r}") from None
+  except CheckpointError:
+    raise
+  except (TypeError, ValueError) as e:  # a value of a type or range the architecture cannot use
+    raise CheckpointError(f"config.json: {type(e).__name__}: {e}") from None
   make = lambda: mt.build(config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=rngs or nnx.Rngs(0))
   return nnx.eval_shape(make) if abstract else make()
 
@@ -103,12 +145,16 @@ def _weight_files(path: str) -> list[str]:
   index = os.path.join(path, "model.safetensors.index.json")
   single = os.path.join(path, "model.safetensors")
   if os.path.exists(index):
-    try:
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+    weight_map = read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+      raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map of tensor name -> file name)")
     files = sorted(set(weight_map.values()))
+    root = os.path.realpath(path)
+    outside = [f for f in files if os.path.isabs(f) or
+               os.path.commonpath([root, os.path.realpath(os.path.join(path, f))]) != root]
+    if outside:  # a shard name must not make the loader open files elsewhere on the machine
+      raise CheckpointError(f"{index} names shard(s) outside the checkpoint directory: {outside}")
     missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
     if missing:
       raise CheckpointError(f"{index} names shard(s) that do not exist: {missing}")

@@ -31,7 +31,7 @@ import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
-from models.loading import CheckpointError
+from models.loading import CheckpointError, read_json
 
 SPECIAL_TOKEN_FIELDS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
@@ -77,7 +77,7 @@ def load_generation_config(path: str | os.PathLike) -> GenerationConfig:
   file = os.path.join(os.fspath(path), "generation_config.json")
   if not os.path.exists(file):
     return GenerationConfig()
-  data = _read_json(file)
+  data = read_json(file)
   eos = data.get("eos_token_id")
   eos_ids = () if eos is None else tuple(int(e) for e in eos) if isinstance(eos, list) else (int(eos),)
 
@@ -262,14 +262,6 @@ def _compile(template: str, source: str):
 
 # -- loading ---------------------------------------------------------------------------------------
 
-def _read_json(file: str) -> Any:
-  try:
-    with open(file, encoding="utf-8") as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{file}: not valid JSON: {e}") from None
-
-
 def _token_content(value: Any) -> str | None:
   if isinstance(value, dict):
     value = value.get("content")
@@ -295,7 +287,7 @@ def read_chat_template(path: str | os.PathLike, tokenizer_config: Mapping[str, A
     return templates["default"] if list(templates) == ["default"] else templates
   json_file = os.path.join(path, "chat_template.json")
   if os.path.exists(json_file):
-    data = _read_json(json_file)
+    data = read_json(json_file)
     template = data.get("chat_template") if isinstance(data, dict) else None
     if not isinstance(template, (str, list)):
       raise CheckpointError(f"{json_file}: expected an object with a 'chat_template' string")
@@ -309,7 +301,7 @@ def read_chat_template_arg(value: str) -> str:
   (its `chat_template` field), or the template text itself."""
   if os.path.isfile(value):
     if value.endswith(".json"):
-      data = _read_json(value)
+      data = read_json(value)
       template = data.get("chat_template") if isinstance(data, dict) else None
       if not isinstance(template, str):
         raise ChatTemplateError(f"{value}: has no 'chat_template' string")
@@ -341,7 +333,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
   except Exception as e:  # tokenizers raises its own exception type
     raise CheckpointError(f"{tok_file}: cannot load tokenizer ({e})") from None
   tcfg_file = os.path.join(path, "tokenizer_config.json")
-  tcfg = _read_json(tcfg_file) if os.path.exists(tcfg_file) else {}
+  tcfg = read_json(tcfg_file) if os.path.exists(tcfg_file) else {}
   if not isinstance(tcfg, dict):
     raise CheckpointError(f"{tcfg_file}: expected a JSON object")
   special = {k: _token_content(tcfg.get(k)) for k in SPECIAL_TOKEN_FIELDS}

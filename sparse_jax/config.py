@@ -15,9 +15,11 @@ Unknown keys are rejected by name.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Callable, ClassVar, Mapping
 
+import numpy as np
 import yaml
 
 
@@ -30,7 +32,29 @@ def _fail(cls_name: str, field: str, value: Any, why: str) -> None:
 
 
 def is_power_of_two(x: int) -> bool:
-  return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
+  return is_int(x) and x > 0 and (x & (x - 1)) == 0
+
+
+def is_int(value: Any) -> bool:
+  """An integer that is not a bool (YAML's `true` and Python's True are not counts)."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: Any) -> bool:
+  """A finite int or float that is not a bool (no strings, no nan or inf)."""
+  return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+          and math.isfinite(value))
+
+
+def check_int(where: str, value: Any, *, minimum: int = 1, maximum: int | None = None,
+              optional: bool = False) -> None:
+  """Raises ConfigError naming `where` and `value` unless it is an int in [minimum, maximum]
+  (or None when `optional`)."""
+  if value is None and optional:
+    return
+  if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
+    bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+    raise ConfigError(f"{where}={value!r}: must be an integer {bound}" + (" or None" if optional else ""))
 
 
 def check_positive_int(obj: Any, *fields: str) -> None:
@@ -60,11 +84,10 @@ class KvCacheConfig:
   def __post_init__(self):
     if not is_power_of_two(self.tokens_per_block):
       _fail("KvCacheConfig", "tokens_per_block", self.tokens_per_block, "must be a power of two")
-    if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
-      _fail("KvCacheConfig", "max_tokens", self.max_tokens, "must be a positive integer or None")
-    if not 0.0 < float(self.free_gpu_memory_fraction) <= 1.0:
-      _fail("KvCacheConfig", "free_gpu_memory_fraction", self.free_gpu_memory_fraction, "must be in (0, 1]")
-    if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+    check_int("KvCacheConfig.max_tokens", self.max_tokens, optional=True)
+    if not is_real(self.free_gpu_memory_fraction) or not 0.0 < self.free_gpu_memory_fraction <= 1.0:
+      _fail("KvCacheConfig", "free_gpu_memory_fraction", self.free_gpu_memory_fraction, "must be a number in (0, 1]")
+    if not isinstance(self.dtype, str) or self.dtype not in ("auto", "bfloat16", "float16", "float32"):
       _fail("KvCacheConfig", "dtype", self.dtype, "must be one of auto, bfloat16, float16, float32")
     if not isinstance(self.enable_block_reuse, bool):
       _fail("KvCacheConfig", "enable_block_reuse", self.enable_block_reuse, "must be a bool")
@@ -188,7 +211,12 @@ def _from_mapping(cls: type, data: Mapping[str, Any], where: str):
   unknown = sorted(set(data) - names)
   if unknown:
     raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}")
-  return cls(**data)
+  try:
+    return cls(**data)
+  except ConfigError as e:
+    raise ConfigError(f"{where}: {e}") from None
+  except (TypeError, ValueError) as e:  # a check that met a value of the wrong type, e.g. a string for a count
+    raise ConfigError(f"{where}: invalid value in {dict(data)!r}: {e}") from None
 
 
 def sparse_config_from_dict(data: Mapping[str, Any], where: str = "sparse_attention_config") -> BaseSparseAttentionConfig:
@@ -213,10 +241,19 @@ class LlmApiOptions:
   tensor_parallel_size: int | None = None
 
   def __post_init__(self):
+    if not isinstance(self.kv_cache_config, KvCacheConfig):
+      _fail("LlmApiOptions", "kv_cache_config", self.kv_cache_config, "must be a KvCacheConfig")
+    if not isinstance(self.enable_chunked_prefill, bool):
+      _fail("LlmApiOptions", "enable_chunked_prefill", self.enable_chunked_prefill, "must be true or false")
+    if self.backend is not None and self.backend not in BACKENDS:
+      _fail("LlmApiOptions", "backend", self.backend, f"must be one of {list(BACKENDS)}")
+    for field in ("max_batch_size", "max_seq_len", "tensor_parallel_size"):
+      check_int(field, getattr(self, field), optional=True)
     if self.sparse_attention_config is not None:
       self.sparse_attention_config.validate_with(self.kv_cache_config, self.enable_chunked_prefill)
 
 
+BACKENDS = ("auto", "pallas", "reference")
 _TOP_LEVEL_KEYS = ("sparse_attention_config", "kv_cache_config", "enable_chunked_prefill", "backend",
                    "max_batch_size", "max_seq_len", "tensor_parallel_size")
 
@@ -239,16 +276,17 @@ def load_llm_api_options(path_or_dict: str | os.PathLike | Mapping[str, Any]) ->
   unknown = sorted(set(data) - set(_TOP_LEVEL_KEYS))
   if unknown:
     raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; allowed: {list(_TOP_LEVEL_KEYS)}")
-  sparse = data.get("sparse_attention_config")
-  sparse = None if sparse is None else sparse_config_from_dict(sparse, f"{where}: sparse_attention_config")
-  kv = data.get("kv_cache_config")
-  kv = KvCacheConfig() if kv is None else _from_mapping(KvCacheConfig, kv, f"{where}: kv_cache_config")
-  chunked = data.get("enable_chunked_prefill", False)
-  if not isinstance(chunked, bool):
-    raise ConfigError(f"{where}: enable_chunked_prefill={chunked!r} must be true or false")
-  return LlmApiOptions(sparse_attention_config=sparse, kv_cache_config=kv, enable_chunked_prefill=chunked,
-                       **{k: data[k] for k in ("backend", "max_batch_size", "max_seq_len", "tensor_parallel_size")
-                          if data.get(k) is not None})
+  try:
+    sparse = data.get("sparse_attention_config")
+    sparse = None if sparse is None else sparse_config_from_dict(sparse, "sparse_attention_config")
+    kv = data.get("kv_cache_config")
+    kv = KvCacheConfig() if kv is None else _from_mapping(KvCacheConfig, kv, "kv_cache_config")
+    return LlmApiOptions(sparse_attention_config=sparse, kv_cache_config=kv,
+                         enable_chunked_prefill=data.get("enable_chunked_prefill", False),
+                         **{k: data[k] for k in ("backend", "max_batch_size", "max_seq_len", "tensor_parallel_size")
+                            if data.get(k) is not None})
+  except ConfigError as e:
+    raise ConfigError(f"{where}: {e}") from None
 
 
 def load_sparse_attention_config(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> BaseSparseAttentionConfig | None:

@@ -32,7 +32,7 @@ from flax import nnx
 
 from sparse_jax.attention import Runtime
 from sparse_jax.cache import CacheExhaustedError, PageAllocator, create_cache_for
-from sparse_jax.config import BaseSparseAttentionConfig, KvCacheConfig
+from sparse_jax.config import BaseSparseAttentionConfig, ConfigError, KvCacheConfig
 from sparse_jax.sampling import SamplingState, sample
 
 log = logging.getLogger("sparse_jax.engine")
@@ -138,6 +138,21 @@ class Request:
   @property
   def finished(self) -> bool:
     return self.state is RequestState.FINISHED
+
+
+def _free_memory_bytes() -> int | None:
+  """Free memory of one accelerator (or the host's available memory on the CPU); None if unknown."""
+  if jax.default_backend() == "cpu":
+    try:
+      with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+      return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+      return None
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return None
+  return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
 def _pow2_at_least(n: int, lo: int = 1) -> int:
@@ -286,6 +301,16 @@ class Engine:
     if pages <= 0:
       raise CacheExhaustedError(f"the KV pool would hold no page of {self.page_size} tokens "
                                 f"(kv_cache_config={cfg})")
+    need = pages * self._page_bytes(kv_dtype, per_device=True)
+    free = _free_memory_bytes()
+    if free is not None and need > free:
+      why = (f"kv_cache_config.max_tokens={cfg.max_tokens}" if cfg.max_tokens is not None else
+             f"max_batch_size={self.max_batch_size} x max_seq_len={self.max_seq_len}")
+      raise ConfigError(f"{why} needs a KV pool of {pages} pages x {self._page_bytes(kv_dtype, per_device=True)} "
+                        f"bytes = {need / 2**30:.1f} GiB per device, more than the {free / 2**30:.1f} GiB free; "
+                        "lower it")
+    if pages >= 2**31:
+      raise ConfigError(f"a KV pool of {pages} pages does not fit int32 page ids; lower kv_cache_config.max_tokens")
     return pages
 
   # -- requests -----------------------------------------------------------------------
@@ -314,7 +339,7 @@ class Engine:
       n = next(self._ids)
       req = Request(request_id=request_id or f"req-{n}", prompt_ids=[int(t) for t in prompt_ids], params=params,
                     prompt=prompt, on_update=on_update)
-      req._seed = params.seed if params.seed is not None else self.seed * 1_000_003 + n
+      req._seed = params.seed if params.seed is not None else (self.seed * 1_000_003 + n) % 2**63
       self._waiting.append(req)
     self._work.set()
     return req

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import jax
 
-from sparse_jax.config import BaseSparseAttentionConfig, ConfigError, KvCacheConfig, LlmApiOptions, load_llm_api_options
+from sparse_jax.config import (BACKENDS, BaseSparseAttentionConfig, ConfigError, KvCacheConfig, LlmApiOptions,
+                               check_int, load_llm_api_options)
 from sparse_jax.engine import (Engine, QueueFullError, Request, RequestError,  # noqa: F401 (errors re-exported)
                                SamplingParams)
 
@@ -53,6 +54,24 @@ class RequestOutput:
                finished=req.finished, metrics=metrics)
 
 
+def _check_arguments(*, kv_cache_config, enable_chunked_prefill, backend, max_batch_size, max_seq_len,
+                     tensor_parallel_size, decode_chunk_size, max_queue_size, seed, max_num_tokens) -> None:
+  """Rejects a wrongly typed or out-of-range `LLM` argument, naming it (None = the default)."""
+  if kv_cache_config is not None and not isinstance(kv_cache_config, KvCacheConfig):
+    raise ConfigError(f"kv_cache_config must be a KvCacheConfig, got {type(kv_cache_config).__name__}")
+  if enable_chunked_prefill is not None and not isinstance(enable_chunked_prefill, bool):
+    raise ConfigError(f"enable_chunked_prefill={enable_chunked_prefill!r}: must be True, False or None")
+  if backend is not None and backend not in BACKENDS:
+    raise ConfigError(f"backend={backend!r}: must be one of {list(BACKENDS)} or None")
+  for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
+                      ("tensor_parallel_size", tensor_parallel_size)):
+    check_int(name, value, optional=True)
+  for name, value in (("decode_chunk_size", decode_chunk_size), ("max_queue_size", max_queue_size),
+                      ("max_num_tokens", max_num_tokens)):
+    check_int(name, value)
+  check_int("seed", seed, minimum=0, maximum=2**63 - 1)
+
+
 def default_backend() -> str:
   return "pallas" if jax.default_backend() == "gpu" else "reference"
 
@@ -86,6 +105,10 @@ class LLM:
                decode_chunk_size: int = 16, max_queue_size: int = 1024, seed: int = 0,
                interpret: bool | None = None, max_num_tokens: int = 4096, chat_template: str | None = None):
     import models
+    _check_arguments(kv_cache_config=kv_cache_config, enable_chunked_prefill=enable_chunked_prefill, backend=backend,
+                     max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                     tensor_parallel_size=tensor_parallel_size, decode_chunk_size=decode_chunk_size,
+                     max_queue_size=max_queue_size, seed=seed, max_num_tokens=max_num_tokens)
     opts = load_llm_api_options(extra_llm_api_options) if extra_llm_api_options is not None else LlmApiOptions()
     kv_cache_config = kv_cache_config or opts.kv_cache_config
     if sparse_attention_config is None:
@@ -100,6 +123,8 @@ class LLM:
     backend = backend or opts.backend or "auto"
     backend = default_backend() if backend == "auto" else backend
     tensor_parallel_size = tensor_parallel_size or opts.tensor_parallel_size or 1
+    max_batch_size = max_batch_size or opts.max_batch_size or 8
+    max_seq_len = max_seq_len or opts.max_seq_len
     if dtype == "auto":
       dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
     if isinstance(model, (str, os.PathLike)) or model is None:
@@ -108,11 +133,16 @@ class LLM:
       self.model = models.from_pretrained(path, dtype=dtype)
       self.tokenizer = tokenizer if tokenizer is not None else models.load_tokenizer(path)
       self.generation_config = models.load_generation_config(path)
-    else:
+    elif hasattr(model, "config") and hasattr(model, "cache_layout"):
       self.model_path = None
       self.model = model
       self.tokenizer = tokenizer
       self.generation_config = models.GenerationConfig()
+    else:
+      raise TypeError(f"model must be a checkpoint directory, a model module or None, got {type(model).__name__}")
+    positions = self.model.config.max_position_embeddings
+    if max_seq_len is not None and max_seq_len > positions:
+      raise ConfigError(f"max_seq_len={max_seq_len} is more than the model's max_position_embeddings={positions}")
     if chat_template is not None:
       if self.tokenizer is None:
         raise ValueError("chat_template was given but the model has no tokenizer.json")
@@ -124,8 +154,7 @@ class LLM:
     self.backend = backend
     self.engine = Engine(self.model, self.tokenizer, kv_cache_config=kv_cache_config,
                          sparse_attention_config=sparse_attention_config, backend=backend,
-                         max_batch_size=max_batch_size or opts.max_batch_size or 8,
-                         max_seq_len=max_seq_len or opts.max_seq_len, kv_dtype=self.dtype,
+                         max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv_dtype=self.dtype,
                          decode_chunk_size=decode_chunk_size, max_queue_size=max_queue_size, seed=seed,
                          interpret=interpret, tensor_parallel_size=tensor_parallel_size,
                          enable_chunked_prefill=enable_chunked_prefill, prefill_chunk_size=max_num_tokens)
