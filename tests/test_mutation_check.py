@@ -1,0 +1,19 @@
+"""Every named mutation of the sparse path (tests/mutation_check.py) makes its chosen tests fail."""
+import pytest
+
+from tests import mutation_check
+
+
+def test_every_mutation_is_caught():
+  results = mutation_check.check_all()
+  report = "\n".join(f"{'caught' if caught else 'MISSED'} {m.name}: {summary} ({seconds:.0f} s)"
+                     for m, caught, summary, seconds in results)
+  print(report)
+  assert all(caught for _, caught, _, _ in results), f"a mutation went unnoticed:\n{report}"
+
+
+def test_a_missing_anchor_fails_loudly(tmp_path):
+  (tmp_path / "sparse_jax").mkdir()
+  (tmp_path / "sparse_jax" / "selection.py").write_text("refactored\n")
+  with pytest.raises(AssertionError, match="anchor occurs 0 times in sparse_jax/selection.py"):
+    mutation_check.apply(mutation_check.MUTATIONS[0], str(tmp_path))
