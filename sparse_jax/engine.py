@@ -33,7 +33,7 @@ from flax import nnx
 from sparse_jax.attention import Runtime
 from sparse_jax.cache import CacheExhaustedError, PageAllocator, create_cache_for
 from sparse_jax.config import BaseSparseAttentionConfig, ConfigError, KvCacheConfig
-from sparse_jax.sampling import SamplingState, sample
+from sparse_jax.sampling import MAX_TOP_LOGPROBS, SampledLogprobs, SamplingState, TokenHistory, sample
 
 log = logging.getLogger("sparse_jax.engine")
 
@@ -53,7 +53,13 @@ class SamplingParams:
   max_tokens: new tokens to generate (> 0). temperature: 0 = greedy. top_k: 0 = off.
   top_p: nucleus mass in (0, 1]. seed: per-request sampling seed (None: engine seed + request
   number). stop: strings that end generation (not included in the text). stop_token_ids:
-  extra token ids that end generation. ignore_eos: keep going past EOS.
+  extra token ids that end generation. ignore_eos: keep going past EOS. n: completions per
+  prompt (`LLM.generate`; completion i samples with seed + i).
+  presence_penalty / frequency_penalty: in [-2, 2], subtracted from the logits of generated
+  tokens (once / per occurrence). repetition_penalty: > 0, divides positive and multiplies
+  negative logits of tokens in the prompt or generated (1 = off). min_tokens: tokens generated
+  before EOS, stop_token_ids or stop strings may end the request. logprobs: None, or how many
+  top alternatives (0..MAX_TOP_LOGPROBS) to report with each generated token's log-probability.
   """
   max_tokens: int = 32
   temperature: float = 0.0
@@ -64,6 +70,11 @@ class SamplingParams:
   stop_token_ids: Sequence[int] | None = None
   ignore_eos: bool = False
   n: int = 1
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  repetition_penalty: float = 1.0
+  min_tokens: int = 0
+  logprobs: int | None = None
 
   def __post_init__(self):
     def bad(field: str, why: str):
@@ -81,8 +92,18 @@ class SamplingParams:
       bad("seed", "must be None or an integer in [-2**63, 2**63)")
     if not isinstance(self.ignore_eos, (bool, np.bool_)):
       bad("ignore_eos", "must be True or False")
-    if not _is_int(self.n) or self.n != 1:
-      bad("n", "only n=1 is supported")
+    if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+      bad("n", f"must be an integer in [1, {MAX_N}]")
+    for name in ("presence_penalty", "frequency_penalty"):
+      value = getattr(self, name)
+      if not _is_real(value) or not -2 <= value <= 2:
+        bad(name, "must be a number in [-2, 2] (0 = off)")
+    if not _is_real(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
+      bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+    if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+      bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
+    if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+      bad("logprobs", f"must be None or an integer in [0, {MAX_TOP_LOGPROBS}]")
     stop = [self.stop] if isinstance(self.stop, str) else self.stop
     if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)):
       bad("stop", "must be None, a string or a list of strings")
@@ -95,9 +116,19 @@ class SamplingParams:
     self.seed = None if self.seed is None else int(self.seed)
     self.stop = [s for s in (stop or []) if s]
     self.stop_token_ids = [int(t) for t in (ids if ids is not None else [])]
+    self.n, self.min_tokens = int(self.n), int(self.min_tokens)
+    self.presence_penalty, self.frequency_penalty = float(self.presence_penalty), float(self.frequency_penalty)
+    self.repetition_penalty = float(self.repetition_penalty)
+    self.logprobs = None if self.logprobs is None else int(self.logprobs)
+
+  @property
+  def penalised(self) -> bool:
+    return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+            or self.min_tokens > 0)
 
 
 INT32_MAX = 2**31 - 1
+MAX_N = 128  # completions per prompt (each is an engine request)
 
 
 def _is_int(value) -> bool:
@@ -106,6 +137,7 @@ def _is_int(value) -> bool:
 
 def _is_real(value) -> bool:
   return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
 
 
 class RequestState(enum.Enum):
@@ -125,6 +157,10 @@ class Request:
   output_ids: list[int] = dataclasses.field(default_factory=list)
   text: str = ""
   finish_reason: str | None = None
+  stop_reason: int | str | None = None  # the stop token id or stop string that ended it (None: EOS, length)
+  # Per generated token, when params.logprobs is set: (logprob, rank, [(token id, logprob)] best first).
+  logprobs: list[tuple[float, int, list[tuple[int, float]]]] = dataclasses.field(default_factory=list)
+  cumulative_logprob: float | None = None
   arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
   first_token_time: float | None = None
   finish_time: float | None = None
@@ -259,13 +295,15 @@ class Engine:
     self._slot_len = np.zeros(max_batch_size, np.int64)  # host mirror of cache.lengths
     self._last_token = np.zeros(max_batch_size, np.int32)
     self._samp = self._empty_sampling()
+    self._history = TokenHistory.zeros(max_batch_size, model.config.vocab_size)
     self.stats = collections.Counter()
     self.peak_pages = 0
-    self._prefill_fn = jax.jit(self._prefill_impl, static_argnames=("n_pages", "chunked", "final"),
-                               donate_argnames=("cache",))
+    self._prefill_fn = jax.jit(self._prefill_impl, static_argnames=("n_pages", "chunked", "final", "with_logprobs"),
+                               donate_argnames=("cache", "history"))
     self._evict_fn = jax.jit(self._evict_impl, donate_argnames=("cache",))
-    self._decode_fn = jax.jit(self._decode_impl, static_argnames=("n_pages", "num_steps", "dense"),
-                              donate_argnames=("cache",))
+    self._decode_fn = jax.jit(self._decode_impl, static_argnames=("n_pages", "num_steps", "dense", "with_logprobs"),
+                              donate_argnames=("cache", "history"))
+    self._set_history_fn = jax.jit(_set_history_row, donate_argnames=("history",))
 
   def _attach_predictors(self, model, sparse) -> None:
     from sparse_jax.config import get_algorithm
@@ -444,10 +482,12 @@ class Engine:
   def _restore_cache(self, exc: BaseException) -> bool:
     """After a failed step: if the donated KV pool was consumed, fails every running request and
     rebuilds the pool. True if it did."""
-    if not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(self.cache)):
+    donated = jax.tree.leaves((self.cache, self._history))
+    if not any(getattr(x, "is_deleted", lambda: False)() for x in donated):
       return False
     self._fail(list(self._running.values()), exc, "a step that lost the KV cache")
     self.cache = self._make_cache()
+    self._history = TokenHistory.zeros(self.max_batch_size, self.model_config.vocab_size)
     self.allocator.clear_cache()  # cached prefix pages pointed into the lost pool
     return True
 
@@ -499,11 +539,27 @@ class Engine:
     s["top_p"][slot] = p.top_p
     s["keys"][slot] = np.asarray(jax.random.key_data(jax.random.PRNGKey(req._seed)), np.uint32)
     s["counters"][slot] = 0
+    s["presence_penalty"][slot] = p.presence_penalty
+    s["frequency_penalty"][slot] = p.frequency_penalty
+    s["repetition_penalty"][slot] = p.repetition_penalty
+    s["min_tokens"][slot] = p.min_tokens
+    if p.penalised:
+      vocab = self.model_config.vocab_size
+      prompt_mask = np.zeros(vocab, bool)
+      prompt_mask[req.prompt_ids] = True
+      stop_mask = np.zeros(vocab, bool)
+      stop_mask[[t for t in p.stop_token_ids if 0 <= t < vocab]] = True
+      if not p.ignore_eos:
+        stop_mask[[t for t in self.eos_token_ids if 0 <= t < vocab]] = True
+      counts = np.bincount(np.asarray(req.output_ids, np.int64), minlength=vocab).astype(np.int32)
+      self._history = self._set_history_fn(self._history, slot, prompt_mask, counts, stop_mask)
 
   def _empty_sampling(self) -> dict[str, np.ndarray]:
     s = self.max_batch_size
     return dict(temperature=np.zeros(s, np.float32), top_k=np.zeros(s, np.int32), top_p=np.ones(s, np.float32),
-                keys=np.zeros((s, 2), np.uint32), counters=np.zeros(s, np.int32))
+                keys=np.zeros((s, 2), np.uint32), counters=np.zeros(s, np.int32),
+                presence_penalty=np.zeros(s, np.float32), frequency_penalty=np.zeros(s, np.float32),
+                repetition_penalty=np.ones(s, np.float32), min_tokens=np.zeros(s, np.int32))
 
   def _sampling_state(self, rows: np.ndarray | None = None) -> SamplingState:
     s = self._samp
@@ -545,11 +601,11 @@ class Engine:
       slots[i] = req.slot
     samp_rows = np.array([r.slot for r in group] + [group[0].slot] * (rows - len(group)))
     n_pages = min(self.max_pages_per_seq, _pow2_at_least(math.ceil(t / self.page_size)))
-    self.cache, first, counts = self._prefill_fn(self.params, self.cache, jnp.asarray(self.allocator.table()),
-                                                 jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slots),
-                                                 jnp.zeros(rows, jnp.int32), self._sampling_state(samp_rows),
-                                                 n_pages=n_pages, chunked=False, final=True)
-    self._after_prefill(group, np.asarray(first), np.asarray(counts), int(lengths.sum()))
+    self.cache, self._history, first, counts, logprobs = self._prefill_fn(
+        self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(tokens), jnp.asarray(lengths),
+        jnp.asarray(slots), jnp.zeros(rows, jnp.int32), self._sampling_state(samp_rows), self._history,
+        n_pages=n_pages, chunked=False, final=True, with_logprobs=_wants_logprobs(group))
+    self._after_prefill(group, np.asarray(first), np.asarray(counts), int(lengths.sum()), _host(logprobs))
 
   def _prefill_chunked(self, req: Request) -> None:
     """A long prompt in chunks of `chunk_size` tokens; each attends to its stored context
@@ -566,14 +622,16 @@ class Engine:
       tokens[0, :end - start] = req.prompt_ids[start:end]
       n_pages = min(self.max_pages_per_seq, _pow2_at_least(math.ceil(max(end, start + c) / self.page_size)))
       final = end == n
-      self.cache, first, counts = self._prefill_fn(
+      self.cache, self._history, first, counts, logprobs = self._prefill_fn(
           self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(tokens),
           jnp.asarray([end - start], jnp.int32), jnp.asarray([req.slot], jnp.int32), jnp.asarray([start], jnp.int32),
-          self._sampling_state(np.array([req.slot])), n_pages=n_pages, chunked=True, final=final)
+          self._sampling_state(np.array([req.slot])), self._history, n_pages=n_pages, chunked=True, final=final,
+          with_logprobs=final and _wants_logprobs([req]))
       self.stats["prefill_chunks"] += 1
-    self._after_prefill([req], np.asarray(first), np.asarray(counts), n)
+    self._after_prefill([req], np.asarray(first), np.asarray(counts), n, _host(logprobs))
 
-  def _after_prefill(self, group: list[Request], first: np.ndarray, counts: np.ndarray, tokens: int) -> None:
+  def _after_prefill(self, group: list[Request], first: np.ndarray, counts: np.ndarray, tokens: int,
+                     logprobs: SampledLogprobs | None) -> None:
     self.stats["prefill_calls"] += 1
     self.stats["prefill_tokens"] += tokens
     now = time.perf_counter()
@@ -590,7 +648,7 @@ class Engine:
         req.first_token_time = now
         self._samp["counters"][slot] = 1
         self._last_token[slot] = first[i]
-        self._emit_isolated(req, [int(first[i])])
+        self._emit_isolated(req, [int(first[i])], [_token_logprobs(logprobs, req, i)])
 
   def _decode(self, only: list[int] | None = None) -> None:
     slots = sorted(self._running) if only is None else only
@@ -608,9 +666,11 @@ class Engine:
     dense = self._dense_below is not None and need <= self._dense_below
     out = self._decode_fn(self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(self._last_token),
                           jnp.asarray(active), jnp.asarray(remaining), jnp.asarray(ignore_eos),
-                          self._sampling_state(), n_pages=n_pages, num_steps=steps, dense=dense)
-    self.cache, tokens, counters, last, importance = out
+                          self._sampling_state(), self._history, n_pages=n_pages, num_steps=steps, dense=dense,
+                          with_logprobs=_wants_logprobs(self._running.values()))
+    self.cache, self._history, tokens, counters, last, importance, logprobs = out
     tokens, counters, last = np.asarray(tokens), np.asarray(counters), np.asarray(last)
+    logprobs = _host(logprobs)  # fields [steps, S, ...]
     self.stats["decode_calls"] += 1
     with self._lock:
       self._samp["counters"][:] = counters
@@ -622,7 +682,8 @@ class Engine:
         self.stats["decode_tokens"] += len(new)
         req = self._running.get(s)
         if req is not None and not req.finished:
-          self._emit_isolated(req, new)
+          self._emit_isolated(req, new, [_token_logprobs(logprobs, req, (i, s)) for i in range(len(new))]
+                              if logprobs is not None else None)
       if self.decode_budget is not None:
         self._evict(np.asarray(importance))
 
@@ -658,38 +719,49 @@ class Engine:
     return cache.replace(lengths=cache.lengths - deltas, aux={**cache.aux, IMPORTANCE: pools})
 
   # -- per-request bookkeeping ------------------------------------------------------------
-  def _emit_isolated(self, req: Request, new_ids: list[int]) -> None:
+  def _emit_isolated(self, req: Request, new_ids: list[int], logprobs: list | None = None) -> None:
     """`_emit` under the lock; if it raises (a detokenizer error), fails only this request."""
     try:
-      self._emit(req, new_ids)
+      self._emit(req, new_ids, logprobs)
     except Exception as e:
       self._fail_locked(req, e, "detokenization")
 
-  def _emit(self, req: Request, new_ids: list[int]) -> None:
-    """Appends generated tokens, applies stop conditions, finishes the request if done."""
+  def _emit(self, req: Request, new_ids: list[int], logprobs: list | None = None) -> None:
+    """Appends generated tokens (and their log-probabilities), applies stop conditions, finishes
+    the request if done."""
     reason = None
     already = len(req.output_ids)
-    stop_ids = set(req.params.stop_token_ids)
-    if not req.params.ignore_eos:
+    params = req.params
+    stop_ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
       stop_ids |= set(self.eos_token_ids)
-    for tok in new_ids:
+    for j, tok in enumerate(new_ids):
       req.output_ids.append(tok)
-      if tok in stop_ids:
+      if logprobs is not None and logprobs[j] is not None:
+        req.logprobs.append(logprobs[j])
+        req.cumulative_logprob = (req.cumulative_logprob or 0.0) + logprobs[j][0]
+      if tok in stop_ids and len(req.output_ids) > params.min_tokens:
         reason = "stop"
+        req.stop_reason = tok if tok in params.stop_token_ids else None
         break
-      if len(req.output_ids) >= req.params.max_tokens:
+      if len(req.output_ids) >= params.max_tokens:
         reason = "length"
         break
     if self.tokenizer is not None:
       req.text = self.tokenizer.decode(req.output_ids)
-      if any(stop in req.text for stop in req.params.stop):
+      if len(req.output_ids) >= params.min_tokens and any(stop in req.text for stop in params.stop):
         # Keep the tokens up to the one that completes a stop string: the rest of the decode
         # chunk was generated past the end of the answer and is not part of it (nor of usage).
-        for k in range(already + 1, len(req.output_ids) + 1):
+        for k in range(max(already + 1, params.min_tokens), len(req.output_ids) + 1):
           text = self.tokenizer.decode(req.output_ids[:k])
-          if any(stop in text for stop in req.params.stop):
+          found = [(text.find(stop), stop) for stop in params.stop if stop in text]
+          if found:
+            at, req.stop_reason = min(found)
             del req.output_ids[k:]
-            req.text = text[:min(text.find(s) for s in req.params.stop if s in text)]
+            if req.logprobs:
+              del req.logprobs[k:]
+              req.cumulative_logprob = sum(lp for lp, _, _ in req.logprobs)
+            req.text = text[:at]
             break
         reason = "stop"
     if reason is not None:
@@ -721,44 +793,79 @@ class Engine:
       req._cancelled = True
 
   # -- jitted steps --------------------------------------------------------------------------
-  def _prefill_impl(self, params, cache, table, tokens, lengths, slots, starts, samp: SamplingState, *,
-                    n_pages: int, chunked: bool, final: bool):
+  def _prefill_impl(self, params, cache, table, tokens, lengths, slots, starts, samp: SamplingState,
+                    history: TokenHistory, *, n_pages: int, chunked: bool, final: bool, with_logprobs: bool = False):
     model = nnx.merge(self.graphdef, params)
     view = cache.replace(page_table=table[:, :n_pages])
     logits, view = model.prefill(tokens, lengths, slots, view, self.runtime, starts if chunked else None, final)
     counts = jnp.take(view.lengths, slots, mode="fill", fill_value=0)
-    return view.replace(page_table=table), sample(logits, samp), counts
+    first, logprobs = sample(logits, samp, history.rows(slots), with_logprobs)
+    if final:  # padding rows name slot max_batch_size: their counts are dropped
+      history = dataclasses.replace(history, output_counts=history.output_counts.at[slots, first].add(1, mode="drop"))
+    return view.replace(page_table=table), history, first, counts, logprobs
 
-  def _decode_impl(self, params, cache, table, tokens, active, remaining, ignore_eos, samp: SamplingState, *,
-                   n_pages: int, num_steps: int, dense: bool = False):
+  def _decode_impl(self, params, cache, table, tokens, active, remaining, ignore_eos, samp: SamplingState,
+                   history: TokenHistory, *, n_pages: int, num_steps: int, dense: bool = False,
+                   with_logprobs: bool = False):
     model = nnx.merge(self.graphdef, params)
     runtime = dataclasses.replace(self.runtime, predict=False) if dense else self.runtime
     eos = jnp.asarray(self._eos)
-    out = jnp.full((num_steps, tokens.shape[0]), -1, jnp.int32)
+    slots = tokens.shape[0]
+    out = jnp.full((num_steps, slots), -1, jnp.int32)
+    # Per step and slot, filled only when some request asked for log-probabilities (static).
+    lp_out = (SampledLogprobs(jnp.zeros((num_steps, slots)), jnp.zeros((num_steps, slots), jnp.int32),
+                              jnp.zeros((num_steps, slots, MAX_TOP_LOGPROBS), jnp.int32),
+                              jnp.zeros((num_steps, slots, MAX_TOP_LOGPROBS))) if with_logprobs else None)
 
     def cond(carry):
       i, _, _, active, *_ = carry
       return (i < num_steps) & jnp.any(active)
 
     def body(carry):
-      i, view, tokens, active, remaining, counters, out = carry
+      i, view, tokens, active, remaining, counters, history, out, lp_out = carry
       logits, view = model.decode(tokens, view, active, runtime)
-      nxt = sample(logits, dataclasses.replace(samp, counters=counters))
+      nxt, lp = sample(logits, dataclasses.replace(samp, counters=counters), history, with_logprobs)
       out = out.at[i].set(jnp.where(active, nxt, -1))
+      if with_logprobs:
+        lp_out = jax.tree.map(lambda acc, x: acc.at[i].set(x), lp_out, lp)
+      history = history.record(nxt, active)
       hit_eos = jnp.any(nxt[:, None] == eos[None, :], axis=-1) & ~ignore_eos
       remaining = remaining - active.astype(jnp.int32)
       done = active & (hit_eos | (remaining <= 0))
       counters = counters + active.astype(jnp.int32)
       tokens = jnp.where(active, nxt, tokens)
-      return i + 1, view, tokens, active & ~done, remaining, counters, out
+      return i + 1, view, tokens, active & ~done, remaining, counters, history, out, lp_out
 
     view = cache.replace(page_table=table[:, :n_pages])
-    carry = (jnp.int32(0), view, tokens, active, remaining, samp.counters, out)
-    _, view, tokens, _, _, counters, out = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(0), view, tokens, active, remaining, samp.counters, history, out, lp_out)
+    _, view, tokens, _, _, counters, history, out, lp_out = jax.lax.while_loop(cond, body, carry)
     importance = None
     if self.runtime.evict:  # per slot and logical page, summed over layers
       from sparse_jax.attention import IMPORTANCE
       rows = view.page_table
       importance = sum(p[0, jnp.clip(rows, 0), 0] for p in view.aux[IMPORTANCE])
       importance = jnp.where(rows >= 0, importance, jnp.inf)
-    return view.replace(page_table=table), out, counters, tokens, importance
+    return view.replace(page_table=table), history, out, counters, tokens, importance, lp_out
+
+
+def _set_history_row(history: TokenHistory, slot, prompt_mask, output_counts, stop_mask) -> TokenHistory:
+  return TokenHistory(history.prompt_mask.at[slot].set(prompt_mask), history.output_counts.at[slot].set(output_counts),
+                      history.stop_mask.at[slot].set(stop_mask))
+
+
+def _wants_logprobs(requests) -> bool:
+  return any(r.params.logprobs is not None for r in requests)
+
+
+def _host(logprobs: SampledLogprobs | None) -> SampledLogprobs | None:
+  return None if logprobs is None else jax.tree.map(np.asarray, logprobs)
+
+
+def _token_logprobs(logprobs: SampledLogprobs | None, req: Request, index) -> tuple | None:
+  """One token's (logprob, rank, top alternatives) for `req` from host arrays at `index` (a row,
+  or a (step, slot) pair); None if the request did not ask for log-probabilities."""
+  k = req.params.logprobs
+  if logprobs is None or k is None:
+    return None
+  top = [(int(t), float(v)) for t, v in zip(logprobs.top_ids[index][:k], logprobs.top_logprobs[index][:k])]
+  return float(logprobs.logprob[index]), int(logprobs.rank[index]), top

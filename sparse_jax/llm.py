@@ -9,9 +9,11 @@
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
-from typing import Any, Sequence
+import threading
+from typing import Any, AsyncIterator, Awaitable, Sequence
 
 import jax
 
@@ -20,21 +22,68 @@ from sparse_jax.config import (BACKENDS, BaseSparseAttentionConfig, ConfigError,
 from sparse_jax.engine import (Engine, QueueFullError, Request, RequestError,  # noqa: F401 (errors re-exported)
                                SamplingParams)
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "KvCacheConfig", "QueueFullError",
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "KvCacheConfig", "QueueFullError",
            "RequestError"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Logprob:
+  """A token's log-probability under the model and its rank (1 = the most likely token)."""
+  logprob: float
+  rank: int | None = None
 
 
 @dataclasses.dataclass
 class CompletionOutput:
+  """One generated sequence (TensorRT-LLM's fields).
+
+  logprobs: with SamplingParams.logprobs=k, one dict per generated token mapping the sampled
+    token and the k most likely ones to their Logprob. stop_reason: the stop token id or stop
+    string that ended the sequence (None when it ended on EOS or length). The `*_diff`
+    properties are what is new since the previous streamed RequestOutput.
+  """
   index: int
   text: str
   token_ids: list[int]
-  finish_reason: str | None
+  finish_reason: str | None = None
   cumulative_logprob: float | None = None
+  logprobs: list[dict[int, Logprob]] | None = None
+  stop_reason: int | str | None = None
+  _prev_text_len: int = dataclasses.field(default=0, repr=False, compare=False)
+  _prev_token_len: int = dataclasses.field(default=0, repr=False, compare=False)
+
+  @property
+  def length(self) -> int:
+    return len(self.token_ids)
+
+  @property
+  def text_diff(self) -> str:
+    return self.text[self._prev_text_len:]
+
+  @property
+  def token_ids_diff(self) -> list[int]:
+    return self.token_ids[self._prev_token_len:]
+
+  @property
+  def logprobs_diff(self) -> list[dict[int, Logprob]] | None:
+    return None if self.logprobs is None else self.logprobs[self._prev_token_len:]
+
+  @classmethod
+  def from_request(cls, index: int, req: Request, previous: "CompletionOutput | None" = None) -> "CompletionOutput":
+    logprobs = None
+    if req.params.logprobs is not None:
+      logprobs = []
+      for tok, (lp, rank, top) in zip(req.output_ids, req.logprobs):
+        entry = {t: Logprob(v, r + 1) for r, (t, v) in enumerate(top)}
+        entry[tok] = Logprob(lp, rank)
+        logprobs.append(entry)
+    return cls(index, req.text, list(req.output_ids), req.finish_reason, req.cumulative_logprob, logprobs,
+               req.stop_reason, len(previous.text) if previous else 0, len(previous.token_ids) if previous else 0)
 
 
 @dataclasses.dataclass
 class RequestOutput:
+  """The outputs of one prompt (TensorRT-LLM's fields): `outputs` holds SamplingParams.n sequences."""
   request_id: str
   prompt: str | None
   prompt_token_ids: list[int]
@@ -43,15 +92,20 @@ class RequestOutput:
   metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @classmethod
-  def from_request(cls, req: Request) -> "RequestOutput":
-    metrics = dict(kept_prompt_tokens=req.kept_prompt_tokens, pages_after_prefill=req.pages_after_prefill)
-    if req.first_token_time is not None:
-      metrics["time_to_first_token_s"] = req.first_token_time - req.arrival_time
-    if req.finish_time is not None:
-      metrics["latency_s"] = req.finish_time - req.arrival_time
-    return cls(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=list(req.prompt_ids),
-               outputs=[CompletionOutput(0, req.text, list(req.output_ids), req.finish_reason)],
-               finished=req.finished, metrics=metrics)
+  def from_request(cls, req: Request | Sequence[Request], previous: "RequestOutput | None" = None) -> "RequestOutput":
+    """From the engine request(s) of one prompt (several when n > 1); `previous`: the last
+    streamed snapshot, which the `*_diff` properties are relative to."""
+    reqs = [req] if isinstance(req, Request) else list(req)
+    first = reqs[0]
+    metrics = dict(kept_prompt_tokens=first.kept_prompt_tokens, pages_after_prefill=first.pages_after_prefill)
+    if all(r.first_token_time is not None for r in reqs):
+      metrics["time_to_first_token_s"] = max(r.first_token_time for r in reqs) - first.arrival_time
+    if all(r.finish_time is not None for r in reqs):
+      metrics["latency_s"] = max(r.finish_time for r in reqs) - first.arrival_time
+    outputs = [CompletionOutput.from_request(i, r, previous.outputs[i] if previous else None)
+               for i, r in enumerate(reqs)]
+    return cls(request_id=first.request_id, prompt=first.prompt, prompt_token_ids=list(first.prompt_ids),
+               outputs=outputs, finished=all(r.finished for r in reqs), metrics=metrics)
 
 
 def _check_arguments(*, kv_cache_config, enable_chunked_prefill, backend, max_batch_size, max_seq_len,
@@ -158,6 +212,7 @@ class LLM:
                          decode_chunk_size=decode_chunk_size, max_queue_size=max_queue_size, seed=seed,
                          interpret=interpret, tensor_parallel_size=tensor_parallel_size,
                          enable_chunked_prefill=enable_chunked_prefill, prefill_chunk_size=max_num_tokens)
+    self._step_lock = threading.Lock()  # one engine step at a time across generate / generate_async callers
 
   @property
   def max_seq_len(self) -> int:
@@ -194,7 +249,8 @@ class LLM:
 
   def generate(self, prompts: Any, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                use_tqdm: bool = False) -> list[RequestOutput]:
-    """prompts: a string, a list of token ids, or a list of either. Returns one output per prompt.
+    """prompts: a string, a list of token ids, or a list of either. Returns one output per prompt,
+    with SamplingParams.n completions each; `use_tqdm` shows a progress bar over the prompts.
 
     Raises `RequestError` naming the prompt if the engine failed one (the others still ran, and
     the engine is ready for the next call).
@@ -223,27 +279,100 @@ class LLM:
     bar = None
     if use_tqdm:
       from tqdm import tqdm
-      bar = tqdm(total=len(batch), desc="generate", unit="req")
-    requests: list[Request] = []
-    pending = list(zip(batch, encoded, params))
+      bar = tqdm(total=len(batch), desc="generate", unit="prompt")
+    groups: list[list[Request]] = [[] for _ in batch]
+    pending = [(g, prompt, ids, child) for g, (prompt, ids, sp) in enumerate(zip(batch, encoded, params))
+               for child in _completions(sp)]
+    done = 0
     try:
       while pending or self.engine.has_unfinished():
         while pending and self.engine.num_waiting < self.engine.max_queue_size:
-          prompt, ids, sp = pending.pop(0)
-          requests.append(self.engine.add_request(ids, sp, prompt=prompt if isinstance(prompt, str) else None))
-        before = sum(r.finished for r in requests)
-        self.engine.step()
+          g, prompt, ids, sp = pending.pop(0)
+          groups[g].append(self.engine.add_request(ids, sp, prompt=prompt if isinstance(prompt, str) else None))
+        self._step()
         if bar is not None:
-          bar.update(sum(r.finished for r in requests) - before)
+          now = sum(len(reqs) == sp.n and all(r.finished for r in reqs) for reqs, sp in zip(groups, params))
+          bar.update(now - done)
+          done = now
     finally:
       # An interrupted call (an exception, Ctrl-C) leaves nothing behind for the next one: its
       # requests' slots and pages are freed at the next step.
-      for req in requests:
+      for req in (r for reqs in groups for r in reqs):
         if not req.finished:
           self.engine.abort(req)
       if bar is not None:
         bar.close()
-    failed = [(i, r) for i, r in enumerate(requests) if r.error is not None]
+    failed = [(i, r) for i, reqs in enumerate(groups) for r in reqs if r.error is not None]
     if failed:
       raise RequestError("; ".join(f"prompt {i}: {r.error}" for i, r in failed))
-    return [RequestOutput.from_request(r) for r in requests]
+    return [RequestOutput.from_request(reqs) for reqs in groups]
+
+  def generate_async(self, prompt: str | Sequence[int], sampling_params: SamplingParams | None = None,
+                     streaming: bool = False) -> Awaitable[RequestOutput] | AsyncIterator[RequestOutput]:
+    """Submits one prompt now. streaming=False: returns an awaitable of the final RequestOutput;
+    streaming=True: an async iterator of RequestOutput snapshots, one per engine step that added
+    tokens (their `*_diff` properties hold the new part). Concurrent calls share the engine's
+    batch: whichever caller is waiting runs the next engine step (in a worker thread, so the
+    event loop stays free). Cancelling the await, or closing the iterator early, aborts the request."""
+    sp = sampling_params or self.get_default_sampling_params()
+    if not isinstance(sp, SamplingParams):
+      raise TypeError(f"sampling_params must be a SamplingParams, got {type(sp).__name__}")
+    ids = self.encode(prompt)
+    self.engine.validate(ids, sp)
+    reqs: list[Request] = []
+    try:
+      for child in _completions(sp):
+        reqs.append(self.engine.add_request(ids, child, prompt=prompt if isinstance(prompt, str) else None))
+    except BaseException:
+      for r in reqs:
+        self.engine.abort(r)
+      raise
+    return self._stream_outputs(reqs) if streaming else self._final_output(reqs)
+
+  def _step(self) -> None:
+    with self._step_lock:
+      if self.engine.has_unfinished():
+        self.engine.step()
+
+  async def _final_output(self, reqs: list[Request]) -> RequestOutput:
+    try:
+      while not all(r.finished for r in reqs):
+        await asyncio.to_thread(self._step)
+    finally:
+      for r in reqs:
+        if not r.finished:
+          self.engine.abort(r)
+    _raise_failed(reqs)
+    return RequestOutput.from_request(reqs)
+
+  async def _stream_outputs(self, reqs: list[Request]) -> AsyncIterator[RequestOutput]:
+    previous, seen = None, None
+    try:
+      while True:
+        await asyncio.to_thread(self._step)
+        state = [(len(r.output_ids), r.finished) for r in reqs]
+        if all(r.finished for r in reqs):
+          _raise_failed(reqs)
+        if state != seen:
+          seen = state
+          previous = RequestOutput.from_request(reqs, previous)
+          yield previous
+        if previous is not None and previous.finished:
+          return
+    finally:
+      for r in reqs:
+        if not r.finished:
+          self.engine.abort(r)
+
+
+def _raise_failed(reqs: list[Request]) -> None:
+  errors = [r.error for r in reqs if r.error is not None]
+  if errors:
+    raise RequestError("; ".join(errors))
+
+
+def _completions(sp: SamplingParams) -> list[SamplingParams]:
+  """One engine request per completion; completion i of a seeded request samples with seed + i."""
+  if sp.n == 1:
+    return [sp]
+  return [dataclasses.replace(sp, n=1, seed=None if sp.seed is None else sp.seed + i) for i in range(sp.n)]

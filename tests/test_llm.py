@@ -86,7 +86,7 @@ def test_bad_requests_name_the_value(prompt, params, match):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_tokens=0), "max_tokens=0"), (dict(max_tokens=-3), "max_tokens=-3"),
-    (dict(temperature=-1.0), "temperature=-1.0"), (dict(top_p=0.0), "top_p=0.0"), (dict(n=2), "n=2")])
+    (dict(temperature=-1.0), "temperature=-1.0"), (dict(top_p=0.0), "top_p=0.0"), (dict(n=0), "n=0")])
 def test_bad_sampling_params(kwargs, match):
   with pytest.raises(ValueError, match=match):
     SamplingParams(**kwargs)
