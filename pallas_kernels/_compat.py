@@ -11,6 +11,9 @@ one place. What is known to differ:
 * The Triton custom-call target: jaxlib <= 0.10.2 emits ``__gpu$xla.gpu.triton``; 0.11
   exports ``plgpu.CUSTOM_CALL_TARGET_NAME`` (same value today, ``triton_kernel_call_ffi``
   once jax flips ``USE_NEW_CUSTOM_CALL``). :data:`TRITON_CUSTOM_CALL_TARGETS` lists all.
+* ``jax.nn.dot_product_attention(return_residual=True)`` casts cuDNN's float32 softmax
+  statistics to the output dtype (bf16: about 0.05 of absolute error in a log-sum-exp);
+  :func:`attention_with_lse` reads them from jax's cuDNN wrapper in float32.
 * Interpret mode (the HLO interpreter used on CPU) has no rule for ``debug_barrier`` and
   none for masked loads/stores whose index mixes an index vector with slices (a gather);
   :func:`cta_barrier` and :func:`gather_load` emulate them there. The GPU path is the plain
@@ -142,6 +145,31 @@ def import_jax_paged_attention():
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
 
   return jax_paged.paged_attention
+
+
+def attention_with_lse(q, k, v, *, scale: float, is_causal: bool, q_lens, kv_lens,
+                       implementation: str | None):
+  """Attention and its float32 log-sum-exps: q ``[B, T, N, H]``, k, v ``[B, S, K, H]``
+  (GQA), q_lens / kv_lens ``int32[B]`` -> (out ``[B, T, N, H]``, lse ``float32[B, T, N]``).
+
+  Rows without a valid key have a log-sum-exp of -inf (cuDNN) or a huge negative number
+  (XLA) and an unspecified output (NaN or garbage): callers test the statistics.
+  """
+  if implementation == "cudnn":
+    try:
+      from jax._src.cudnn.fused_attention_stablehlo import MaskType
+      from jax._src.cudnn.fused_attention_stablehlo import dot_product_attention as cudnn_attention
+    except ImportError:  # pragma: no cover (a jax without the wrapper): bf16-rounded statistics
+      cudnn_attention = None
+    if cudnn_attention is not None:
+      out, lse = cudnn_attention(
+          q, k, v, None, None, q_lens, kv_lens, scale=scale, return_residual=True,
+          mask_type=MaskType.PADDING_CAUSAL if is_causal else MaskType.PADDING)
+      return out, jnp.swapaxes(lse.astype(jnp.float32), 1, 2)  # cuDNN: [B, N, T]
+  out, lse = jax.nn.dot_product_attention(
+      q, k, v, scale=scale, is_causal=is_causal, query_seq_lengths=q_lens,
+      key_value_seq_lengths=kv_lens, implementation=implementation, return_residual=True)
+  return out, lse.astype(jnp.float32)
 
 
 def lower_as_text(fn, *args, platform: str = "cuda", **kwargs) -> str:

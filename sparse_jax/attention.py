@@ -19,6 +19,7 @@ from flax import nnx
 from sparse_jax import rope as rope_lib
 from sparse_jax.cache import LayerCache, gather_tokens, token_slots, write_tokens
 from sparse_jax.config import BaseSparseAttentionConfig, get_algorithm
+from pallas_kernels import _compat
 from pallas_kernels._compat import shard_map
 from sparse_jax.selection import dense_units, pool_as_units, to_units, topk_selection, unit_size_for
 
@@ -217,19 +218,58 @@ def chunk_attention_packed(q: jax.Array, k: jax.Array, v: jax.Array, chunk_lens:
   return jnp.moveaxis(out, 2, 1).reshape(n, c, q_heads, -1).astype(q.dtype)
 
 
+def merge_by_lse(parts) -> jax.Array:
+  """Attention over disjoint key sets merged into attention over their union.
+
+  parts: (out [..., D], lse float32[...]) pairs, one per key set. A part whose log-sum-exp
+  is not a finite number above -1e30 saw no valid key (flash kernels report -inf there and
+  leave NaN or garbage in `out`): it gets weight 0 and its output is never read, so a row
+  with no valid key in any part is exactly 0 (a padding query row), never NaN.
+  """
+  seen = [lse > -1e30 for _, lse in parts]  # False for -inf and NaN too
+  m = functools.reduce(jnp.maximum, [jnp.where(ok, lse, -jnp.inf) for ok, (_, lse) in zip(seen, parts)])
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  weights = [jnp.where(ok, jnp.exp(jnp.where(ok, lse, 0.0) - m), 0.0) for ok, (_, lse) in zip(seen, parts)]
+  total = sum(weights)
+  out = sum(w[..., None] * jnp.where(ok[..., None], o.astype(jnp.float32), 0.0)
+            for w, ok, (o, _) in zip(weights, seen, parts))
+  return jnp.where(total[..., None] > 0, out / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
+
+
+def chunk_attention_split(q: jax.Array, k: jax.Array, v: jax.Array, chunk_lens: jax.Array, k_ctx: jax.Array,
+                          v_ctx: jax.Array, ctx_lens: jax.Array, scale: float, *,
+                          implementation: str | None = None) -> jax.Array:
+  """`chunk_attention` as two flash-attention calls merged by their log-sum-exps: the chunk
+  causally over itself, and the chunk over its context with the KV heads folded into the batch
+  (each head has its own context). Exactly U * C + C^2 / 2 score pairs, against (U + C)^2 / 2 for
+  `chunk_attention_packed`. Padding query rows and empty contexts give -inf statistics on cuDNN;
+  `merge_by_lse` gives them weight 0. Shapes as `chunk_attention`.
+  """
+  n, c, q_heads, d = q.shape
+  kv_heads, u = k.shape[2], k_ctx.shape[2]
+  group = q_heads // kv_heads
+  chex.assert_shape(ctx_lens, (n, kv_heads))
+  lens = chunk_lens.astype(jnp.int32)
+  own = _compat.attention_with_lse(q, k, v, scale=scale, is_causal=True, q_lens=lens, kv_lens=lens,
+                                   implementation=implementation)
+  qh = jnp.moveaxis(q.reshape(n, c, kv_heads, group, d), 2, 1).reshape(n * kv_heads, c, group, d)
+  out, lse = _compat.attention_with_lse(
+      qh, k_ctx.reshape(n * kv_heads, u, 1, d), v_ctx.reshape(n * kv_heads, u, 1, -1), scale=scale,
+      is_causal=False, q_lens=jnp.repeat(lens, kv_heads), kv_lens=ctx_lens.reshape(-1).astype(jnp.int32),
+      implementation=implementation)
+  unfold = lambda x: jnp.moveaxis(x.reshape(n, kv_heads, c, group, *x.shape[3:]), 1, 2).reshape(
+      n, c, q_heads, *x.shape[3:])
+  return merge_by_lse([own, (unfold(out), unfold(lse))]).astype(q.dtype)
+
+
 def sparse_chunk_attention(q, k, v, chunk_lens, k_ctx, v_ctx, ctx_lens, scale: float, *,
                            backend: str = "reference") -> jax.Array:
-  """A prompt chunk's attention to its selected context and itself: cuDNN flash attention
-  (`chunk_attention_packed`) with the pallas backend on GPUs, else the jnp reference.
-
-  Not used: two cuDNN calls (chunk over itself, chunk over its context) merged by their
-  log-sum-exps, which skips the packed form's wasted (U^2 / 2) pairs and measured 829 vs 1066 us
-  per layer at U = C = 4096 on the H100, and matched the reference in a standalone check, but
-  gave wrong tokens inside the engine's jitted prefill on the GPU (likely NaN from padding rows'
-  -inf log-sum-exps; unverified, BENCHMARKS.md)."""
-  if (backend == "pallas" and _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) and
-      q.shape[-1] == v.shape[-1]):
-    return chunk_attention_packed(q, k, v, chunk_lens, k_ctx, v_ctx, ctx_lens, scale, implementation="cudnn")
+  """A prompt chunk's attention to its selected context and itself: with the pallas backend two
+  flash-attention calls merged by their log-sum-exps (`chunk_attention_split`; cuDNN on GPUs,
+  XLA's fused attention elsewhere), else the jnp reference."""
+  if backend == "pallas" and q.shape[-1] == v.shape[-1]:
+    implementation = "cudnn" if _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    return chunk_attention_split(q, k, v, chunk_lens, k_ctx, v_ctx, ctx_lens, scale, implementation=implementation)
   return chunk_attention(q, k, v, chunk_lens, k_ctx, v_ctx, ctx_lens, scale)
 
 

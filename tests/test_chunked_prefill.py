@@ -55,6 +55,38 @@ def test_algorithms_without_chunk_support_are_rejected():
     NoChunks().validate_with(KvCacheConfig(), enable_chunked_prefill=True)
 
 
+@pytest.mark.parametrize("flash_statistics", ["xla", "cudnn_like"])
+def test_split_chunk_attention_merges_empty_rows_to_zero(flash_statistics, monkeypatch):
+  """Two attention calls merged by log-sum-exps equal the reference on every valid query, with
+  per-head contexts of 0 tokens, a short chunk (padding query rows) and an empty chunk. Under
+  "cudnn_like" every row without a valid key reports what cuDNN reports (-inf statistics, NaN
+  output): the merge must still give the reference, and exactly 0 on padding rows, never NaN."""
+  import jax.numpy as jnp
+  from pallas_kernels import _compat
+  from sparse_jax.attention import chunk_attention, chunk_attention_split
+  if flash_statistics == "cudnn_like":
+    xla = _compat.attention_with_lse
+
+    def cudnn_like(*args, **kwargs):
+      out, lse = xla(*args, **kwargs)
+      empty = lse < -1e30
+      return jnp.where(empty[..., None], jnp.nan, out), jnp.where(empty, -jnp.inf, lse)
+
+    monkeypatch.setattr(_compat, "attention_with_lse", cudnn_like)
+  rng = np.random.default_rng(0)
+  n, c, hq, hkv, d, u = 3, 24, 8, 2, 16, 40
+  q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((n, c, hq, d), (n, c, hkv, d), (n, c, hkv, d)))
+  kc, vc = (jnp.asarray(rng.normal(size=(n, hkv, u, d)), jnp.float32) for _ in range(2))
+  chunk_lens, ctx_lens = [24, 17, 0], [[40, 0], [0, 0], [13, 7]]
+  cl, ctx = jnp.asarray(chunk_lens), jnp.asarray(ctx_lens)
+  ref = np.asarray(chunk_attention(q, k, v, cl, kc, vc, ctx, 0.25))
+  got = np.asarray(chunk_attention_split(q, k, v, cl, kc, vc, ctx, 0.25, implementation="xla"))
+  assert got.shape == ref.shape and not np.isnan(got).any()
+  for r in range(n):
+    np.testing.assert_allclose(got[r, :chunk_lens[r]], ref[r, :chunk_lens[r]], atol=2e-5)
+    assert (got[r, chunk_lens[r]:] == 0).all(), "padding query rows must be exactly 0"
+
+
 @pytest.mark.parametrize("ctx_lens,chunk_lens", [([[40, 13], [0, 29]], [24, 17]), ([[40, 40], [40, 40]], [24, 24])])
 def test_packed_chunk_attention_equals_reference(ctx_lens, chunk_lens):
   """The packed layout (one square causal attention per row and KV head, the form cuDNN runs)
