@@ -240,6 +240,8 @@ def _select_attend_pallas(raw, page_table, lengths, q, k_units, v_units, *, topk
 
 
 def _check_inputs(q, k_pages, v_pages, kt, page_table, lengths, topr, topk, block_size):
+  if q.ndim != 3:
+    raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
   check_score_inputs(q, kt, page_table, lengths, topr)
   kv_heads, num_pages, blocks_per_page = kt.shape[:3]
   head_dim = q.shape[-1]

@@ -41,9 +41,10 @@ def _rocket_score_kernel(qm_ref, sign_ref, pt_ref, nvalid_ref, kt_ref, raw_ref, 
                          num_splits: int, blocks_per_iter: int, blocks_per_page: int):
   """One program = one (batch row, kv head, split) over a balanced range of valid blocks.
 
-  Refs: ``qm_ref [G, D]`` f32 (scaled, channel-masked q), ``sign_ref [D]`` int32,
-  ``pt_ref [max_pages]`` page-table row, ``nvalid_ref [1]``, ``kt_ref [num_pages *
-  blocks_per_page, 2, D]`` the KT cache of this kv head, ``raw_ref [G, T_padded]`` f32.
+  Refs: ``qm_ref [S * G, D]`` f32 (scaled, channel-masked q of S queries), ``sign_ref
+  [S, D]`` int32, ``pt_ref [max_pages]`` page-table row, ``nvalid_ref [1]``, ``kt_ref
+  [num_pages * blocks_per_page, 2, D]`` the KT cache of this kv head, ``raw_ref [S * G,
+  T_padded]`` f32. Every KT block is loaded once for all S queries.
   The split owns blocks ``[split * per, min((split+1) * per, n_valid))`` with
   ``per = ceil(n_valid / num_splits)`` rounded up to whole iterations, so the work is
   balanced on the actual length (the page table may be much wider), ranges never overlap,
@@ -51,7 +52,9 @@ def _rocket_score_kernel(qm_ref, sign_ref, pt_ref, nvalid_ref, kt_ref, raw_ref, 
   page 0 of the pool and are discarded by the epilogue).
   """
   split = pl.program_id(2)
-  group = qm_ref.shape[0]
+  rows = qm_ref.shape[0]
+  samples = sign_ref.shape[0]
+  group = rows // samples
   n = blocks_per_iter
   n_valid = nvalid_ref[0]
   per_split = pl.cdiv(pl.cdiv(n_valid, num_splits), n) * n
@@ -59,8 +62,8 @@ def _rocket_score_kernel(qm_ref, sign_ref, pt_ref, nvalid_ref, kt_ref, raw_ref, 
   end = jnp.minimum(start + per_split, n_valid)
   num_iters = pl.cdiv(jnp.maximum(end - start, 0), n)
 
-  use_max = (sign_ref[...] != 0)[None, :]  # [1, D]
-  q_rows = [qm_ref[h][None, :] for h in range(group)]  # G x [1, D] f32
+  use_max = [(sign_ref[r] != 0)[None, :] for r in range(samples)]  # S x [1, D]
+  q_rows = [qm_ref[h][None, :] for h in range(rows)]  # S * G x [1, D] f32
 
   def body(i, carry):
     t0 = start + i * n
@@ -74,19 +77,22 @@ def _rocket_score_kernel(qm_ref, sign_ref, pt_ref, nvalid_ref, kt_ref, raw_ref, 
     if kmin.dtype.itemsize == 1:  # fp8 e5m2 -> bf16 is exact; select on 16-bit values
       kmin, kmax = kmin.astype(jnp.bfloat16), kmax.astype(jnp.bfloat16)
     # Select before the f32 upcast: one f32 tile of [n, D] live instead of three.
-    k_sel = jnp.where(use_max, kmax, kmin).astype(jnp.float32)
-    for h in range(group):
-      raw_ref[h, pl.ds(t0, n)] = jnp.sum(k_sel * q_rows[h], axis=1)
+    for r in range(samples):
+      k_sel = jnp.where(use_max[r], kmax, kmin).astype(jnp.float32)
+      for h in range(r * group, (r + 1) * group):
+        raw_ref[h, pl.ds(t0, n)] = jnp.sum(k_sel * q_rows[h], axis=1)
     return carry
 
   lax.fori_loop(0, num_iters, body, 0)
 
 
-def group_mean_softmax(raw_ref, n_valid, chunk: int):
-  """``mean_h softmax(raw_ref[h, :n_valid])`` by chunks (``raw_ref [G, T_padded]``): one
-  pass here for the per-head max and sum, then the returned ``probs(i)`` gives chunk i as
-  ``(t [chunk] block indices, p [chunk] f32)``; p is meaningless for ``t >= n_valid``."""
-  group = raw_ref.shape[0]
+def group_mean_softmax(raw_ref, n_valid, chunk: int, heads: range | None = None):
+  """``mean_h softmax(raw_ref[h, :n_valid])`` over the rows ``heads`` (default all) of
+  ``raw_ref [rows, T_padded]``, by chunks: one pass here for the per-head max and sum, then
+  the returned ``probs(i)`` gives chunk i as ``(t [chunk] block indices, p [chunk] f32)``;
+  p is meaningless for ``t >= n_valid``."""
+  heads = range(raw_ref.shape[0]) if heads is None else heads
+  group = len(heads)
 
   def load(h, i):
     t = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
@@ -95,8 +101,8 @@ def group_mean_softmax(raw_ref, n_valid, chunk: int):
   def stats(i, carry):
     ms, ls = carry
     new_ms, new_ls = [], []
-    for h in range(group):
-      _, x = load(h, i)
+    for h, row in enumerate(heads):
+      _, x = load(row, i)
       m = jnp.maximum(ms[h], x.max())
       new_ls.append(ls[h] * jnp.exp(ms[h] - m) + jnp.exp(x - m).sum())
       new_ms.append(m)
@@ -109,18 +115,20 @@ def group_mean_softmax(raw_ref, n_valid, chunk: int):
 
   def probs(i):
     acc = jnp.zeros((chunk,), jnp.float32)
-    for h in range(group):
-      t, x = load(h, i)
+    for h, row in enumerate(heads):
+      t, x = load(row, i)
       acc += jnp.exp(x - ms[h]) * inv[h]
     return t, acc
 
   return probs
 
 
-def _softmax_mean_kernel(raw_ref, nvalid_ref, out_ref, *, chunk: int, interpret: bool):
-  """One program = one (batch row, kv head): masked softmax per q head + group mean.
+def _softmax_mean_kernel(raw_ref, nvalid_ref, out_ref, *, samples: int, chunk: int,
+                         interpret: bool):
+  """One program = one (batch row, kv head): masked softmax per q head + group mean (the
+  max over the S queries' group means).
 
-  Refs: ``raw_ref [G, T_padded]`` f32 (valid for t < n_valid, garbage after),
+  Refs: ``raw_ref [S * G, T_padded]`` f32 (valid for t < n_valid, garbage after),
   ``nvalid_ref [1]``, ``out_ref [T]`` f32. Reads raw only up to n_valid (the page table,
   hence T, may be far wider than the valid blocks): pass 1 online max/sum per head,
   pass 2 writes ``mean_h exp(raw - m_h) / l_h``, pass 3 fills -inf up to T.
@@ -128,10 +136,14 @@ def _softmax_mean_kernel(raw_ref, nvalid_ref, out_ref, *, chunk: int, interpret:
   total = out_ref.shape[0]
   n_valid = nvalid_ref[0]
   valid_chunks = pl.cdiv(n_valid, chunk)
-  probs = group_mean_softmax(raw_ref, n_valid, chunk)
+  group = raw_ref.shape[0] // samples
+  probs = [group_mean_softmax(raw_ref, n_valid, chunk, range(r * group, (r + 1) * group))
+           for r in range(samples)]
 
   def write(i, carry):
-    t, acc = probs(i)
+    t, acc = probs[0](i)
+    for more in probs[1:]:
+      acc = jnp.maximum(acc, more(i)[1])
     out = jnp.where(t < n_valid, acc, -jnp.inf)
     _compat.store_slice(out_ref, pl.ds(i * chunk, chunk), out, mask=t < total,
                         interpret=interpret)
@@ -149,10 +161,11 @@ def _softmax_mean_kernel(raw_ref, nvalid_ref, out_ref, *, chunk: int, interpret:
   lax.fori_loop(valid_chunks, pl.cdiv(total, chunk), fill, 0)
 
 
-def _softmax_mean_pallas(raw, n_valid, total_blocks, *, chunk, interpret):
+def _softmax_mean_pallas(raw, n_valid, total_blocks, *, samples, chunk, interpret):
   batch, kv_heads, group, padded_blocks = raw.shape
   return pl.pallas_call(
-      functools.partial(_softmax_mean_kernel, chunk=chunk, interpret=interpret),
+      functools.partial(_softmax_mean_kernel, samples=samples, chunk=chunk,
+                        interpret=interpret),
       grid=(batch, kv_heads),
       in_specs=[
           pl.BlockSpec((None, None, group, padded_blocks), lambda b, g: (b, g, 0, 0)),
@@ -169,8 +182,10 @@ def _softmax_mean_pallas(raw, n_valid, total_blocks, *, chunk, interpret):
 def _rocket_scores_pallas(qm, sign, kt, page_table, n_valid, *, num_splits,
                           blocks_per_iter, num_warps, num_stages, interpret,
                           pad_multiple=_EPILOGUE_CHUNK):
-  """qm: [B, Hkv, G, D] f32 (scaled); sign: [B, Hkv, D] int32 -> raw [B, Hkv, G, T_pad]."""
+  """qm: [B, Hkv, S * G, D] f32 (scaled); sign: [B, Hkv, S, D] int32
+  -> raw [B, Hkv, S * G, T_pad]."""
   batch, kv_heads, group, head_dim = qm.shape
+  samples = sign.shape[2]
   _, num_pages, blocks_per_page, _, _ = kt.shape
   max_pages = page_table.shape[1]
   total_blocks = max_pages * blocks_per_page
@@ -185,7 +200,7 @@ def _rocket_scores_pallas(qm, sign, kt, page_table, n_valid, *, num_splits,
       grid=(batch, kv_heads, num_splits),
       in_specs=[
           pl.BlockSpec((None, None, group, head_dim), lambda b, g, s: (b, g, 0, 0)),
-          pl.BlockSpec((None, None, head_dim), lambda b, g, s: (b, g, 0)),
+          pl.BlockSpec((None, None, samples, head_dim), lambda b, g, s: (b, g, 0, 0)),
           pl.BlockSpec((None, max_pages), lambda b, g, s: (b, 0)),
           pl.BlockSpec((None, 1), lambda b, g, s: (b, 0)),
           pl.BlockSpec((None, num_pages * blocks_per_page, 2, head_dim),
@@ -206,7 +221,8 @@ def rocket_block_logits(q, kt, page_table, n_valid, *, topr, scale, num_splits,
                         blocks_per_iter, num_warps, num_stages, interpret,
                         pad_multiple=_EPILOGUE_CHUNK):
   """The scoring launch alone (the channel choice as an XLA preamble, then the KT scan):
-  ``raw [batch, kv_heads, group, T_padded]`` f32, the scaled per-q-head block logits,
+  ``raw [batch, kv_heads, S * group, T_padded]`` f32 (S = 1 for a 3-D q, else q's
+  samples axis, sample-major), the scaled per-q-head block logits,
   valid for ``t < n_valid`` (int32[batch]) and garbage after. ``T_padded`` is the
   page-table width in blocks rounded up to a multiple of ``pad_multiple`` and of
   ``blocks_per_iter`` (powers of two). Inputs as :func:`rocket_block_scores`; no checks."""
@@ -219,23 +235,28 @@ def rocket_block_logits(q, kt, page_table, n_valid, *, topr, scale, num_splits,
 
 
 def _select_channels(q, kv_heads, topr):
-  """XLA preamble: ``qm`` (q masked to the top-r channels, [B, Hkv, G, D] f32) and
-  ``sign`` ([B, Hkv, D] bool) per the RocketKV rule; ties as ``lax.top_k``."""
-  batch, q_heads, head_dim = q.shape
-  qg = q.reshape(batch, kv_heads, q_heads // kv_heads, head_dim).astype(jnp.float32)
+  """XLA preamble: ``qm`` (q masked to the top-r channels, [B, Hkv, S * G, D] f32) and
+  ``sign`` ([B, Hkv, S, D] bool) per the RocketKV rule, per query of q ``[B, Hq, D]``
+  (S = 1) or ``[B, S, Hq, D]``; ties as ``lax.top_k``."""
+  q = q[:, None] if q.ndim == 3 else q
+  batch, samples, q_heads, head_dim = q.shape
+  group = q_heads // kv_heads
+  qg = jnp.swapaxes(q.reshape(batch, samples, kv_heads, group, head_dim), 1, 2)
+  qg = qg.astype(jnp.float32)  # [B, Hkv, S, G, D]
   if topr == head_dim:  # every channel: no top-k to run
     qm = qg
   else:
-    importance = jnp.abs(qg).mean(axis=2)  # [B, Hkv, D]
-    _, channels = lax.top_k(importance, topr)  # [B, Hkv, topr]
-    keep = (channels[..., :, None] == jnp.arange(head_dim)).any(axis=-2)  # [B, Hkv, D]
-    qm = jnp.where(keep[:, :, None, :], qg, 0.0)
-  sign = qm.sum(axis=2) > 0
-  return qm, sign
+    importance = jnp.abs(qg).mean(axis=3)  # [B, Hkv, S, D]
+    _, channels = lax.top_k(importance, topr)  # [B, Hkv, S, topr]
+    keep = (channels[..., :, None] == jnp.arange(head_dim)).any(axis=-2)  # [B, Hkv, S, D]
+    qm = jnp.where(keep[..., None, :], qg, 0.0)
+  sign = qm.sum(axis=3) > 0
+  return qm.reshape(batch, kv_heads, samples * group, head_dim), sign
 
 
-def _softmax_group_mean(raw, n_valid):
-  """raw: [B, Hkv, G, T] f32 (garbage where t >= n_valid) -> [B, Hkv, T]."""
+def _softmax_group_mean(raw, n_valid, samples=1):
+  """raw: [B, Hkv, S * G, T] f32 (garbage where t >= n_valid) -> [B, Hkv, T], the max over
+  the S queries of their group means."""
   t = jnp.arange(raw.shape[-1])
   valid = t[None, :] < n_valid[:, None]  # [B, T]
   logits = jnp.where(valid[:, None, None, :], raw, -jnp.inf)
@@ -244,13 +265,17 @@ def _softmax_group_mean(raw, n_valid):
   e = jnp.exp(logits - m)
   denom = e.sum(axis=-1, keepdims=True)
   p = e / jnp.where(denom > 0, denom, 1.0)
-  return jnp.where(valid[:, None, :], p.mean(axis=2), -jnp.inf)
+  batch, kv_heads, rows, total = p.shape
+  p = p.reshape(batch, kv_heads, samples, rows // samples, total).mean(axis=3).max(axis=2)
+  return jnp.where(valid[:, None, :], p, -jnp.inf)
 
 
 def check_score_inputs(q, kt, page_table, lengths, topr):
-  if q.ndim != 3:
-    raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
-  batch, q_heads, head_dim = q.shape
+  if q.ndim not in (3, 4):
+    raise ValueError(
+        f"q must be [batch, q_heads, head_dim] or [batch, samples, q_heads, head_dim], got"
+        f" shape {q.shape}")
+  batch, q_heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
   if kt.ndim != 5 or kt.shape[3] != 2 or kt.shape[4] != head_dim:
     raise ValueError(
         "kt must be [kv_heads, num_pages, blocks_per_page, 2, head_dim="
@@ -309,7 +334,9 @@ def rocket_block_scores(
   """RocketKV block scores of the current decode token against the KT cache.
 
   Args:
-    q: ``[batch, q_heads, head_dim]`` roped query of the decode token.
+    q: ``[batch, q_heads, head_dim]`` roped query of the decode token, or ``[batch,
+      samples, q_heads, head_dim]``: several queries per row (a prefill chunk's), scored in
+      one pass over the KT cache; the result is the max over them of their scores.
     kt: ``[kv_heads, num_pages, blocks_per_page, 2, head_dim]``: per block of
       ``block_size`` tokens the elementwise min (``[..., 0, :]``) and max
       (``[..., 1, :]``) of the keys; float8_e5m2, bfloat16 or float32.
@@ -358,10 +385,11 @@ def rocket_block_scores(
       q, kt, page_table, n_valid, topr=topr, scale=scale, num_splits=num_splits,
       blocks_per_iter=blocks_per_iter, num_warps=num_warps, num_stages=num_stages,
       interpret=interpret)
+  samples = 1 if q.ndim == 3 else q.shape[1]
   if epilogue == "xla":
-    return _softmax_group_mean(raw[..., :total_blocks], n_valid)
-  return _softmax_mean_pallas(raw, n_valid, total_blocks, chunk=_EPILOGUE_CHUNK,
-                              interpret=interpret)
+    return _softmax_group_mean(raw[..., :total_blocks], n_valid, samples)
+  return _softmax_mean_pallas(raw, n_valid, total_blocks, samples=samples,
+                              chunk=_EPILOGUE_CHUNK, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("topr", "block_size", "scale"))
@@ -376,8 +404,13 @@ def rocket_block_scores_reference(
     scale: float | None = None,
 ) -> jax.Array:
   """Plain-XLA reference of :func:`rocket_block_scores`, written independently of the
-  kernel path (stable argsort for the channel choice, full gather of the KT cache)."""
+  kernel path (stable argsort for the channel choice, full gather of the KT cache, one
+  query at a time)."""
   check_score_inputs(q, kt, page_table, lengths, topr)
+  if q.ndim == 4:
+    one = functools.partial(rocket_block_scores_reference, kt=kt, page_table=page_table,
+                            lengths=lengths, topr=topr, block_size=block_size, scale=scale)
+    return jnp.max(jnp.stack([one(q[:, r]) for r in range(q.shape[1])]), axis=0)
   batch, q_heads, head_dim = q.shape
   kv_heads, _, blocks_per_page, _, _ = kt.shape
   group = q_heads // kv_heads

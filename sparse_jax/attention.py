@@ -425,23 +425,25 @@ def _spec_for(q: jax.Array, layer: LayerCache, scale: float, runtime: Runtime) -
 
 def chunk_block_scores(q, layer: LayerCache, rows, starts, chunk_lens, spec: AttentionSpec, runtime: Runtime):
   """The algorithm's block scores of the stored context for a prompt chunk: the max over up to 8
-  chunk queries sampled evenly up to its last one. Returns (float32[n, H, blocks], block_size)."""
-  algo = runtime.algorithm
+  chunk queries sampled evenly up to its last one, scored together. Returns (float32[n, H, blocks],
+  block_size)."""
   samples = min(8, q.shape[1])
   pick = (jnp.maximum(chunk_lens - 1, 0)[:, None] * jnp.arange(1, samples + 1)[None, :]) // samples  # [n, R]
   q_rep = jnp.take_along_axis(q, pick[:, :, None, None], axis=1)  # [n, R, Hq, D]
-  block_sizes = []
-
-  def score(qr):
-    scores, block_size = algo.chunk_scores(runtime.sparse, spec, qr, layer, rows, starts)
-    block_sizes.append(block_size)  # static; recorded while vmap traces
-    return scores
-
-  return jnp.max(jax.vmap(score, in_axes=1)(q_rep), axis=0), block_sizes[0]
+  return runtime.algorithm.chunk_scores(runtime.sparse, spec, q_rep, layer, rows, starts)
 
 
-def chunk_context_units(scores, block_size: int, rows, starts, page_size: int, prefill_budget: int):
-  """The top blocks within `prefill_budget` tokens as gather units: (unit ids, lengths, unit size)."""
+def chunk_context_units(scores, block_size: int, rows, starts, page_size: int, prefill_budget: int,
+                        granularity: str = "block"):
+  """The top blocks (or, with granularity "page", the top KV pages by their blocks' summed scores)
+  within `prefill_budget` tokens as gather units: (unit ids, lengths, unit size). Pages gather in
+  page-sized contiguous units, and their top-k runs over page_size / block_size times fewer scores."""
+  if granularity == "page" and block_size < page_size:
+    batch, kv_heads, blocks = scores.shape
+    per_page = scores.reshape(batch, kv_heads, blocks * block_size // page_size, page_size // block_size)
+    stored = ~jnp.isneginf(per_page)
+    scores = jnp.where(stored.any(-1), jnp.where(stored, per_page, 0.0).sum(-1), -jnp.inf)
+    block_size = page_size
   selection = topk_selection(scores, max(1, prefill_budget // block_size), block_size)
   unit_size = unit_size_for(block_size, page_size)
   ids, lens = to_units(selection, rows, starts, page_size, unit_size)
@@ -458,7 +460,8 @@ def _context_for_chunk(q, layer: LayerCache, rows, starts, chunk_lens, scale, ru
     return ids, lens, page_size
   scores, block_size = chunk_block_scores(q, layer, rows, starts, chunk_lens, _spec_for(q, layer, scale, runtime),
                                           runtime)
-  return chunk_context_units(scores, block_size, rows, starts, page_size, runtime.sparse.prefill_budget)
+  return chunk_context_units(scores, block_size, rows, starts, page_size, runtime.sparse.prefill_budget,
+                             runtime.sparse.prefill_granularity)
 
 
 def write_chunk(layer: LayerCache, k, v, rows, starts, lengths) -> LayerCache:

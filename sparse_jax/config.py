@@ -110,6 +110,9 @@ class BaseSparseAttentionConfig:
   #: Chunked sparse prefill: tokens of earlier context each prompt chunk attends to (the top
   #: blocks by the algorithm's chunk scores); its own chunk is always attended densely.
   prefill_budget: int = dataclasses.field(default=4096, kw_only=True)
+  #: What that selection ranks: "block" (the algorithm's blocks) or "page" (whole KV pages by their
+  #: blocks' summed scores: contiguous page-sized gathers and a top-k over fewer scores).
+  prefill_granularity: str = dataclasses.field(default="block", kw_only=True)
 
   def validate_with(self, kv_cache_config: KvCacheConfig, enable_chunked_prefill: bool) -> None:
     """Rejects combinations with the cache/scheduler settings, saying why."""
@@ -128,6 +131,8 @@ class BaseSparseAttentionConfig:
           "it compacts each request's KV pages after prefill, so pages cannot be shared between requests")
     if isinstance(self.prefill_budget, bool) or not isinstance(self.prefill_budget, int) or self.prefill_budget <= 0:
       _fail(type(self).__name__, "prefill_budget", self.prefill_budget, "must be a positive integer")
+    if self.prefill_granularity not in ("block", "page"):
+      _fail(type(self).__name__, "prefill_granularity", self.prefill_granularity, "must be 'block' or 'page'")
     if enable_chunked_prefill and self.supports_chunked_prefill and get_algorithm(self).chunk_scores is None:
       _fail(type(self).__name__, "algorithm", self.algorithm, "declares chunked prefill but has no chunk_scores")
     if enable_chunked_prefill and not self.supports_chunked_prefill:
@@ -147,8 +152,9 @@ class Algorithm:
   page_scores(cfg, spec, q, layer, page_table, lengths) -> float32[batch, max_pages] | None
     (per-page importance, used to evict pages during long generation)
   chunk_scores(cfg, spec, q, layer, page_table, lengths) -> (float32[batch, kv_heads, blocks], block_size):
-    scores of the stored context's blocks for one query per row (-inf = not a block); a
-    chunked sparse prefill takes each chunk's top blocks by the max over sampled queries.
+    scores of the stored context's blocks for several queries per row (q: [batch, samples,
+    q_heads, D]; the max over them; -inf = not a block); a chunked sparse prefill takes each
+    chunk's top blocks by them.
   dense_below(cfg) -> int: sequences of at most this many tokens decode densely (the engine skips
     the prediction while all are shorter, keeping aux pools current): at least the length up to
     which predict_attn selects every block; an algorithm may set it higher where its sparse

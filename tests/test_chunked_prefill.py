@@ -103,3 +103,25 @@ def test_packed_chunk_attention_equals_reference(ctx_lens, chunk_lens):
   assert got.shape == ref.shape
   for r in range(n):
     np.testing.assert_allclose(got[r, :chunk_lens[r]], ref[r, :chunk_lens[r]], atol=2e-5)
+
+
+def test_page_granularity_selects_whole_pages_by_summed_block_scores():
+  """prefill_granularity="page": the top KV pages by the sum of their blocks' scores, gathered as
+  whole pages in ascending order; a page holding no valid block is never selected."""
+  import jax.numpy as jnp
+  from sparse_jax.attention import chunk_context_units
+  # 2-token blocks in 4-token pages: pages score 0.3, 0.9, 0.5 and (no valid block) -inf.
+  scores = jnp.asarray([[[0.1, 0.2, 0.45, 0.45, 0.5, 0.0, -jnp.inf, -jnp.inf]]], jnp.float32)
+  rows = jnp.asarray([[7, 3, 5, -1]], jnp.int32)
+  starts = jnp.asarray([11], jnp.int32)
+  ids, lens, unit = chunk_context_units(scores, 2, rows, starts, 4, prefill_budget=8, granularity="page")
+  assert unit == 4
+  assert np.asarray(ids).tolist() == [[[3, 5]]] and np.asarray(lens).tolist() == [[7]]  # page 5 holds 3 tokens
+  ids, _, unit = chunk_context_units(scores, 2, rows, starts, 4, prefill_budget=8)
+  assert unit == 2 and np.asarray(ids).tolist() == [[[15, 6, 7, 10]]]  # blocks 1 (0.2), 2, 3, 4 in block order
+
+
+def test_prefill_granularity_is_validated():
+  rk = RocketSparseAttentionConfig(prefill_granularity="token")
+  with pytest.raises(ConfigError, match="prefill_granularity='token'"):
+    rk.validate_with(KvCacheConfig(), enable_chunked_prefill=True)

@@ -141,9 +141,11 @@ def predict_attn(cfg: QuestSparseAttentionConfig, spec, q: jax.Array, layer: Lay
 
 def chunk_scores(cfg: QuestSparseAttentionConfig, spec, q: jax.Array, layer: LayerCache, page_table: jax.Array,
                  lengths: jax.Array) -> tuple[jax.Array, int]:
-  """Scores of the stored context's Quest pages for one query per row (chunked sparse prefill):
-  (float32[batch, kv_heads, num_quest_pages], -inf = not a page; page_size)."""
-  return page_probs(cfg, spec, q, layer, page_table, lengths), cfg.page_size
+  """Scores of the stored context's Quest pages for several queries per row (q: [batch, samples, q_heads, D];
+  chunked sparse prefill): (float32[batch, kv_heads, num_quest_pages], the max over the queries, -inf = not a
+  page; page_size)."""
+  probs = jax.vmap(lambda qr: page_probs(cfg, spec, qr, layer, page_table, lengths), in_axes=1)(q)
+  return jnp.max(probs, axis=0), cfg.page_size
 
 
 def page_scores(cfg: QuestSparseAttentionConfig, spec, q: jax.Array, layer: LayerCache, page_table: jax.Array,

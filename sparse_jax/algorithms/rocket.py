@@ -190,7 +190,8 @@ def block_scores(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, layer: La
 
 def chunk_scores(cfg: RocketSparseAttentionConfig, spec, q: jax.Array, layer: LayerCache, page_table: jax.Array,
                  lengths: jax.Array) -> tuple[jax.Array, int]:
-  """Block scores of the stored context for one query per row (chunked sparse prefill)."""
+  """Block scores of the stored context for several queries per row (q: [n, samples, q_heads, D]; the max over
+  them), from one pass over the KT cache (chunked sparse prefill)."""
   return block_scores(cfg, spec, q, layer, page_table, lengths), cfg.page_size
 
 
