@@ -611,7 +611,7 @@ def write_json(path: str, obj: Any) -> None:
 
 # -- command line -------------------------------------------------------------------------------
 
-def _define_flags():
+def define_flags():
   from absl import flags
   flags.DEFINE_enum("mode", "throughput", ["throughput", "latency"],
                     "throughput: every request at once; latency: --concurrency requests in flight")
@@ -668,6 +668,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
-  _define_flags()
-  app.run(main)
+  from sparse_jax.cli import run_tool
+  run_tool("bench")

@@ -8,16 +8,20 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app, flags
+from absl import flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "checkpoint directory (default: the embedded default model)")
-flags.DEFINE_enum("task", "niah_single", ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"],
-                  "needle task")
-flags.DEFINE_integer("context_length", 4096, "prompt length in tokens")
-flags.DEFINE_integer("budget", 512, "RocketKV token budget (prompt_budget; topk = budget / page_size)")
-flags.DEFINE_integer("seed", 7, "eval-split sample seed")
-flags.DEFINE_string("backend", None, "pallas or reference (default: pallas on GPUs, reference on the CPU)")
+
+
+def define_flags():
+  flags.DEFINE_string("model", None, "checkpoint directory (default: the embedded default model)")
+  flags.DEFINE_enum("task", "niah_single", ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"],
+                    "needle task")
+  flags.DEFINE_integer("context_length", 4096, "prompt length in tokens")
+  flags.DEFINE_integer("budget", 512, "RocketKV token budget (prompt_budget; topk = budget / page_size)")
+  flags.DEFINE_integer("seed", 7, "eval-split sample seed")
+  flags.DEFINE_enum("backend", None, ["pallas", "reference"], "attention kernels (default: pallas on GPUs, "
+                    "reference on the CPU)")
 
 
 def main(_):
@@ -61,4 +65,5 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from sparse_jax.cli import run_tool
+  run_tool("demo")

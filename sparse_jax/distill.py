@@ -377,6 +377,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
-  define_flags()
-  app.run(main)
+  from sparse_jax.cli import run_tool
+  run_tool("distill")

@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from absl import app, flags
+from absl import flags
 
 from sparse_jax import tasks
 
@@ -311,5 +311,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  from sparse_jax.cli import run_tool
+  run_tool("eval")

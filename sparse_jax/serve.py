@@ -814,7 +814,7 @@ def main(argv):
   uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level.lower())
 
 
-def _define_flags():
+def define_flags():
   from absl import flags
   flags.DEFINE_string("model", "", "Hugging Face checkpoint directory (default: the embedded default model)")
   flags.DEFINE_string("host", "127.0.0.1", "address to listen on")
@@ -843,6 +843,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app as absl_app
-  _define_flags()
-  absl_app.run(main)
+  from sparse_jax.cli import run_tool
+  run_tool("serve")

@@ -1304,5 +1304,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  from sparse_jax.cli import run_tool
+  run_tool("train")
