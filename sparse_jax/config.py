@@ -42,8 +42,12 @@ def is_int(value: Any) -> bool:
 
 def is_real(value: Any) -> bool:
   """A finite int or float that is not a bool (no strings, no nan or inf)."""
-  return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-          and math.isfinite(value))
+  if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
+    return False
+  try:
+    return math.isfinite(value)
+  except OverflowError:  # an int beyond float's range
+    return False
 
 
 def check_int(where: str, value: Any, *, minimum: int = 1, maximum: int | None = None,

@@ -32,7 +32,7 @@ from flax import nnx
 
 from sparse_jax.attention import Runtime
 from sparse_jax.cache import CacheExhaustedError, PageAllocator, create_cache_for
-from sparse_jax.config import BaseSparseAttentionConfig, ConfigError, KvCacheConfig
+from sparse_jax.config import BaseSparseAttentionConfig, ConfigError, KvCacheConfig, is_int, is_real
 from sparse_jax.sampling import MAX_TOP_LOGPROBS, SampledLogprobs, SamplingState, TokenHistory, sample
 
 log = logging.getLogger("sparse_jax.engine")
@@ -80,36 +80,36 @@ class SamplingParams:
     def bad(field: str, why: str):
       raise ValueError(f"SamplingParams.{field}={getattr(self, field)!r}: {why}")
 
-    if not _is_int(self.max_tokens) or not 0 < self.max_tokens <= INT32_MAX:
+    if not is_int(self.max_tokens) or not 0 < self.max_tokens <= INT32_MAX:
       bad("max_tokens", f"must be an integer in [1, {INT32_MAX}]")
-    if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+    if not is_real(self.temperature) or self.temperature < 0:
       bad("temperature", "must be a finite number >= 0 (0 = greedy)")
-    if not _is_int(self.top_k) or not 0 <= self.top_k <= INT32_MAX:
+    if not is_int(self.top_k) or not 0 <= self.top_k <= INT32_MAX:
       bad("top_k", f"must be an integer in [0, {INT32_MAX}] (0 = off)")
-    if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+    if not is_real(self.top_p) or not 0 < self.top_p <= 1:
       bad("top_p", "must be a number in (0, 1]")
-    if self.seed is not None and (not _is_int(self.seed) or not -2**63 <= self.seed < 2**63):
+    if self.seed is not None and (not is_int(self.seed) or not -2**63 <= self.seed < 2**63):
       bad("seed", "must be None or an integer in [-2**63, 2**63)")
     if not isinstance(self.ignore_eos, (bool, np.bool_)):
       bad("ignore_eos", "must be True or False")
-    if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+    if not is_int(self.n) or not 1 <= self.n <= MAX_N:
       bad("n", f"must be an integer in [1, {MAX_N}]")
     for name in ("presence_penalty", "frequency_penalty"):
       value = getattr(self, name)
-      if not _is_real(value) or not -2 <= value <= 2:
+      if not is_real(value) or not -2 <= value <= 2:
         bad(name, "must be a number in [-2, 2] (0 = off)")
-    if not _is_real(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
+    if not is_real(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
       bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
-    if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+    if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
       bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
-    if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+    if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
       bad("logprobs", f"must be None or an integer in [0, {MAX_TOP_LOGPROBS}]")
     stop = [self.stop] if isinstance(self.stop, str) else self.stop
     if stop is not None and (not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)):
       bad("stop", "must be None, a string or a list of strings")
     ids = self.stop_token_ids
     if ids is not None and (not isinstance(ids, (list, tuple, np.ndarray)) or
-                            not all(_is_int(t) and 0 <= t <= INT32_MAX for t in ids)):
+                            not all(is_int(t) and 0 <= t <= INT32_MAX for t in ids)):
       bad("stop_token_ids", "must be None or a list of non-negative token ids")
     self.max_tokens, self.top_k, self.ignore_eos = int(self.max_tokens), int(self.top_k), bool(self.ignore_eos)
     self.temperature, self.top_p = float(self.temperature), float(self.top_p)
@@ -129,14 +129,6 @@ class SamplingParams:
 
 INT32_MAX = 2**31 - 1
 MAX_N = 128  # completions per prompt (each is an engine request)
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_real(value) -> bool:
-  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 

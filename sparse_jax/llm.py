@@ -372,7 +372,9 @@ def _raise_failed(reqs: list[Request]) -> None:
 
 
 def _completions(sp: SamplingParams) -> list[SamplingParams]:
-  """One engine request per completion; completion i of a seeded request samples with seed + i."""
+  """One engine request per completion; completion i of a seeded request samples with seed + i
+  (wrapping around within the int64 seeds SamplingParams accepts)."""
   if sp.n == 1:
     return [sp]
-  return [dataclasses.replace(sp, n=1, seed=None if sp.seed is None else sp.seed + i) for i in range(sp.n)]
+  seed = lambda i: None if sp.seed is None else (sp.seed + i + 2**63) % 2**64 - 2**63
+  return [dataclasses.replace(sp, n=1, seed=seed(i)) for i in range(sp.n)]

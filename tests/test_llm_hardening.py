@@ -44,12 +44,19 @@ def assert_healthy(llm):
     (dict(temperature=math.nan), "temperature=nan"), (dict(temperature=math.inf), "temperature=inf"),
     (dict(temperature="0.5"), "temperature='0.5'"), (dict(top_p=math.nan), "top_p=nan"),
     (dict(max_tokens=True), "max_tokens=True"), (dict(max_tokens=2**40), f"max_tokens={2**40}"),
-    (dict(max_tokens=4.0), "max_tokens=4.0"),
+    (dict(max_tokens=4.0), "max_tokens=4.0"), (dict(temperature=10**400), "temperature=1000"),
+    (dict(repetition_penalty=math.nan), "repetition_penalty=nan"), (dict(n=0), "n=0"),
 ])
 def test_every_sampling_field_is_validated(kwargs, needle):
   with pytest.raises(ValueError) as info:
     SamplingParams(**kwargs)
   assert f"SamplingParams.{needle}" in str(info.value)
+
+
+def test_seeds_of_n_completions_wrap_within_int64():
+  from sparse_jax.llm import _completions
+  seeds = [p.seed for p in _completions(SamplingParams(n=3, seed=2**63 - 2, temperature=1.0))]
+  assert seeds == [2**63 - 2, 2**63 - 1, -2**63]
 
 
 def test_sampling_params_normalises_accepted_forms():
