@@ -10,7 +10,7 @@ kv_heads 1). Head h's key and value are k_h = [W_UK_h c, k_r] and v_h = W_UV_h c
 
 The absorbed form turns decode into MQA with 576-dim keys and 512-dim values over the latent
 pool: every head reads the same cached bytes once. Decode and sparse prefill use it (kernels
-in pallas_kernels/sparse_mla_*); dense prefill expands K/V from the latent (fewer FLOPs for
+in pallas_kernels/mla_decode.py, sparse_mla_*); dense prefill expands K/V from the latent (fewer FLOPs for
 fresh prompts) and runs plain causal attention.
 
 DSA (sparse_jax/algorithms/dsa.py) picks each query's top-k tokens; the kernels receive the
@@ -296,6 +296,7 @@ class MLAttention(nnx.Module):
     """x: [S, hidden] one token per slot; positions: int32[S] RoPE positions; lengths: int32[S]
     tokens stored before this one; active: bool[S]. Absorbed MLA over the DSA-selected tokens
     (or all tokens without a sparse config). Returns (out [S, hidden], layer)."""
+    from pallas_kernels.mla_decode import mla_decode
     from pallas_kernels.sparse_mla_decode import sparse_mla_decode
     s = x.shape[0]
     chex.assert_shape((positions, lengths, active), (s,))
@@ -307,13 +308,14 @@ class MLAttention(nnx.Module):
     layer = layer.replace(k=write_tokens(layer.k, slot, p.latent[:, None]),
                           v=write_tokens(layer.v, slot, p.k_rope[:, None]))
     visible = jnp.where(active, lengths + 1, 0).astype(jnp.int32)
-    if cfg is None:
-      ids = dsa.dense_token_ids(visible, page_table.shape[1] * page_size)
-    else:
-      ix = self.indexer.spec(page_size)
-      iq, w = self.indexer.queries(x, p.q_resid, p.cos, p.sin)
-      layer = dsa.write_indexer_keys(cfg, layer, slot, self.indexer.keys(x, p.cos, p.sin))
-      ids = dsa.select_decode(cfg, ix, iq, w, layer, page_table, visible, runtime)
+    if cfg is None:                       # dense: every stored token, no id list
+      out = mla_decode(self.absorbed_query(p), layer.k[0], layer.v[0], page_table, visible, self.scale,
+                       **runtime.kernel_kwargs())
+      return self.output(out), layer
+    ix = self.indexer.spec(page_size)
+    iq, w = self.indexer.queries(x, p.q_resid, p.cos, p.sin)
+    layer = dsa.write_indexer_keys(cfg, layer, slot, self.indexer.keys(x, p.cos, p.sin))
+    ids = dsa.select_decode(cfg, ix, iq, w, layer, page_table, visible, runtime)
     out = sparse_mla_decode(self.absorbed_query(p), layer.k[0], layer.v[0], page_table, ids, self.scale,
                             **runtime.kernel_kwargs())
     return self.output(out), layer

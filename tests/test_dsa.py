@@ -249,3 +249,22 @@ def test_fp8_quantization_is_per_token_per_128_channels():
   back = dsa.dequantize_fp8(q, s)
   rel = np.abs(np.asarray(back - k)) / np.abs(np.asarray(k)).reshape(5, 2, 128).max(-1).repeat(128, axis=1)
   assert rel.max() <= 2 ** -4        # e4m3: 3 mantissa bits
+
+
+@pytest.mark.parametrize("sparse", [None, DSA(index_topk=8)], ids=["dense", "dsa"])
+def test_engine_greedy_tokens_pallas_equal_reference(sparse):
+  """Through the LLM API (engine, paged cache, decode chunks): greedy tokens with the Pallas
+  kernels (interpret mode; dense decode: mla_decode, DSA: indexer + one-launch top-k + sparse
+  MLA) equal the reference backend's, on a tiny random DeepSeek-V3.2 with ragged prompts."""
+  from sparse_jax import LLM, KvCacheConfig, SamplingParams
+  model = tiny_deepseek(5, num_hidden_layers=1, mlp_layer_types=("dense",))
+  rng = np.random.default_rng(7)
+  prompts = [rng.integers(3, 97, n).tolist() for n in (14, 9)]        # one prefill bucket; both past index_topk
+  params = SamplingParams(max_tokens=5, ignore_eos=True)
+  tokens = {}
+  for backend in ("reference", "pallas"):
+    llm = LLM(model, dtype="float32", backend=backend, max_batch_size=2, max_seq_len=32,
+              sparse_attention_config=sparse, decode_chunk_size=4, kv_cache_config=KvCacheConfig(tokens_per_block=8))
+    tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+  assert all(len(t) == 5 for t in tokens["reference"])
+  assert tokens["pallas"] == tokens["reference"]
