@@ -5,7 +5,12 @@ several contexts, and reports tokens/s and achieved HBM bandwidth:
 (weight bytes + KV bytes read per step) / step time, against a copy ceiling measured in the
 same run. The peer is the same engine with the pure-XLA reference attention.
 
+Two layouts of the same engine step, in the same run (`--layouts`): `bench` (`--steps` steps
+per call, the page table at its full width) and `serving` (what the serving engine compiles:
+`--serving_steps` steps per call, the table at `Engine.decode_table_width`, a power of two).
+
   python bench/bench_decode.py --contexts=4096,16384,32768 --batch=8 --out=$OUT/decode.json
+  python bench/bench_decode.py --smoke     # CPU, tiny model, interpret mode (or SMOKE=1)
 """
 from __future__ import annotations
 
@@ -24,6 +29,10 @@ flags.DEFINE_string("config", "llama-3.1-8b", "model shape: a name in bench/mode
 flags.DEFINE_list("contexts", ["4096", "16384", "32768"], "tokens already in the cache per sequence")
 flags.DEFINE_integer("batch", 8, "sequences decoded together")
 flags.DEFINE_integer("steps", 32, "decode steps per jitted call (per host round trip)")
+flags.DEFINE_integer("serving_steps", 16, "steps per call of the `serving` layout (the engine's default chunk)")
+flags.DEFINE_list("layouts", ["bench", "serving"], "bench: --steps per call, full-width page table; serving: "
+                  "--serving_steps per call, the engine's bucketed table width")
+flags.DEFINE_bool("smoke", False, "tiny model on the CPU (interpret mode)")
 flags.DEFINE_integer("iters", 20, "timed calls per point (median)")
 flags.DEFINE_list("backends", ["pallas", "reference"], "attention backends to compare")
 flags.DEFINE_string("reference_contexts", "32768", "contexts at which the reference backend also runs")
@@ -72,6 +81,9 @@ def main(_):
   from sparse_jax.config import KvCacheConfig, load_llm_api_options
   from sparse_jax.engine import Engine
 
+  if FLAGS.smoke or os.environ.get("SMOKE") == "1":
+    FLAGS.config, FLAGS.contexts, FLAGS.batch, FLAGS.iters, FLAGS.page_size = "tiny-llama", ["48"], 2, 2, 16
+    FLAGS.steps, FLAGS.serving_steps, FLAGS.backends = 4, 2, ["pallas"]
   cfg = model_config(FLAGS.config)
   t0 = time.perf_counter()
   model = models.build_model(cfg, dtype=jnp.bfloat16)
@@ -91,7 +103,7 @@ def main(_):
   ref_contexts = {int(c) for c in FLAGS.reference_contexts.split(",") if c}
   b, steps = FLAGS.batch, FLAGS.steps
   max_ctx = max(contexts)
-  extra = steps * (FLAGS.iters + 4) + 8
+  extra = (steps + FLAGS.serving_steps + 1) * (2 * FLAGS.iters + 2) + 8  # tokens the timed calls append
   rows = []
   for backend in FLAGS.backends:
     ctxs = [c for c in contexts if backend != "reference" or c in ref_contexts]
@@ -121,44 +133,54 @@ def main(_):
     remaining = jnp.full((b,), 1 << 30, jnp.int32)
     ignore = jnp.ones((b,), bool)
     samp = eng._sampling_state()
-    compiled = {}  # steps per call -> compiled step (every context has the same shapes)
+    history = eng._history
+    compiled = {}  # (steps per call, table width) -> compiled step (every context has the same shapes)
     for ctx in ctxs:
       cache = fill(cache, ctx)
       _mem(f"{backend} ctx={ctx} filled")
       per_step = {}
-      for n in (steps, 1):
-        if n not in compiled:
-          compiled[n] = _compile(eng._decode_fn, (eng.params, cache, table, tokens, active, remaining, ignore, samp),
-                                 dict(n_pages=n_pages, num_steps=n), f"{backend}_steps{n}")
-        run = lambda c, step_fn=compiled[n]: step_fn(eng.params, c, table, tokens, active, remaining, ignore, samp)
+      widths = {"bench": (steps, n_pages),
+                "serving": (FLAGS.serving_steps, eng.decode_table_width(ctx + extra))}
+      for key in sorted({widths[name] for name in FLAGS.layouts} | {(1, n_pages)}, reverse=True):
+        n, width = key
+        if key not in compiled:
+          compiled[key] = _compile(eng._decode_fn, (eng.params, cache, table, tokens, active, remaining, ignore, samp,
+                                                    history), dict(n_pages=width, num_steps=n),
+                                   f"{backend}_steps{n}_pages{width}")
+        run = lambda c, h, step_fn=compiled[key]: step_fn(eng.params, c, table, tokens, active, remaining, ignore,
+                                                          samp, h)
         t0 = time.perf_counter()
-        cache, out, *_ = run(cache)
+        cache, history, out, *_ = run(cache, history)
         jax.block_until_ready(out)
         compile_s = time.perf_counter() - t0
-        _mem(f"{backend} ctx={ctx} steps={n} first call")
+        _mem(f"{backend} ctx={ctx} steps={n} pages={width} first call")
         times = []
-        for _ in range(FLAGS.iters if n == steps else 2 * FLAGS.iters):
+        for _ in range(FLAGS.iters if n > 1 else 2 * FLAGS.iters):
           t0 = time.perf_counter()
-          cache, out, *_ = run(cache)
+          cache, history, out, *_ = run(cache, history)
           jax.block_until_ready(out)
           times.append(time.perf_counter() - t0)
-        per_step[n] = float(np.median(times)) / n
-        print(f"  {backend} ctx={ctx} steps/call={n}: {per_step[n] * 1e3:.3f} ms/step (first call {compile_s:.1f}s; "
-              f"calls {[round(t * 1e3, 2) for t in times[:6]]} ms)",
-              flush=True)
-      kv_bytes = b * (ctx + extra // 2) * eng.layout.bytes_per_token(jnp.bfloat16)
-      step = per_step[steps]
-      bytes_step = read_weight_bytes + kv_bytes
-      row = dict(backend=backend, context=ctx, batch=b, step_ms=step * 1e3, step_ms_single_call=per_step[1] * 1e3,
-                 host_overhead_pct=100 * max(0.0, per_step[1] - step) / per_step[1],
-                 tokens_per_s=b / step, bytes_per_step_gb=bytes_step / 1e9, tb_per_s=bytes_step / step / 1e12,
-                 pct_of_ceiling=100 * bytes_step / step / ceiling, sparse=sparse.algorithm if sparse else "dense")
-      rows.append(row)
+        per_step[key] = float(np.median(times)) / n
+        print(f"  {backend} ctx={ctx} steps/call={n} table width={width}: {per_step[key] * 1e3:.3f} ms/step "
+              f"(first call {compile_s:.1f}s; calls {[round(t * 1e3, 2) for t in times[:6]]} ms)", flush=True)
+      for layout in FLAGS.layouts:
+        n, width = widths[layout]
+        kv_bytes = b * (ctx + extra // 2) * eng.layout.bytes_per_token(jnp.bfloat16)
+        step, single = per_step[(n, width)], per_step[(1, n_pages)]
+        bytes_step = read_weight_bytes + kv_bytes
+        row = dict(backend=backend, layout=layout, context=ctx, batch=b, steps_per_call=n, table_width=width,
+                   step_ms=step * 1e3, step_ms_single_call=single * 1e3,
+                   host_overhead_pct=100 * max(0.0, single - step) / single,
+                   tokens_per_s=b / step, bytes_per_step_gb=bytes_step / 1e9, tb_per_s=bytes_step / step / 1e12,
+                   pct_of_ceiling=100 * bytes_step / step / ceiling, sparse=sparse.algorithm if sparse else "dense")
+        rows.append(row)
     del cache, eng
-  print("\n| backend | context | batch | ms/step | tokens/s | GB read/step | TB/s | % ceiling | host overhead |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("\n| backend | layout | steps/call | table width | context | batch | ms/step | tokens/s | GB read/step "
+        "| TB/s | % ceiling | host overhead |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['backend']} | {r['context']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | "
+    print(f"| {r['backend']} | {r['layout']} | {r['steps_per_call']} | {r['table_width']} | {r['context']} | "
+          f"{r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | "
           f"{r['bytes_per_step_gb']:.1f} | {r['tb_per_s']:.2f} | {r['pct_of_ceiling']:.0f}% | "
           f"{r['host_overhead_pct']:.1f}% |")
   result = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, config=FLAGS.config,

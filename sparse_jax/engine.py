@@ -642,6 +642,11 @@ class Engine:
         self._last_token[slot] = first[i]
         self._emit_isolated(req, [int(first[i])], [_token_logprobs(logprobs, req, i)])
 
+  def decode_table_width(self, tokens: int) -> int:
+    """Page-table columns a decode step compiles for when its longest sequence reaches `tokens`
+    (a power of two, so that few widths are compiled; at most max_pages_per_seq)."""
+    return min(self.max_pages_per_seq, _pow2_at_least(math.ceil(tokens / self.page_size)))
+
   def _decode(self, only: list[int] | None = None) -> None:
     slots = sorted(self._running) if only is None else only
     active = np.zeros(self.max_batch_size, bool)
@@ -654,7 +659,7 @@ class Engine:
       ignore_eos[s] = req.params.ignore_eos
     steps = self.decode_chunk_size
     need = max(int(self._slot_len[s]) + steps for s in slots)
-    n_pages = min(self.max_pages_per_seq, _pow2_at_least(math.ceil(need / self.page_size)))
+    n_pages = self.decode_table_width(need)
     dense = self._dense_below is not None and need <= self._dense_below
     out = self._decode_fn(self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(self._last_token),
                           jnp.asarray(active), jnp.asarray(remaining), jnp.asarray(ignore_eos),

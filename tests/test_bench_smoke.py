@@ -1,0 +1,39 @@
+"""Benchmarks run under SMOKE=1 on the CPU (tiny shapes, interpret mode); timings are reported,
+never asserted."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _smoke(script, out):
+  env = dict(os.environ, SMOKE="1", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, script, f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_rocket_step_measures_every_variant_and_they_agree(tmp_path):
+  """The fused two-launch step, the unfused Pallas path and the lean XLA step: same outputs."""
+  out = tmp_path / "rocket_step.json"
+  proc = _smoke("bench/bench_rocket_step.py", out)
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["variant"] for r in rows] == ["fused", "pallas", "xla_lean"]
+  for row in rows:
+    assert "error" not in row, row
+    assert row["us_per_layer"] > 0
+    assert row["max_abs_diff_vs_fused"] <= 2e-2  # bf16 outputs of the same selection
+  assert "fused vs pallas" in proc.stdout  # the table
+
+
+def test_decode_measures_the_bench_and_serving_layouts(tmp_path):
+  """The engine's decode step as the decode bench compiles it and as the serving engine does."""
+  out = tmp_path / "decode.json"
+  _smoke("bench/bench_decode.py", out)
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["backend"], r["layout"]) for r in rows] == [("pallas", "bench"), ("pallas", "serving")]
+  assert [r["steps_per_call"] for r in rows] == [4, 2]
+  assert all(r["step_ms"] > 0 for r in rows)
