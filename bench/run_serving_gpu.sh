@@ -16,6 +16,10 @@
 #     goal), then 64K if time remains. 128K at the largest batch is NOT run: RocketKV would admit
 #     ~100 sequences of 128K, i.e. ~100 prefills of 128K tokens (~6 PFLOP each), far beyond 5
 #     minutes (dense fits ~3).
+#   bash bench/run_serving_gpu.sh 128k     # stage "128k", < 10 min: prompts of 130,560 tokens, 512
+#     output tokens, one warm-up request per engine: dense vs RocketKV with sparse chunked prefill
+#     (configs/rocket_chunked.yaml) at batch 2, RocketKV chunked at its largest batch (capped at
+#     24), then, time allowing, RocketKV with one-shot prefill (configs/rocket.yaml) at batch 2.
 #   SMOKE=1 OUT=/tmp/s bash bench/run_serving_gpu.sh   # CPU dry run of the script (tiny model)
 #
 # Goals to read off the JSON `comparisons` (RocketKV / dense, same context and batch spec):
@@ -57,21 +61,37 @@ ARGS=(--mode=throughput "${MODEL[@]}" --extra_llm_api_options=dense,configs/rock
       --max_batch_cap=$CAP)
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
+left() { echo $(( WALL - (SECONDS - START) )); }
+JSONS=()
+serve() {  # serve NAME POINTS [bench args...]: one sparse_jax.bench run into $OUT/NAME.json
+  local name=$1 points=$2; shift 2
+  echo "=== $name: points $points ==="
+  # The bench skips a point once (time spent + mean point time) would pass the budget; the
+  # timeout is the hard stop (the JSON then holds every point finished before it).
+  timeout --signal=TERM --kill-after=10 "$(left)" $PY -m sparse_jax.bench "$@" --points="$points" \
+      --time_budget_s=$(( $(left) - 15 )) --output="$OUT/$name.json" --plot="$OUT/$name.png" 2>&1 \
+    | grep -v "Unable to initialize backend" | tee "$OUT/$name.log"
+  echo "=== bench exit ${PIPESTATUS[0]} after $((SECONDS - START))s ==="
+  JSONS+=("$OUT/$name.json")
+}
 case "$STAGE" in
-  short) POINTS="$L32K:2,$L1K:2,$L32K:max,$L8K:max,$L8K:2" ;;
-  long)  POINTS="$L128K:2,$L64K:2"; ARGS+=(--output_len=$((OUTLEN / 2))) ;;
-  *) echo "unknown stage '$STAGE': use short or long" >&2; exit 2 ;;
+  short) serve serving_short "$L32K:2,$L1K:2,$L32K:max,$L8K:max,$L8K:2" "${ARGS[@]}" ;;
+  long)  serve serving_long "$L128K:2,$L64K:2" "${ARGS[@]}" --output_len=$((OUTLEN / 2)) ;;
+  128k)
+    WALL=570
+    L=130560; LONG_OUT=512; [ "${SMOKE:-0}" = "1" ] && { L=1024; LONG_OUT=40; }
+    common=(--mode=throughput "${MODEL[@]}" --output_len=$LONG_OUT --warmup_requests=1 --max_batch_cap=$CAP)
+    serve serving_128k_b2 "$L:2" "${common[@]}" --extra_llm_api_options=dense,configs/rocket_chunked.yaml
+    serve serving_128k_max "$L:max" "${common[@]}" --extra_llm_api_options=configs/rocket_chunked.yaml
+    if [ "$(left)" -gt 90 ]; then
+      serve serving_128k_oneshot "$L:2" "${common[@]}" --extra_llm_api_options=configs/rocket.yaml
+    fi ;;
+  *) echo "unknown stage '$STAGE': use short, long or 128k" >&2; exit 2 ;;
 esac
-echo "=== stage $STAGE: points $POINTS (dense, then RocketKV, at each) ==="
-# The bench skips a point once (time spent + mean point time) would pass the budget; the
-# timeout is the hard stop (the JSON then holds every point finished before it).
-timeout --signal=TERM --kill-after=10 $WALL $PY -m sparse_jax.bench "${ARGS[@]}" --points="$POINTS" \
-    --time_budget_s=$((WALL - 15)) --output="$OUT/serving_$STAGE.json" --plot="$OUT/serving_$STAGE.png" 2>&1 \
-  | grep -v "Unable to initialize backend" | tee "$OUT/serving_$STAGE.log"
-echo "=== bench exit ${PIPESTATUS[0]} after $((SECONDS - START))s ==="
 
-# Summary of the stage's JSON.
-$PY - "$OUT/serving_$STAGE.json" <<'EOF'
+# Summary of the stage's JSON files.
+for json in "${JSONS[@]}"; do
+$PY - "$json" <<'EOF'
 import json, os, sys
 path = sys.argv[1]
 n = lambda x, fmt: "-" if x is None else format(x, fmt)
@@ -93,4 +113,5 @@ if os.path.exists(path):
           f"{f('per_user_decode_tokens_per_s_ratio')}, decode throughput {f('decode_tokens_per_s_ratio')}, "
           f"peak KV {f('peak_kv_memory_gb_ratio')}, KV while decoding {f('decode_kv_memory_gb_ratio')}")
 EOF
+done
 echo "stage $STAGE done in $((SECONDS - START))s; results in $OUT"
