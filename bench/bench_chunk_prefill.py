@@ -1,9 +1,11 @@
 """Sparse chunked prefill's attention, per layer: one prompt chunk of C queries attending to U
 selected context tokens per KV head (gathered) and causally to itself.
 
-Three ways, same run, Llama-3.1-8B head shape (32 query heads, 8 KV heads, 128 dims, bf16):
+Four ways, same run, Llama-3.1-8B head shape (32 query heads, 8 KV heads, 128 dims, bf16):
+  split:     `chunk_attention_split` on cuDNN (the chunk over itself and over its context, two
+             flash-attention calls merged by their log-sum-exps; the engine's GPU path),
   packed:    `chunk_attention_packed` on cuDNN (one square causal flash attention per row and
-             KV head; the engine's GPU path),
+             KV head),
   reference: `chunk_attention` under XLA (scores materialised per 512-query block),
   peer:      cuDNN causal attention of a dense prefill over the same U + C tokens (what a dense
              engine pays for the last C queries of a (U + C)-token prompt is about U*C + C^2/2
@@ -14,7 +16,7 @@ Then the whole per-layer prefill core of one chunk after `--ctx_tokens` stored t
 engine's `prefill_core`: context selection, gather, attention, cache write, aux update; the
 layer's pools donated): RocketKV (configs/rocket_chunked.yaml's settings) for a middle chunk and
 for the final chunk (plus SnapKV++ over the whole prompt and compaction), dense chunked, and
-the packed attention alone, so the table shows where a chunk's time goes.
+the parts of a RocketKV chunk each timed alone, so the table shows where a chunk's time goes.
 
   python bench/bench_chunk_prefill.py --out=$OUT/chunk_prefill.json
 """
@@ -44,7 +46,7 @@ def main(_):
   import jax
   import jax.numpy as jnp
   from bench import common
-  from sparse_jax.attention import causal_attention, chunk_attention, chunk_attention_packed
+  from sparse_jax.attention import causal_attention, chunk_attention, chunk_attention_packed, chunk_attention_split
 
   info = common.setup()
   gpu = common.on_gpu()
@@ -71,6 +73,9 @@ def main(_):
     expect = ref(*args)
     err = common.max_abs_error(packed(*args), expect)
     t_packed = common.time_fn(packed, *args, loop=False).us
+    split = jax.jit(lambda *a: chunk_attention_split(*a, scale, implementation=impl))
+    split_err = common.max_abs_error(split(*args), expect)
+    t_split = common.time_fn(split, *args, loop=False).us
     t_ref, ref_err = common.guarded("reference", lambda: common.time_fn(ref, *args, loop=False).us)
     # Peer: dense causal prefill attention over U + C tokens.
     full_q = jax.random.normal(keys[0], (1, u + c, hq, d), dtype)
@@ -81,7 +86,8 @@ def main(_):
     t_peer = common.time_fn(peer, full_q, full_k, full_k, lens, loop=False).us
     useful = 4 * hq * d * (u * c + c * c / 2)
     peer_flops = 4 * hq * d * (u + c) ** 2 / 2
-    row = dict(U=u, C=c, packed_us=round(t_packed, 1), reference_us=None if t_ref is None else round(t_ref, 1),
+    row = dict(U=u, C=c, split_us=round(t_split, 1), split_tflops=round(useful / t_split / 1e6, 1),
+               split_max_abs_err=split_err, packed_us=round(t_packed, 1), reference_us=None if t_ref is None else round(t_ref, 1),
                peer_dense_us=round(t_peer, 1), packed_tflops=round(useful / t_packed / 1e6, 1),
                peer_tflops=round(peer_flops / t_peer / 1e6, 1),
                speedup_vs_reference=None if t_ref is None else round(t_ref / t_packed, 2),

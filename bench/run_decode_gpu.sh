@@ -23,7 +23,7 @@ case "$STAGE" in step|model|all) ;; *) echo "unknown stage '$STAGE': use step, m
 STEP_ARGS=(); MODEL_ARGS=(--iters=20)
 if [ "${SMOKE:-0}" = "1" ]; then
   STEP_ARGS=(--smoke)
-  MODEL_ARGS=(--config=tiny-llama --contexts=256,512 --reference_contexts=512 --batch=2 --steps=2 --iters=2)
+  MODEL_ARGS=(--smoke)
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
 rc=0

@@ -8,7 +8,7 @@
 # short unpacked rows with small batches (many optimizer steps: they form after a number of steps,
 # not of tokens), at a learning rate low enough for the 512-wide model (1.5e-3 never formed them);
 # then the multi-key needles and key-value lookups at 512 tokens (key matching: picking the needle
-# whose key the question names, which the full mixture at 1K never taught v1 in 5000 steps); these
+# whose key the question names, which the full mixture at 1K does not teach in 5000 steps); these
 # two phases are gated: training stays in each until the teacher-forced exact match on held-out
 # samples (niah_single, then niah_single + niah_multikey) reaches --gate_exact_match (or half of
 # the time has passed). Then the full task mixture, then ever longer packed rows up to 32K.

@@ -12,8 +12,7 @@ tokenizer.json, tokenizer_config.json, generation_config.json, training_log.json
 
 Budget, and why these defaults (one H100, ~7.5 minutes of training inside a 530 s budget):
   Model: 4 layers, hidden 512, 8 query / 4 KV heads of 64, MLP 1024, vocab 4096, untied:
-  13.6M parameters, 27 MB in bf16 = two shards under 15 MB (the 5 small files + index + 2
-  shards = the 8 files the device tool returns). FLOPs per trained token: 6 x 9.4M (layer
+  13.6M parameters, 27 MB in bf16 = two shards under 15 MB. FLOPs per trained token: 6 x 9.4M (layer
   matmuls) + 6 x 2.1M (lm_head: answer slots + the auxiliary LM loss on every token) ~= 69M,
   plus attention 3.5 (forward + flash backward) x 4 layers x 2 x T x 512 (QK^T and PV over
   T/2 keys on average) = 14.3k x T: 7M at T=512, 29M at 2K, 117M at 8K, 235M at 16K, 470M
