@@ -18,7 +18,7 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/sparse_jax_bench_out}"
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: a YAML written there names files in it
 STAGE="${1:-grid}"
 filter() { grep -a -v "^I1\|^W1\|DeprecationWarning\|warnings.warn\|Pallas.*deprecated"; }
 BACKEND=pallas; BUDGET=500; LIMIT=545
@@ -65,7 +65,8 @@ PY
       --output="$OUT/default_model_indexer.safetensors" --steps=$STEPS --seq_len=1024 --batch_size=8 --topk=8 \
       2>&1 | filter | tee "$OUT/distill.log" | tail -n 12
     [ "${PIPESTATUS[0]}" = 0 ] || exit 1
-    sed "s#sparse_jax/assets/default_model_indexer.safetensors#$OUT/default_model_indexer.safetensors#" \
+    # configs/indexer.yaml with the weights path (however it is written) pointing at the new weights
+    sed -E "s#[^ \"']*default_model_indexer\.safetensors#$OUT/default_model_indexer.safetensors#" \
       configs/indexer.yaml > "$OUT/indexer.yaml"
     suite eval_indexer "${SIZES[@]}" --nodense --algorithms="$OUT/indexer.yaml" ;;
   chunked)
