@@ -44,7 +44,7 @@ class Runtime:
   mesh: Any = None          # jax.sharding.Mesh with axis TP_AXIS, or None
   shard_kv: bool = False    # KV heads split over the mesh (else attention runs replicated)
   evict: bool = False       # accumulate page importance for eviction (aux pool IMPORTANCE)
-  predict: bool = True      # False: keep aux pools current but attend densely (short sequences)
+  predict: bool = True      # False: keep aux pools current but attend densely (short sequences, dense layers)
 
   def __post_init__(self):
     if self.backend not in BACKENDS:
@@ -79,6 +79,13 @@ class Runtime:
       return shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
     return wrapped
+
+  def for_layer(self, layer_index: int) -> "Runtime":
+    """The runtime of layer `layer_index`: without prediction where the sparse config keeps that
+    layer dense (`dense_layers`)."""
+    if self.sparse is None or not self.predict or layer_index >= self.sparse.dense_layers:
+      return self
+    return dataclasses.replace(self, predict=False)
 
   @property
   def algorithm(self):
@@ -455,7 +462,7 @@ def _context_for_chunk(q, layer: LayerCache, rows, starts, chunk_lens, scale, ru
   algorithm's top blocks within `prefill_budget`, scored by the max over sampled chunk queries."""
   kv_heads, page_size = layer.k.shape[0], layer.k.shape[2]
   algo = runtime.algorithm
-  if algo is None or algo.chunk_scores is None:
+  if algo is None or algo.chunk_scores is None or not runtime.predict:
     ids, lens = dense_units(rows, starts, kv_heads)
     return ids, lens, page_size
   scores, block_size = chunk_block_scores(q, layer, rows, starts, chunk_lens, _spec_for(q, layer, scale, runtime),

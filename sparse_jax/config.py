@@ -117,6 +117,11 @@ class BaseSparseAttentionConfig:
   #: What that selection ranks: "block" (the algorithm's blocks) or "page" (whole KV pages by their
   #: blocks' summed scores: contiguous page-sized gathers and a top-k over fewer scores).
   prefill_granularity: str = dataclasses.field(default="block", kw_only=True)
+  #: Layers 0..dense_layers-1 attend densely: no decode-time selection and no chunk selection in
+  #: chunked prefill (Quest's paper keeps the first two layers dense: their attention is not
+  #: sparse). Their aux pools stay current, and an algorithm that compacts the prompt compacts
+  #: them too, since every layer holds the same tokens. 0 = every layer sparse.
+  dense_layers: int = dataclasses.field(default=0, kw_only=True)
 
   def validate_with(self, kv_cache_config: KvCacheConfig, enable_chunked_prefill: bool) -> None:
     """Rejects combinations with the cache/scheduler settings, saying why."""
@@ -135,6 +140,8 @@ class BaseSparseAttentionConfig:
           "it compacts each request's KV pages after prefill, so pages cannot be shared between requests")
     if isinstance(self.prefill_budget, bool) or not isinstance(self.prefill_budget, int) or self.prefill_budget <= 0:
       _fail(type(self).__name__, "prefill_budget", self.prefill_budget, "must be a positive integer")
+    if not is_int(self.dense_layers) or self.dense_layers < 0:
+      _fail(type(self).__name__, "dense_layers", self.dense_layers, "must be an integer >= 0")
     if self.prefill_granularity not in ("block", "page"):
       _fail(type(self).__name__, "prefill_granularity", self.prefill_granularity, "must be 'block' or 'page'")
     if enable_chunked_prefill and self.supports_chunked_prefill and get_algorithm(self).chunk_scores is None:

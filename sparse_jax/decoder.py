@@ -34,7 +34,8 @@ class CachedDecoder:
     for i, layer in enumerate(self.layers):
       def attend(attn, x, i=i):
         nonlocal cache, counts
-        out, new_layer, counts = attn.prefill(x, lengths, cache.layer(i), rows, runtime, starts, final)
+        out, new_layer, counts = attn.prefill(x, lengths, cache.layer(i), rows, runtime.for_layer(i), starts,
+                                             final)
         cache = cache.with_layer(i, new_layer)
         return out
       h = layer(h, attend)
@@ -55,7 +56,7 @@ class CachedDecoder:
       def attend(attn, x, i=i):
         nonlocal cache
         out, new_layer = attn.decode(x, cache.positions, cache.layer(i), cache.page_table, cache.lengths, active,
-                                     runtime)
+                                     runtime.for_layer(i))
         cache = cache.with_layer(i, new_layer)
         return out
       h = layer(h, attend)

@@ -252,6 +252,9 @@ class Engine:
     self.seed = seed
     self.page_size = kv_cache_config.tokens_per_block
     self.layout = model.cache_layout(sparse_attention_config, self.page_size)
+    if sparse_attention_config is not None and sparse_attention_config.dense_layers > self.layout.num_layers:
+      raise ValueError(f"sparse_attention_config.dense_layers={sparse_attention_config.dense_layers} exceeds the "
+                       f"model's {self.layout.num_layers} layers")
     if self.decode_budget is not None:
       from sparse_jax.attention import IMPORTANCE
       from sparse_jax.cache import AuxPoolSpec

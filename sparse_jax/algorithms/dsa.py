@@ -89,6 +89,9 @@ class DSASparseAttentionConfig(BaseSparseAttentionConfig):
       _fail(name, "indexer_k_dtype", self.indexer_k_dtype, f"must be one of {sorted(INDEXER_K_DTYPES)}")
     if not isinstance(self.skip_indexer_for_short_seqs, bool):
       _fail(name, "skip_indexer_for_short_seqs", self.skip_indexer_for_short_seqs, "must be true or false")
+    if self.dense_layers != 0:
+      _fail(name, "dense_layers", self.dense_layers,
+            "must be 0: DeepSeek-V3.2 runs its indexer in every MLA layer, and MLA layers have no dense-layer path")
 
   def validate_with(self, kv_cache_config, enable_chunked_prefill: bool) -> None:
     # Chunked prefill is native to the MLA layer (a chunk's queries score every stored indexer

@@ -24,8 +24,8 @@ always among them. The token budget per decode step is `topk * page_size`.
 Quest compresses no prompt (`predict_kv` returns None; `compacts_prompt = False`, so block
 reuse is fine). `supports_chunked_prefill = True`: its metadata is per page and updated from
 the stored keys, so chunks may arrive in any number (sparse chunked prefill scores through
-the same page bounds). The paper keeps the first two layers dense; this engine applies one
-configuration to every layer.
+the same page bounds). The paper keeps the first two layers dense: `dense_layers: 2` does that
+(the default, 0, makes every layer sparse).
 
 Defaults: page_size=16 (the paper's page size), topk=128 (a 2048-token budget, the middle
 of the paper's 256-4096 range), minmax_dtype="bfloat16" ("float32" for exact tests).
