@@ -113,3 +113,15 @@ def test_bench_shell_scripts_parse():
   for name in scripts:
     proc = subprocess.run(["bash", "-n", os.path.join(ROOT, "bench", name)], capture_output=True, text=True)
     assert proc.returncode == 0, f"{name}: {proc.stderr}"
+
+
+def test_every_benchmark_topic_names_hardware_jax_date_and_command():
+  with open(os.path.join(ROOT, "BENCHMARKS.md"), encoding="utf-8") as f:
+    sections = re.split(r"^## ", f.read(), flags=re.M)[1:]
+  assert sections
+  needs = {"hardware": r"NVIDIA [AHB]\d+|\bCPU\b", "jax version": r"\bjax \d+\.\d+", "date": r"\b20\d\d-\d\d-\d\d\b",
+           "command": r"`(bash bench/|python -m )"}
+  missing = [f"{s.splitlines()[0]}: no {what}" for s in sections for what, p in needs.items() if not re.search(p, s)]
+  assert not missing, missing
+  dated = [s.splitlines()[0] for s in sections if re.search(r"\b20\d\d-\d\d-\d\d\b|\brun\b|\(issue", s.splitlines()[0])]
+  assert not dated, f"topic headings, not run headings: {dated}"
