@@ -63,9 +63,10 @@ def test_dsa_on_mla_replicates_the_latent_cache_and_splits_the_experts():
 def test_dsa_pallas_kernels_under_tensor_parallelism():
   """DSA with backend="pallas" (kernels in interpret mode), float32 indexer cache, tp=2 vs tp=1.
 
-  Regression: with a non-FP8 indexer cache the indexer kernel has no scale operand, and its
-  histogram output was aliased to operand 6 of 6 ("input_output_aliases contains the mapping
-  '6:1' with input index 6 outside the range [0, 6)"), failing bench_tp.py's DSA check."""
+  With a non-FP8 indexer cache the indexer kernel has no scale operand: any operand index the
+  kernel names (an output alias, say) must follow the operand list, or the pallas_call is
+  rejected ("input_output_aliases contains the mapping '6:1' with input index 6 outside the
+  range [0, 6)")."""
   res = _run("mla", "sparse", "1,2", backend="pallas", devices=2)
   outs = res["outs"]
   assert res["devices"] == 2
