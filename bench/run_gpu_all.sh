@@ -20,8 +20,12 @@ fi
 RESULTS=$(mkdir -p "$1" && cd "$1" && pwd); shift
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+ALL=(check kernels dsa decode prefill serving eval tp)
 TOPICS=("$@")
-[ ${#TOPICS[@]} -gt 0 ] || TOPICS=(check kernels dsa decode prefill serving eval tp)
+[ ${#TOPICS[@]} -gt 0 ] || TOPICS=("${ALL[@]}")
+for t in "${TOPICS[@]}"; do
+  [[ " ${ALL[*]} " == *" $t "* ]] || { echo "unknown topic '$t': use ${ALL[*]}" >&2; exit 2; }
+done
 SM=(); [ "${SMOKE:-0}" = "1" ] && SM=(--smoke)
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
@@ -76,7 +80,6 @@ for t in "${TOPICS[@]}"; do
       else
         echo "tp skipped: needs two GPUs" | tee -a "$RESULTS/summary.txt"
       fi ;;
-    *) echo "unknown topic '$t'" >&2; exit 2 ;;
   esac
 done
 cat "$RESULTS/summary.txt"
