@@ -12,19 +12,20 @@ small shape with NaN in every pool slot the kernel must not read, then the bench
   top-k      dsa_topk (Pallas radix select: one launch, and the six-launch kernel) vs lax.top_k
              vs lax.approx_max_k on [8, context]
   sparse MLA sparse_mla_decode over the 2048 selected tokens (config sweep at 128K)
-  dense MLA  the same kernel over every token (dense absorbed MLA decode of this engine, sweep)
-             vs plain XLA (the reference: gather every latent, einsum, softmax)
+  dense MLA  mla_decode over every token (this engine's dense absorbed MLA decode; its config
+             sweep and TFLOP/s are bench/bench_mla_decode.py's) vs plain XLA (the reference)
   DSA step   indexer over the FP8 cache + top-2048 + sparse MLA, one jit (best configs),
              vs the same step in plain XLA (references + lax.top_k)
 
 Per row: time (us, bench/common.time_fn: warm-up, then medians over >= 20 calls inside jit),
 bytes the op must read (its inputs: cache bytes it touches + queries + ids), TB/s, % of the
-copy ceiling measured in this run. Goals: dense MLA >= 80% of the ceiling; the DSA step
-within 1.5x of its byte limit and >= 4x faster than dense at 128K.
+copy ceiling measured in this run. Goals at 128K: the DSA step within 1.5x of its byte limit
+(about 90 us on an H100) and >= 4x faster than dense MLA; the top-k <= 30 us.
 
   python bench/bench_dsa.py                  # GPU: check, then the benchmark; JSON to $OUT
   python bench/bench_dsa.py --check          # only the correctness check
-  python bench/bench_dsa.py --smoke          # CPU, tiny shapes, interpret mode
+  python bench/bench_dsa.py --ops=topk       # only some ops (indexer,topk,mla_sparse,mla_dense,dsa_step)
+  python bench/bench_dsa.py --smoke          # CPU, tiny shapes, interpret mode (or SMOKE=1)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import numpy as np  # noqa: E402
 from pallas_kernels.dsa_indexer import dsa_indexer_scores, dsa_indexer_scores_reference  # noqa: E402
 from pallas_kernels.dsa_topk import (KERNELS, dsa_topk, dsa_topk_internals, dsa_topk_reference,  # noqa: E402
                                      pass_histograms_reference)
+from pallas_kernels.mla_decode import mla_decode  # noqa: E402
 from pallas_kernels.sparse_mla_decode import sparse_mla_decode  # noqa: E402
 from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill, sparse_mla_prefill_reference  # noqa: E402
 from sparse_jax.algorithms.dsa import quantize_fp8  # noqa: E402
@@ -110,6 +112,11 @@ def indexer_fn(cfg=None, backend="pallas", interpret=False):
 def topk_fn(k, cfg=None, interpret=False):
   cfg = cfg or {}
   return jax.jit(lambda s: dsa_topk(s, k, interpret=interpret, **cfg))
+
+
+def dense_fn(scale, backend="pallas", interpret=False):
+  return jax.jit(lambda q, lat, rope, pt, lengths: mla_decode(q, lat, rope, pt, lengths, scale, backend=backend,
+                                                              interpret=interpret))
 
 
 def mla_fn(scale, cfg=None, backend="pallas", interpret=False):
@@ -287,10 +294,8 @@ MLA_SPARSE_SWEEP = [dict(), dict(block_k=64), dict(num_splits=16), dict(num_spli
                     dict(block_h=32, num_warps=8), dict(block_h=32, block_k=64, num_warps=8),
                     dict(block_h=16, block_k=64, num_warps=4), dict(block_h=128, num_warps=16),
                     dict(block_h=64, num_warps=16)]
-MLA_DENSE_SWEEP = [dict(), dict(block_k=64), dict(block_h=32, block_k=64, num_warps=8),
-                   dict(block_h=32, block_k=32, num_warps=8, num_stages=3), dict(block_h=16, block_k=64, num_warps=4),
-                   dict(block_h=128, block_k=64, num_warps=16), dict(block_h=64, block_k=64, num_warps=16),
-                   dict(block_k=64, num_splits=34)]
+
+OPS = ("indexer", "topk", "mla_sparse", "mla_dense", "dsa_step")
 
 
 def label(cfg: dict) -> str:
@@ -300,19 +305,25 @@ def label(cfg: dict) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--contexts", default="131072,65536,32768", help="first one gets the config sweeps")
-  parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+  parser.add_argument("--smoke", action="store_true", default=os.environ.get("SMOKE") == "1",
+                      help="tiny shapes, interpret mode (CPU); also SMOKE=1")
+  parser.add_argument("--ops", default=",".join(OPS), help=f"which of {','.join(OPS)} to time")
   parser.add_argument("--check", action="store_true", help="only the correctness check")
   parser.add_argument("--no-check", action="store_true")
   parser.add_argument("--iters", type=int, default=20)
-  parser.add_argument("--budget-s", type=float, default=200.0)
+  parser.add_argument("--budget-s", type=float, default=200.0,
+                      help="wall-time budget: sweeps and XLA peers are skipped once it runs out (not under --smoke)")
   parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
+  ops = args.ops.split(",")
+  if set(ops) - set(OPS):
+    parser.error(f"--ops {args.ops!r}: unknown {sorted(set(ops) - set(OPS))}; expected a subset of {OPS}")
 
   info = common.setup()
-  budget = common.Budget(args.budget_s)
+  budget = common.Budget(float("inf") if args.smoke else args.budget_s)
   interpret = args.smoke or not common.on_gpu()
   s = SMOKE if args.smoke else Shape()
-  contexts = [256, 128] if args.smoke else [int(c) for c in args.contexts.split(",")]
+  contexts = [128] if args.smoke else [int(c) for c in args.contexts.split(",")]
   if args.smoke:
     args.iters = 3
   ok = True
@@ -328,7 +339,7 @@ def main(argv=None) -> int:
 
   def timed(row, fn, *fargs, nbytes):
     result, err = common.guarded(f"{row['op']} {row['impl']} {row.get('config', '')}", common.time_fn, fn, *fargs,
-                                 iters=args.iters)
+                                 iters=args.iters, loop=not args.smoke)
     row = dict(row, error=err)
     if result is not None:
       row.update(us=round(result.us, 2), **common.bandwidth(nbytes, result.us, ceiling))
@@ -338,6 +349,8 @@ def main(argv=None) -> int:
     return row
 
   def sweep(ctx, op, sweep_cfgs, make, fargs, nbytes, first: bool):
+    if args.smoke:        # one config per op: every op and peer runs, the sweeps are the GPU's
+      sweep_cfgs = sweep_cfgs[:1]
     cfgs = sweep_cfgs if first and not budget.spent(reserve=60) else [best.get(op, {})]
     results = [timed(dict(context=ctx, op=op, impl="pallas", config=label(c)), make(c), *fargs, nbytes=nbytes)
                for c in cfgs]
@@ -356,49 +369,51 @@ def main(argv=None) -> int:
           f"{s.batch * ctx * s.latent_bytes / 1e6:.1f} MB", flush=True)
     ib, kb = indexer_bytes(s, ctx), topk_bytes(s, ctx)
     mb_sparse, mb_dense = mla_bytes(s, s.topk, ctx), mla_bytes(s, ctx, ctx)
-    # indexer
-    sweep(ctx, "indexer", INDEXER_SWEEP, lambda c: indexer_fn(c, interpret=interpret), indexer_args(x), ib, first)
-    timed(dict(context=ctx, op="indexer", impl="xla"), indexer_fn(backend="reference"), *indexer_args(x), nbytes=ib)
-    # top-k
-    top = sweep(ctx, "topk", TOPK_SWEEP, lambda c: topk_fn(s.topk, c, interpret=interpret), (x["scores"],), kb, first)
-    if not first:          # the six-launch kernel at every context, as the peer of the best one
-      timed(dict(context=ctx, op="topk", impl="pallas", config=label(CHUNKED_PEER)),
-            topk_fn(s.topk, CHUNKED_PEER, interpret=interpret), x["scores"], nbytes=kb)
-    for impl, fn in (("lax.top_k", jax.jit(lambda sc: jax.lax.top_k(sc, s.topk)[1])),
-                     ("lax.approx_max_k", jax.jit(lambda sc: jax.lax.approx_max_k(sc, s.topk)[1]))):
-      r = timed(dict(context=ctx, op="topk", impl=impl), fn, x["scores"], nbytes=kb)
-      if top and r.get("us"):
-        r["vs"] = f"ours {r['us'] / top['us']:.1f}x faster"
+    dense = None
+    if "indexer" in ops:
+      sweep(ctx, "indexer", INDEXER_SWEEP, lambda c: indexer_fn(c, interpret=interpret), indexer_args(x), ib, first)
+      timed(dict(context=ctx, op="indexer", impl="xla"), indexer_fn(backend="reference"), *indexer_args(x), nbytes=ib)
+    if "topk" in ops:
+      top = sweep(ctx, "topk", TOPK_SWEEP, lambda c: topk_fn(s.topk, c, interpret=interpret), (x["scores"],), kb,
+                  first)
+      if not first or args.smoke:   # the six-launch kernel at every context, as the peer of the best one
+        timed(dict(context=ctx, op="topk", impl="pallas", config=label(CHUNKED_PEER)),
+              topk_fn(s.topk, CHUNKED_PEER, interpret=interpret), x["scores"], nbytes=kb)
+      for impl, fn in (("lax.top_k", jax.jit(lambda sc: jax.lax.top_k(sc, s.topk)[1])),
+                       ("lax.approx_max_k", jax.jit(lambda sc: jax.lax.approx_max_k(sc, s.topk)[1]))):
+        r = timed(dict(context=ctx, op="topk", impl=impl), fn, x["scores"], nbytes=kb)
+        if top and r.get("us"):
+          r["vs"] = f"{r['us'] / top['us']:.2f}x the time of ours"
     mla_args = (x["q"], x["latent"], x["rope"], x["table"])
-    # sparse MLA over the selected tokens
-    sweep(ctx, "mla_sparse", MLA_SPARSE_SWEEP, lambda c: mla_fn(x["scale"], c, interpret=interpret),
-          (*mla_args, x["ids"]), mb_sparse, first)
-    # dense absorbed MLA: the same kernel over every token, and plain XLA
-    dense = sweep(ctx, "mla_dense", MLA_DENSE_SWEEP, lambda c: mla_fn(x["scale"], c, interpret=interpret),
-                  (*mla_args, x["dense_ids"]), mb_dense, first)
-    if not budget.spent(reserve=30):
-      timed(dict(context=ctx, op="mla_dense", impl="xla"), mla_fn(x["scale"], backend="reference"),
-            *mla_args, x["dense_ids"], nbytes=mb_dense)
-    # the whole DSA step
-    cfgs = {"indexer": best.get("indexer", {}), "topk": best.get("topk", {}), "mla": best.get("mla_sparse", {})}
-    step_bytes = ib + mb_sparse
-    step = timed(dict(context=ctx, op="dsa_step", impl="pallas",
-                      config=f"best: {label(cfgs['indexer'])} | {label(cfgs['topk'])} | {label(cfgs['mla'])}"),
-                 dsa_step_fn(s, x["scale"], cfgs, interpret=interpret), *step_args(x), nbytes=step_bytes)
-    if first:
-      timed(dict(context=ctx, op="dsa_step", impl="pallas unfused", config="top-k does its own first pass"),
-            dsa_step_fn(s, x["scale"], cfgs, interpret=interpret, fused=False), *step_args(x), nbytes=step_bytes)
-      peer = dict(cfgs, topk=CHUNKED_PEER)
-      timed(dict(context=ctx, op="dsa_step", impl="pallas", config=f"top-k {label(CHUNKED_PEER)}"),
-            dsa_step_fn(s, x["scale"], peer, interpret=interpret), *step_args(x), nbytes=step_bytes)
-    if step.get("us"):
-      limit_us = step_bytes / ceiling * 1e6
-      step["vs"] = f"{step['us'] / limit_us:.2f}x its byte limit ({limit_us:.1f} us)"
-      if dense and dense.get("us"):
-        step["vs"] += f"; {dense['us'] / step['us']:.1f}x faster than dense MLA"
-    if not budget.spent(reserve=20):
-      timed(dict(context=ctx, op="dsa_step", impl="xla"), dsa_step_fn(s, x["scale"], backend="reference"),
-            *step_args(x), nbytes=step_bytes)
+    if "mla_sparse" in ops:  # sparse MLA over the selected tokens
+      sweep(ctx, "mla_sparse", MLA_SPARSE_SWEEP, lambda c: mla_fn(x["scale"], c, interpret=interpret),
+            (*mla_args, x["ids"]), mb_sparse, first)
+    if "mla_dense" in ops:   # dense absorbed MLA (its config sweep and TFLOP/s: bench_mla_decode.py), plain XLA
+      dense = timed(dict(context=ctx, op="mla_dense", impl="pallas", config="mla_decode"),
+                    dense_fn(x["scale"], interpret=interpret), *mla_args, x["lengths"], nbytes=mb_dense)
+      if not budget.spent(reserve=30):
+        timed(dict(context=ctx, op="mla_dense", impl="xla"), dense_fn(x["scale"], backend="reference"),
+              *mla_args, x["lengths"], nbytes=mb_dense)
+    if "dsa_step" in ops:
+      cfgs = {"indexer": best.get("indexer", {}), "topk": best.get("topk", {}), "mla": best.get("mla_sparse", {})}
+      step_bytes = ib + mb_sparse
+      step = timed(dict(context=ctx, op="dsa_step", impl="pallas",
+                        config=f"best: {label(cfgs['indexer'])} | {label(cfgs['topk'])} | {label(cfgs['mla'])}"),
+                   dsa_step_fn(s, x["scale"], cfgs, interpret=interpret), *step_args(x), nbytes=step_bytes)
+      if first:
+        timed(dict(context=ctx, op="dsa_step", impl="pallas unfused", config="top-k does its own first pass"),
+              dsa_step_fn(s, x["scale"], cfgs, interpret=interpret, fused=False), *step_args(x), nbytes=step_bytes)
+        peer = dict(cfgs, topk=CHUNKED_PEER)
+        timed(dict(context=ctx, op="dsa_step", impl="pallas", config=f"top-k {label(CHUNKED_PEER)}"),
+              dsa_step_fn(s, x["scale"], peer, interpret=interpret), *step_args(x), nbytes=step_bytes)
+      if step.get("us"):
+        limit_us = step_bytes / ceiling * 1e6
+        step["vs"] = f"{step['us'] / limit_us:.2f}x its byte limit ({limit_us:.1f} us)"
+        if dense and dense.get("us"):
+          step["vs"] += f"; {dense['us'] / step['us']:.1f}x faster than dense MLA"
+      if not budget.spent(reserve=20):
+        timed(dict(context=ctx, op="dsa_step", impl="xla"), dsa_step_fn(s, x["scale"], backend="reference"),
+              *step_args(x), nbytes=step_bytes)
     del x
   common.print_table(rows, COLUMNS, title=f"DSA decode, batch {s.batch}, {s.heads} heads, latent {s.rank}+{s.rope}, "
                                           f"indexer {s.index_heads}x{s.index_dim} fp8, top-{s.topk}")

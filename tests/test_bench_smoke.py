@@ -37,3 +37,27 @@ def test_decode_measures_the_bench_and_serving_layouts(tmp_path):
   assert [(r["backend"], r["layout"]) for r in rows] == [("pallas", "bench"), ("pallas", "serving")]
   assert [r["steps_per_call"] for r in rows] == [4, 2]
   assert all(r["step_ms"] > 0 for r in rows)
+
+
+def test_dsa_checks_every_kernel_and_times_each_op_with_its_peers(tmp_path):
+  """Row top-k vs the six-launch kernel vs lax.top_k; dense MLA vs XLA; the whole DSA step."""
+  proc = _smoke("bench/bench_dsa.py", tmp_path)
+  assert "CHECK SUMMARY dsa: OK" in proc.stdout
+  result = json.loads((tmp_path / "bench_dsa.json").read_text())
+  assert result["check_ok"]
+  rows = {(r["op"], r["impl"], r.get("config", "")): r for r in result["rows"]}
+  for key in [("topk", "pallas", "default"), ("topk", "pallas", "kernel=chunked"), ("topk", "lax.top_k", ""),
+              ("mla_dense", "pallas", "mla_decode"), ("mla_dense", "xla", ""), ("dsa_step", "xla", "")]:
+    assert key in rows, (key, sorted(rows))
+  for row in rows.values():
+    assert row["error"] is None and row["us"] > 0, row
+
+
+def test_mla_decode_reports_tflops_against_lean_xla(tmp_path):
+  """mla_decode, the token-list kernel and the lean XLA composition agree with the reference."""
+  _smoke("bench/bench_mla_decode.py", tmp_path)
+  rows = json.loads((tmp_path / "bench_mla_decode.json").read_text())["rows"]
+  assert [r["impl"] for r in rows] == ["mla_decode", "sparse_mla_decode", "xla_lean", "xla"]
+  for row in rows:
+    assert row["error"] is None and row["tflop_s"] > 0, row
+    assert row["max_err"] <= 1e-4, row   # float32 smoke shapes
