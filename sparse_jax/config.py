@@ -10,7 +10,9 @@ and the value. The YAML layout is TensorRT-LLM's `--extra_llm_api_options` file:
       enable_block_reuse: false
     enable_chunked_prefill: false
 
-Unknown keys are rejected by name.
+Unknown keys are rejected by name. A shipped config is named without a path ("rocket" is
+configs/rocket.yaml); a relative path inside a YAML (`weights_path`) is relative to the YAML file,
+so the file works from any working directory.
 """
 from __future__ import annotations
 
@@ -275,12 +277,30 @@ _TOP_LEVEL_KEYS = ("sparse_attention_config", "kv_cache_config", "enable_chunked
                    "max_batch_size", "max_seq_len", "tensor_parallel_size")
 
 
+def resolve_options_path(name: str | os.PathLike) -> str:
+  """An options file: an existing path, else a shipped config by name ("rocket" or "rocket.yaml")."""
+  path = os.fspath(name)
+  if os.path.exists(path) or os.sep in path or (os.altsep and os.altsep in path):
+    return path
+  import configs
+  try:
+    return configs.path(path)
+  except FileNotFoundError as e:
+    raise ConfigError(f"options file not found: {path} (and {e})") from None
+
+
+def _relative_to(data: Mapping[str, Any], base_dir: str) -> dict[str, Any]:
+  """`data` with its relative `*_path` values made relative to `base_dir` (the YAML's folder)."""
+  return {k: os.path.normpath(os.path.join(base_dir, v)) if k.endswith("_path") and isinstance(v, str) and v
+          and not os.path.isabs(v) else v for k, v in data.items()}
+
+
 def load_llm_api_options(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> LlmApiOptions:
-  """Reads a TensorRT-LLM-style options YAML (or an equivalent dict)."""
+  """Reads a TensorRT-LLM-style options YAML (a path or a shipped config's name) or an equivalent dict."""
   if isinstance(path_or_dict, Mapping):
     data, where = dict(path_or_dict), "options"
   else:
-    where = os.fspath(path_or_dict)
+    where = resolve_options_path(path_or_dict)
     try:
       with open(where) as f:
         data = yaml.safe_load(f) or {}
@@ -295,6 +315,8 @@ def load_llm_api_options(path_or_dict: str | os.PathLike | Mapping[str, Any]) ->
     raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; allowed: {list(_TOP_LEVEL_KEYS)}")
   try:
     sparse = data.get("sparse_attention_config")
+    if isinstance(sparse, Mapping) and not isinstance(path_or_dict, Mapping):
+      sparse = _relative_to(sparse, os.path.dirname(os.path.abspath(where)))
     sparse = None if sparse is None else sparse_config_from_dict(sparse, "sparse_attention_config")
     kv = data.get("kv_cache_config")
     kv = KvCacheConfig() if kv is None else _from_mapping(KvCacheConfig, kv, "kv_cache_config")

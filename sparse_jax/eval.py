@@ -5,10 +5,16 @@
         [--sweep_budgets=256,512,1024,2048 --plot=acc.png] [--output=results.json]
 
 Samples come from `sparse_jax.tasks` (eval split; deterministic per --seed) or from a
-LongBench-v2 JSONL file (--task=longbench_v2 --data=FILE; --context_length truncates the
-context in the middle as LongBench does). Generation is greedy. Scores: RULER's
-string_match_all (fraction of expected answers present), multiple-choice letter for
-LongBench-v2.
+LongBench-v2 file as released (--task=longbench_v2 --data=data.json, a JSON array, or JSONL;
+--difficulty / --length filter it; --context_length truncates the context in the middle as
+LongBench does). Generation is greedy. Scores: RULER's string_match_all (fraction of expected
+answers present); for LongBench-v2 the letter its reference code extracts, with accuracy per
+difficulty, length and domain.
+
+Chat templates: with --apply_chat_template=auto (default) a checkpoint with a chat template
+(or --chat_template=FILE) gets each prompt as the user's message, rendered by the template; a
+RULER prompt's answer prefix ("The special magic number for X ... is") starts the assistant's
+reply, as RULER does. --context_length counts the task text; the template adds its own tokens.
 
 Without --sweep_budgets one configuration runs: the YAML's sparse algorithm, or dense
 attention without a YAML. With it, dense runs once as the reference and every algorithm of
@@ -82,12 +88,12 @@ class EvalSample:
 
 
 def load_samples(task: str, context_length: int, num_samples: int, seed: int, counter: tasks.TokenCounter,
-                 data: str | None = None) -> list[EvalSample]:
+                 data: str | None = None, difficulty: str | None = None, length: str | None = None) -> list[EvalSample]:
   """Eval-split samples of a RULER task, or LongBench-v2 records (first num_samples; 0 = all)."""
   if task == "longbench_v2":
     if not data:
-      raise ValueError("--task=longbench_v2 needs --data=FILE.jsonl")
-    records = tasks.read_longbench_v2(data)
+      raise ValueError("--task=longbench_v2 needs --data=FILE (the release's data.json or JSONL)")
+    records = tasks.read_longbench_v2(data, difficulty=difficulty, length=length)
     if num_samples:
       records = records[:num_samples]
     out = []
@@ -118,7 +124,28 @@ class Point:
   sparse_config: Any
 
 
-def run_point(point: Point, samples: list[EvalSample], *, model: str, dtype: str, backend: str | None,
+def prompt_ids(sample: EvalSample, tokenizer, chat: bool) -> list[int]:
+  """The model's input for a sample: the prompt, or (chat) the prompt as the user's message with
+  a RULER answer prefix starting the assistant's reply."""
+  if not chat:
+    return tokenizer.encode(sample.prompt)
+  question, prefix = tasks.split_answer_prefix(sample.prompt) if sample.kind == "ruler" else (sample.prompt, "")
+  text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+  return tokenizer.encode(text + prefix, add_special_tokens=False)
+
+
+def category_accuracy(records: list[dict]) -> dict[str, float]:
+  """LongBench-v2's result table: accuracy per difficulty, length and domain."""
+  groups: dict[str, list[float]] = {}
+  for r in records:
+    for key in ("difficulty", "length", "domain"):
+      if key in r:
+        groups.setdefault(f"{key}={r[key]}", []).append(r["score"])
+  return {k: round(sum(v) / len(v), 4) for k, v in sorted(groups.items())}
+
+
+def run_point(point: Point, samples: list[EvalSample], ids: list[list[int]], *, model: str, dtype: str,
+              backend: str | None,
               tensor_parallel_size: int | None = None,
               kv_cache_config, max_batch_size: int, max_tokens: int, max_seq_len: int,
               bar=None) -> tuple[dict, list[dict]]:
@@ -130,8 +157,7 @@ def run_point(point: Point, samples: list[EvalSample], *, model: str, dtype: str
   llm = LLM(model=model, dtype=dtype, kv_cache_config=kv_cache_config, sparse_attention_config=point.sparse_config,
             backend=backend, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
             tensor_parallel_size=tensor_parallel_size)
-  prompt_ids = [llm.tokenizer.encode(s.prompt) for s in samples]
-  longest = max(len(p) for p in prompt_ids)
+  longest = max(len(p) for p in ids)
   if longest + max_tokens > llm.max_seq_len:
     raise ValueError(f"a prompt of {longest} tokens + max_tokens={max_tokens} exceeds max_seq_len={llm.max_seq_len}")
   params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -139,25 +165,30 @@ def run_point(point: Point, samples: list[EvalSample], *, model: str, dtype: str
   t0 = time.monotonic()
   for start in range(0, len(samples), max_batch_size):
     chunk = list(range(start, min(len(samples), start + max_batch_size)))
-    outs = llm.generate([prompt_ids[i] for i in chunk], params)
+    outs = llm.generate([ids[i] for i in chunk], params)
     for i, out in zip(chunk, outs):
       text = out.outputs[0].text
       records.append({"algorithm": point.algorithm, "budget": point.budget, "index": i,
-                      "prompt_tokens": len(prompt_ids[i]), "prediction": text, "answers": samples[i].answers,
+                      "prompt_tokens": len(ids[i]), "prediction": text, "answers": samples[i].answers,
                       "score": score_sample(samples[i], text), **samples[i].meta})
     if bar is not None:
       bar.update(len(chunk))
   summary = {"algorithm": point.algorithm, "budget": point.budget,
              "accuracy": sum(r["score"] for r in records) / max(1, len(records)),
              "num_samples": len(records), "seconds": round(time.monotonic() - t0, 2)}
+  if any(s.kind == "choice" for s in samples):
+    summary["categories"] = category_accuracy(records)
   return summary, records
 
 
-def default_max_tokens(task: str, samples: Sequence[EvalSample], counter: tasks.TokenCounter) -> int:
+def default_max_tokens(task: str, samples: Sequence[EvalSample], counter: tasks.TokenCounter,
+                       chat: bool = False) -> int:
+  """LongBench-v2: 32 (its answer sentence and some preamble); RULER: the longest answer + 8, and
+  + 24 more for a chat model, which may close its sentence before the end-of-turn token."""
   if task == "longbench_v2":
     return 32
   longest = max(len(counter.pieces([tasks.answer_text(s.answers)])[0]) for s in samples)
-  return longest + 8
+  return longest + 8 + (24 if chat else 0)
 
 
 def plot_sweep(path: str, points: list[dict], task: str, context_length: int) -> None:
@@ -192,7 +223,9 @@ def evaluate(*, task: str, context_length: int, num_samples: int, seed: int = 0,
              extra_llm_api_options: Sequence[str] = (), backend: str | None = None, dtype: str = "auto",
              sweep_budgets: Sequence[int] = (), max_batch_size: int = 8, max_tokens: int = 0,
              data: str | None = None, output: str | None = None, plot: str | None = None,
-             progress: bool = True, tensor_parallel_size: int | None = None) -> dict[str, Any]:
+             progress: bool = True, tensor_parallel_size: int | None = None, apply_chat_template: str = "auto",
+             chat_template: str | None = None, difficulty: str | None = None,
+             length: str | None = None) -> dict[str, Any]:
   """Runs the evaluation; prints one JSON line per point and returns {"summary", "points", "samples"}."""
   from sparse_jax.config import KvCacheConfig, load_llm_api_options
   from sparse_jax.defaults import default_model_path
@@ -202,13 +235,21 @@ def evaluate(*, task: str, context_length: int, num_samples: int, seed: int = 0,
     raise ValueError(f"--context_length={context_length!r} must be a positive integer")
   if sweep_budgets and not extra_llm_api_options:
     raise ValueError("--sweep_budgets needs --extra_llm_api_options naming the sparse algorithm(s) to sweep")
+  if apply_chat_template not in ("auto", "true", "false"):
+    raise ValueError(f"--apply_chat_template={apply_chat_template!r}: expected auto, true or false")
   model = model or default_model_path()
-  counter = tasks.TokenCounter(_raw_tokenizer(model))
-  samples = load_samples(task, context_length, num_samples, seed, counter, data)
+  tokenizer = _tokenizer(model, chat_template)
+  chat = tokenizer.has_chat_template if apply_chat_template == "auto" else apply_chat_template == "true"
+  if chat and not tokenizer.has_chat_template:
+    raise ValueError(f"--apply_chat_template=true but {model} has no chat template; pass --chat_template=FILE")
+  counter = tasks.TokenCounter(tokenizer.backend)
+  samples = load_samples(task, context_length, num_samples, seed, counter, data, difficulty, length)
   if not samples:
-    raise ValueError(f"no samples to evaluate (task={task!r}, num_samples={num_samples}, data={data!r})")
-  max_tokens = max_tokens or default_max_tokens(task, samples, counter)
-  max_seq_len = max(counter.prompt_length(s.prompt) for s in samples) + max_tokens + 16
+    raise ValueError(f"no samples to evaluate (task={task!r}, num_samples={num_samples}, data={data!r}, "
+                     f"difficulty={difficulty!r}, length={length!r})")
+  ids = [prompt_ids(s, tokenizer, chat) for s in samples]
+  max_tokens = max_tokens or default_max_tokens(task, samples, counter, chat)
+  max_seq_len = max(len(i) for i in ids) + max_tokens + 16
 
   options = [(path, load_llm_api_options(path)) for path in extra_llm_api_options]
   names = [o.sparse_attention_config.algorithm if o.sparse_attention_config else "dense" for _, o in options]
@@ -236,7 +277,7 @@ def evaluate(*, task: str, context_length: int, num_samples: int, seed: int = 0,
     bar = tqdm(total=len(runs) * len(samples), desc=f"{task}@{context_length}", unit="sample", file=sys.stderr)
   points, records = [], []
   for point, kv in runs:
-    summary, recs = run_point(point, samples, model=model, dtype=dtype, backend=backend, kv_cache_config=kv,
+    summary, recs = run_point(point, samples, ids, model=model, dtype=dtype, backend=backend, kv_cache_config=kv,
                               tensor_parallel_size=tensor_parallel_size,
                               max_batch_size=max_batch_size, max_tokens=max_tokens, max_seq_len=max_seq_len, bar=bar)
     summary = {"task": task, "context_length": context_length, **summary}
@@ -256,6 +297,7 @@ def evaluate(*, task: str, context_length: int, num_samples: int, seed: int = 0,
     final["accuracy"] = head["accuracy"]
     final["algorithm"] = head["algorithm"]
   final["model"] = model
+  final["chat_template"] = chat
   result = {"summary": final, "points": points, "samples": records, "max_tokens": max_tokens}
   if output:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -269,13 +311,15 @@ def evaluate(*, task: str, context_length: int, num_samples: int, seed: int = 0,
   return result
 
 
-def _raw_tokenizer(model_dir: str):
-  """The checkpoint's `tokenizers.Tokenizer` (fast, additive piece counting)."""
-  path = os.path.join(model_dir, "tokenizer.json")
-  if not os.path.exists(path):
+def _tokenizer(model_dir: str, chat_template: str | None):
+  """The checkpoint's tokenizer (with --chat_template instead of its own template, if given)."""
+  import models
+  tokenizer = models.load_tokenizer(model_dir)
+  if tokenizer is None:
     raise FileNotFoundError(f"{model_dir} has no tokenizer.json; the eval needs the model's tokenizer")
-  from tokenizers import Tokenizer
-  return Tokenizer.from_file(path)
+  if chat_template is not None:
+    tokenizer = tokenizer.with_chat_template(models.tokenizer.read_chat_template_arg(chat_template))
+  return tokenizer
 
 
 # -- CLI -------------------------------------------------------------------------------------------
@@ -296,7 +340,13 @@ def define_flags() -> None:
   flags.DEFINE_list("sweep_budgets", [], "Token budgets to sweep (needs a YAML with a sparse algorithm).")
   flags.DEFINE_string("plot", None, "PNG of accuracy vs budget (with --sweep_budgets).")
   flags.DEFINE_string("output", None, "JSON with every sample and the summary.")
-  flags.DEFINE_string("data", None, "LongBench-v2 JSONL file (--task=longbench_v2).")
+  flags.DEFINE_string("data", None, "LongBench-v2 file (--task=longbench_v2): the release's data.json or JSONL.")
+  flags.DEFINE_enum("difficulty", None, list(tasks.LONGBENCH_DIFFICULTIES), "LongBench-v2: only this difficulty.")
+  flags.DEFINE_enum("length", None, list(tasks.LONGBENCH_LENGTHS), "LongBench-v2: only this length class.")
+  flags.DEFINE_enum("apply_chat_template", "auto", ["auto", "true", "false"],
+                    "Render prompts with the chat template (auto: when the checkpoint or --chat_template has one).")
+  flags.DEFINE_string("chat_template", None, "Chat template (a .jinja file, a chat_template.json, or the text) used "
+                      "instead of the checkpoint's.")
   flags.DEFINE_integer("max_batch_size", 8, "Engine batch slots.")
   flags.DEFINE_integer("max_tokens", 0, "Tokens to generate (0: longest answer + 8; LongBench-v2: 32).")
 
@@ -307,7 +357,9 @@ def main(argv):
            model=FLAGS.model, extra_llm_api_options=FLAGS.extra_llm_api_options, backend=FLAGS.backend,
            dtype=FLAGS.dtype, sweep_budgets=[int(b) for b in FLAGS.sweep_budgets],
            max_batch_size=FLAGS.max_batch_size, max_tokens=FLAGS.max_tokens, data=FLAGS.data, output=FLAGS.output,
-           plot=FLAGS.plot, tensor_parallel_size=FLAGS.tensor_parallel_size)
+           plot=FLAGS.plot, tensor_parallel_size=FLAGS.tensor_parallel_size,
+           apply_chat_template=FLAGS.apply_chat_template, chat_template=FLAGS.chat_template,
+           difficulty=FLAGS.difficulty, length=FLAGS.length)
 
 
 if __name__ == "__main__":

@@ -469,6 +469,17 @@ def _niah_question(keys: Sequence[str], plural: bool) -> str:
           f"{ANSWER_SUFFIX} The special magic number for {keys[0]} mentioned in the provided text is")
 
 
+def split_answer_prefix(prompt: str) -> tuple[str, str]:
+  """(question part, answer prefix) of a task prompt, split at its last "\nAnswer:": a chat
+  model gets the first as the user's message and starts its reply with the second, as RULER
+  does with chat templates (e.g. "The special magic number for X mentioned in the provided text
+  is"; empty when the prompt ends with "Answer:")."""
+  cut = prompt.rfind(ANSWER_SUFFIX)
+  if cut < 0:
+    return prompt, ""
+  return prompt[:cut], prompt[cut + len(ANSWER_SUFFIX):].strip()
+
+
 def answer_text(answers: Sequence[str]) -> str:
   """The completion a perfect model produces after the prompt (before EOS)."""
   return " " + ", ".join(answers)
@@ -870,31 +881,52 @@ Choices:
 Format your response as follows: "The correct answer is (insert answer here)"."""
 
 
-def read_longbench_v2(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Records of a LongBench-v2 JSONL file (one JSON object per line), validated.
+LONGBENCH_DIFFICULTIES = ("easy", "hard")
+LONGBENCH_LENGTHS = ("short", "medium", "long")
 
-  A line that is not JSON, a missing field or an answer outside A-D raises
-  LongBenchFormatError naming the record's _id (or its line number when it has none)."""
+
+def read_longbench_v2(path: str | os.PathLike, *, difficulty: str | None = None,
+                      length: str | None = None) -> list[dict[str, Any]]:
+  """Records of a LongBench-v2 file, validated: the release's JSON array (data.json) or JSONL.
+
+  difficulty ("easy" / "hard") and length ("short" / "medium" / "long") keep only the matching
+  records. A record that is not an object, a missing field or an answer outside A-D raises
+  LongBenchFormatError naming the record's _id (or its position when it has none)."""
   path = os.fspath(path)
+  if difficulty is not None and difficulty not in LONGBENCH_DIFFICULTIES:
+    raise LongBenchFormatError(f"difficulty={difficulty!r}: expected one of {LONGBENCH_DIFFICULTIES}")
+  if length is not None and length not in LONGBENCH_LENGTHS:
+    raise LongBenchFormatError(f"length={length!r}: expected one of {LONGBENCH_LENGTHS}")
   if not os.path.exists(path):
     raise LongBenchFormatError(f"LongBench-v2 file not found: {path}")
-  records = []
   with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+    text = f.read()
+  if text.lstrip().startswith("["):
+    try:
+      items = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise LongBenchFormatError(f"{path}: not a valid JSON array ({e})") from None
+    located = [(f"record {i}", rec) for i, rec in enumerate(items)]
+  else:
+    located = []
+    for lineno, line in enumerate(text.splitlines(), 1):
       if not line.strip():
         continue
       try:
-        rec = json.loads(line)
+        located.append((f"line {lineno}", json.loads(line)))
       except json.JSONDecodeError as e:
         raise LongBenchFormatError(f"{path}: line {lineno} is not valid JSON ({e})") from None
-      if not isinstance(rec, dict):
-        raise LongBenchFormatError(f"{path}: line {lineno} is not a JSON object")
-      name = f"record _id={rec['_id']!r} (line {lineno})" if "_id" in rec else f"record at line {lineno}"
-      missing = [k for k in LONGBENCH_FIELDS if k not in rec]
-      if missing:
-        raise LongBenchFormatError(f"{path}: {name} lacks field(s) {missing}")
-      if rec["answer"] not in ("A", "B", "C", "D"):
-        raise LongBenchFormatError(f"{path}: {name} has answer={rec['answer']!r}; expected one of A, B, C, D")
+  records = []
+  for where, rec in located:
+    if not isinstance(rec, dict):
+      raise LongBenchFormatError(f"{path}: {where} is not a JSON object")
+    name = f"record _id={rec['_id']!r} ({where})" if "_id" in rec else f"record at {where}"
+    missing = [k for k in LONGBENCH_FIELDS if k not in rec]
+    if missing:
+      raise LongBenchFormatError(f"{path}: {name} lacks field(s) {missing}")
+    if rec["answer"] not in ("A", "B", "C", "D"):
+      raise LongBenchFormatError(f"{path}: {name} has answer={rec['answer']!r}; expected one of A, B, C, D")
+    if (difficulty is None or rec["difficulty"] == difficulty) and (length is None or rec["length"] == length):
       records.append(rec)
   return records
 
@@ -926,13 +958,13 @@ def longbench_v2_prompt(record: Mapping[str, Any], counter: TokenCounter | None 
     keep -= max(1, counter.prompt_length(prompt) - max_prompt_tokens)
 
 
-_LB_PATTERNS = (re.compile(r"The correct answer is \(([A-D])\)"), re.compile(r"The correct answer is ([A-D])"),
-                re.compile(r"^\s*\(?([A-D])[\).:\s]"), re.compile(r"^\s*\(?([A-D])\)?\s*$"))
+_LB_PATTERNS = (re.compile(r"The correct answer is \(([A-D])\)"), re.compile(r"The correct answer is ([A-D])"))
 
 
 def extract_choice(prediction: str) -> str | None:
-  """The letter a response picks: LongBench-v2's "The correct answer is (X)" patterns, else a
-  leading bare letter such as "B" or "(C)"."""
+  """The letter a response picks, as LongBench-v2's reference code (pred.py, extract_answer) reads
+  it: asterisks removed, then "The correct answer is (X)", else "The correct answer is X"; None
+  otherwise (scored wrong)."""
   text = prediction.replace("*", "")
   for pattern in _LB_PATTERNS:
     m = pattern.search(text)

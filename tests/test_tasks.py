@@ -216,7 +216,7 @@ def test_longbench_v2_reader_and_prompt(tok, tmp_path):
   assert short.startswith("Please read") and short.endswith('"The correct answer is (insert answer here)".')
   assert tasks.extract_choice("The correct answer is (B)") == "B"
   assert tasks.extract_choice("**The correct answer is C**") == "C"
-  assert tasks.extract_choice(" (D) black") == "D"
+  assert tasks.extract_choice(" (D) black") is None  # LongBench-v2's extract_answer needs its sentence
   assert tasks.extract_choice("I am not sure") is None
   assert tasks.score_choice("The correct answer is (B)", "B") == 1.0
   assert tasks.score_choice("The correct answer is (A)", "B") == 0.0
@@ -236,3 +236,25 @@ def test_longbench_v2_errors_name_the_record(tmp_path):
   (tmp_path / "d.jsonl").write_text('{"_id": "x"\n')
   with pytest.raises(tasks.LongBenchFormatError, match="line 1 is not valid JSON"):
     tasks.read_longbench_v2(str(tmp_path / "d.jsonl"))
+
+
+def test_longbench_v2_release_json_array_and_filters(tmp_path):
+  """The release's data.json is one JSON array; --difficulty / --length pick records as its
+  result table's categories do."""
+  recs = [_lb_record(_id="e-s", difficulty="easy", length="short"), _lb_record(_id="h-l", difficulty="hard", length="long"),
+          _lb_record(_id="h-m", difficulty="hard", length="medium")]
+  path = tmp_path / "data.json"
+  path.write_text(json.dumps(recs, indent=1))
+  assert [r["_id"] for r in tasks.read_longbench_v2(path)] == ["e-s", "h-l", "h-m"]
+  assert [r["_id"] for r in tasks.read_longbench_v2(path, difficulty="hard")] == ["h-l", "h-m"]
+  assert [r["_id"] for r in tasks.read_longbench_v2(path, difficulty="hard", length="long")] == ["h-l"]
+  assert tasks.read_longbench_v2(_write_jsonl(tmp_path / "x.jsonl", recs), length="short")[0]["_id"] == "e-s"
+  with pytest.raises(tasks.LongBenchFormatError, match="length='huge'"):
+    tasks.read_longbench_v2(path, length="huge")
+  broken = [dict(recs[0]), {k: v for k, v in recs[1].items() if k != "question"}]
+  path.write_text(json.dumps(broken))
+  with pytest.raises(tasks.LongBenchFormatError, match=r"_id='h-l' \(record 1\) lacks field\(s\) \['question'\]"):
+    tasks.read_longbench_v2(path)
+  path.write_text('[{"_id": 1},')
+  with pytest.raises(tasks.LongBenchFormatError, match="not a valid JSON array"):
+    tasks.read_longbench_v2(path)

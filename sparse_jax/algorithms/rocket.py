@@ -38,8 +38,9 @@ class RocketSparseAttentionConfig(BaseSparseAttentionConfig):
   prompt_budget: tokens each KV head keeps of a longer prompt (window included).
   window_size: last prompt queries that score the prompt; always kept.
   kernel_size: width of the max-pool smoothing the scores (odd).
-  topr: channels used for block scoring: an int <= head_dim, or a float in (0, 1] as a
-    fraction of head_dim (1.0 = all channels, TensorRT-LLM's 128 at head_dim 128).
+  topr: channels used for block scoring: a float in (0, 1] as a fraction of head_dim, or an
+    int <= head_dim. The default 1.0 (all channels) is what TensorRT-LLM's default of 128 means
+    on its 128-wide heads, and it holds on every head size (32 to 256).
   topk: blocks each KV head attends to per decode step.
   page_size: tokens per KT block (a power of two dividing the KV page size).
   kt_cache_dtype: "float8_e5m2" or "bfloat16" ("float32" for exact tests).
@@ -51,7 +52,7 @@ class RocketSparseAttentionConfig(BaseSparseAttentionConfig):
   prompt_budget: int = 2048
   window_size: int = 32
   kernel_size: int = 63
-  topr: int | float = 128
+  topr: int | float = 1.0
   topk: int = 64
   page_size: int = 4
   kt_cache_dtype: str = "float8_e5m2"
