@@ -282,7 +282,7 @@ class LLM:
       bar = tqdm(total=len(batch), desc="generate", unit="prompt")
     groups: list[list[Request]] = [[] for _ in batch]
     pending = [(g, prompt, ids, child) for g, (prompt, ids, sp) in enumerate(zip(batch, encoded, params))
-               for child in _completions(sp)]
+               for child in completions_of(sp)]
     done = 0
     try:
       while pending or self.engine.has_unfinished():
@@ -321,7 +321,7 @@ class LLM:
     self.engine.validate(ids, sp)
     reqs: list[Request] = []
     try:
-      for child in _completions(sp):
+      for child in completions_of(sp):
         reqs.append(self.engine.add_request(ids, child, prompt=prompt if isinstance(prompt, str) else None))
     except BaseException:
       for r in reqs:
@@ -371,7 +371,7 @@ def _raise_failed(reqs: list[Request]) -> None:
     raise RequestError("; ".join(errors))
 
 
-def _completions(sp: SamplingParams) -> list[SamplingParams]:
+def completions_of(sp: SamplingParams) -> list[SamplingParams]:
   """One engine request per completion; completion i of a seeded request samples with seed + i
   (wrapping around within the int64 seeds SamplingParams accepts)."""
   if sp.n == 1:

@@ -15,8 +15,14 @@ under its lock); the callback only copies the request's text and hands it to the
 asyncio queue. A client that disconnects (streaming or not) aborts its request, which frees
 the request's batch slot and KV pages at the next engine step.
 
+Both endpoints take OpenAI's sampling fields (`n`, `seed`, `stop`, `logprobs` / `top_logprobs` in
+each endpoint's layout, `presence_penalty`, `frequency_penalty`, `stream_options.include_usage`,
+`echo` for completions) and vLLM's extensions (`top_k`, `min_tokens`, `repetition_penalty`,
+`stop_token_ids`, `ignore_eos`); each choice carries vLLM's `stop_reason`. A field no model
+declares is logged as a warning and ignored, as vLLM does.
+
 Errors follow the OpenAI layout `{"error": {"message", "type", "param", "code"}}` everywhere: a
-malformed or non-UTF-8 body, an unknown field, a wrong type or value, text that is not valid
+malformed or non-UTF-8 body, a wrong type or value, text that is not valid
 Unicode, or a prompt longer than `max_seq_len - max_tokens` is a 400 naming the field; a missing
 or wrong API key a 401; an unknown model or route a 404; a body over `--max_body_bytes` a 413;
 a full waiting queue a 429; a request the engine failed a 500 (the server goes on).
@@ -47,7 +53,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from starlette.exceptions import HTTPException
 
 from models.tokenizer import ChatTemplateError
-from sparse_jax.engine import INT32_MAX, Engine, QueueFullError, Request, SamplingParams
+from sparse_jax.engine import INT32_MAX, MAX_N, Engine, QueueFullError, Request, SamplingParams
+from sparse_jax.llm import completions_of
+from sparse_jax.sampling import MAX_TOP_LOGPROBS
 from sparse_jax.server_metrics import ServerMetrics, StatsLogger
 
 log = logging.getLogger("sparse_jax.serve")
@@ -61,39 +69,55 @@ API_KEY_ENV = "SPARSE_JAX_API_KEY"
 # -- request bodies ----------------------------------------------------------------------------
 
 PositiveInt = Annotated[StrictInt, Field(gt=0)]
+TopLogprobs = Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)]
+Penalty = Annotated[StrictFloat, Field(ge=-2, le=2)]
+
+# Unknown fields are accepted, logged and ignored (as vLLM does): clients send fields of newer
+# API versions or of other servers, and refusing them would break those clients.
+_LENIENT = ConfigDict(extra="allow")
 
 
 class StreamOptions(BaseModel):
-  model_config = ConfigDict(extra="forbid")
+  model_config = _LENIENT
   include_usage: StrictBool = False
 
 
 class _SamplingFields(BaseModel):
-  """Fields common to both endpoints (OpenAI names; `top_k`, `ignore_eos` are vLLM extensions)."""
-  model_config = ConfigDict(extra="forbid")
+  """Fields common to both endpoints (OpenAI names; `top_k`, `ignore_eos`, `repetition_penalty`,
+  `min_tokens`, `stop_token_ids` are vLLM extensions)."""
+  model_config = _LENIENT
   model: StrictStr | None = None
   temperature: Annotated[StrictFloat, Field(ge=0, le=2)] = 1.0
   top_p: Annotated[StrictFloat, Field(gt=0, le=1)] = 1.0
   top_k: Annotated[StrictInt, Field(ge=0, le=INT32_MAX)] = 0
   seed: Annotated[StrictInt, Field(ge=-2**63, lt=2**63)] | None = None
   stop: StrictStr | list[StrictStr] | None = None
+  stop_token_ids: list[Annotated[StrictInt, Field(ge=0, le=INT32_MAX)]] | None = None
   stream: StrictBool = False
   stream_options: StreamOptions | None = None
-  n: StrictInt = 1
+  n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
   ignore_eos: StrictBool = False
+  presence_penalty: Penalty = 0.0
+  frequency_penalty: Penalty = 0.0
+  repetition_penalty: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)] = 1.0
+  min_tokens: Annotated[StrictInt, Field(ge=0, le=INT32_MAX)] = 0
   user: StrictStr | None = None
 
 
 class CompletionRequest(_SamplingFields):
   #: every OpenAI form: a string, a list of strings, a token list, a list of token lists (one
-  #: choice per prompt, `index` in order, as lm-evaluation-harness's local-completions sends).
+  #: choice per prompt and `n`, `index` = prompt * n + completion, as vLLM numbers them).
   prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
   max_tokens: PositiveInt = 16
   echo: StrictBool = False
+  logprobs: TopLogprobs | None = None
+
+  def top_logprobs_wanted(self) -> int | None:
+    return self.logprobs
 
 
 class ChatMessage(BaseModel):
-  model_config = ConfigDict(extra="forbid")
+  model_config = _LENIENT
   role: Literal["system", "developer", "user", "assistant", "tool"]
   content: StrictStr | list[dict[str, Any]] | None = None
   name: StrictStr | None = None
@@ -108,6 +132,31 @@ class ChatCompletionRequest(_SamplingFields):
   tools: list[dict[str, Any]] | None = None           # passed to the chat template, as transformers does
   add_generation_prompt: StrictBool = True            # vLLM extension
   chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension: extra template variables
+  logprobs: StrictBool = False
+  top_logprobs: TopLogprobs | None = None
+
+  def top_logprobs_wanted(self) -> int | None:
+    if self.top_logprobs is not None and not self.logprobs:
+      raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+    return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def ignored_fields(body: BaseModel, prefix: str = "") -> list[str]:
+  """The dotted names of the fields of `body` (and of its nested models) that no model declares."""
+  names = [prefix + k for k in (body.model_extra or {})]
+  for name in type(body).model_fields:
+    value = getattr(body, name)
+    items = value if isinstance(value, list) else [value]
+    for i, item in enumerate(items):
+      if isinstance(item, BaseModel):
+        names += ignored_fields(item, f"{prefix}{name}.{i}." if isinstance(value, list) else f"{prefix}{name}.")
+  return names
+
+
+def warn_ignored_fields(body: BaseModel) -> None:
+  names = ignored_fields(body)
+  if names:
+    log.warning("ignoring unknown request field(s): %s", ", ".join(names))
 
 
 class ApiError(Exception):
@@ -263,6 +312,8 @@ class Update:
   num_tokens: int
   finish_reason: str | None
   error: str | None = None
+  #: with logprobs requested: per generated token (token id, logprob, rank, [(id, logprob)] best first)
+  logprobs: tuple = ()
 
 
 class Stream:
@@ -274,7 +325,8 @@ class Stream:
     self.request: Request | None = None
 
   def on_update(self, req: Request) -> None:  # engine thread, engine lock held: copy and hand off
-    self._put(Update(req.text, len(req.output_ids), req.finish_reason, req.error))
+    logprobs = tuple((t, *lp) for t, lp in zip(req.output_ids, req.logprobs)) if req.params.logprobs is not None else ()
+    self._put(Update(req.text, len(req.output_ids), req.finish_reason, req.error, logprobs))
 
   def _put(self, update: Update) -> None:
     with contextlib.suppress(RuntimeError):  # the event loop has shut down
@@ -380,16 +432,50 @@ class Server:
     return await self.encode_text(text, "messages", max_tokens, add_special_tokens=False)
 
   # -- submission -------------------------------------------------------------------------------
-  def sampling_params(self, body: _SamplingFields, max_tokens: int) -> SamplingParams:
-    if body.n != 1:
-      raise ApiError(400, f"n={body.n}: only n=1 is supported", "n")
+  def sampling_params(self, body: _SamplingFields, max_tokens: int) -> list[SamplingParams]:
+    """One SamplingParams per completion (`n` of them, split as `LLM.generate` splits them:
+    completion i of a seeded request samples with seed + i)."""
     given = body.model_fields_set
     unset = {k: v for k, v in self.sampling_defaults.items() if k in ("temperature", "top_p", "top_k") and k not in given}
     fields = {"temperature": float(body.temperature), "top_p": float(body.top_p), "top_k": body.top_k, **unset}
+    if body.min_tokens > max_tokens:
+      raise ApiError(400, f"min_tokens={body.min_tokens} is more than max_tokens={max_tokens}", "min_tokens")
     try:
-      return SamplingParams(max_tokens=max_tokens, seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos, **fields)
+      params = SamplingParams(max_tokens=max_tokens, n=body.n, seed=body.seed, stop=body.stop,
+                              stop_token_ids=body.stop_token_ids, ignore_eos=body.ignore_eos,
+                              presence_penalty=float(body.presence_penalty),
+                              frequency_penalty=float(body.frequency_penalty),
+                              repetition_penalty=float(body.repetition_penalty), min_tokens=body.min_tokens,
+                              logprobs=body.top_logprobs_wanted(), **fields)
     except ValueError as e:  # the body's own checks should have caught it: still the request's fault
       raise ApiError(400, str(e)) from None
+    return completions_of(params)
+
+  def token_text(self, token_id: int) -> str:
+    """A token as the logprobs layouts name it (vLLM's "token_id:N" when there is no tokenizer)."""
+    if self.tokenizer is None:
+      return f"token_id:{token_id}"
+    return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+  def completion_logprobs(self, entries, offset: int) -> dict[str, Any]:
+    """The completions layout of `entries` (Update.logprobs items); `offset`: the text offset of
+    the first token."""
+    tokens, offsets = [], []
+    for token_id, *_ in entries:
+      tokens.append(self.token_text(token_id))
+      offsets.append(offset)
+      offset += len(tokens[-1])
+    top = [{self.token_text(t): lp for t, lp in [*alts, (token_id, logprob)]}
+           for token_id, logprob, _, alts in entries]
+    return {"tokens": tokens, "token_logprobs": [e[1] for e in entries], "top_logprobs": top, "text_offset": offsets}
+
+  def chat_logprobs(self, entries) -> dict[str, Any]:
+    """The chat completions layout of `entries` (Update.logprobs items)."""
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+      text = self.token_text(token_id)
+      return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+    return {"content": [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in alts]}
+                        for t, lp, _, alts in entries]}
 
   def check_length(self, ids: list[int], max_tokens: int, field: str) -> None:
     limit = self.engine.max_seq_len - max_tokens
@@ -462,7 +548,7 @@ def _lone_surrogate(text: str) -> int | None:
 
 def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
   """A message as the chat template sees it (text parts joined; unset fields left out)."""
-  out = m.model_dump(exclude_none=True)
+  out = m.model_dump(exclude_none=True, exclude=set(m.model_extra or ()))
   if m.content is not None:
     out["content"] = _message_text(m, i)
   return out
@@ -492,6 +578,29 @@ def _prompt_list(prompt: Any) -> list[str | list[int]]:
   if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
     return [prompt]
   return list(prompt)
+
+
+def _submit_all(server: Server, items: list[tuple[list[int], SamplingParams, str | None, str]],
+                rid: str) -> list[Stream]:
+  """Submits one engine request per (token ids, params, prompt text, field); all or none."""
+  streams: list[Stream] = []
+  try:
+    for i, (ids, params, prompt, field) in enumerate(items):
+      streams.append(server.submit(ids, params, prompt, rid if len(items) == 1 else f"{rid}-{i}", field))
+  except ApiError:
+    for s in streams:
+      server.release(s, disconnected=True)
+    raise
+  return streams
+
+
+def _echo_text(server: Server, prompt: str | list[int], ids: list[int]) -> str:
+  """What echo=true puts before the completion: the prompt's text (decoded when it came as ids)."""
+  if isinstance(prompt, str):
+    return prompt
+  if server.tokenizer is None:
+    raise ApiError(400, "echo=true with a token-id prompt needs a tokenizer to decode it", "echo")
+  return server.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def _sse(obj: Any) -> str:
@@ -529,13 +638,13 @@ async def _final_updates(server: Server, streams: list[Stream], http: HttpReques
       server.release(s, disconnected=disconnected)
 
 
-async def _merged_stream_updates(server: Server, streams: list[Stream], params: SamplingParams):
-  """Yields (choice index, delta, finish_reason, error) from several requests as they progress;
-  closing it aborts every request still running."""
+async def _merged_stream_updates(server: Server, streams: list[Stream], params: list[SamplingParams]):
+  """Yields (choice index, delta, finish_reason, error, logprob entries) from several requests as
+  they progress; closing it aborts every request still running."""
   queue: asyncio.Queue = asyncio.Queue()
 
   async def pump(index: int, stream: Stream) -> None:
-    async with contextlib.aclosing(_stream_updates(server, stream, params)) as updates:
+    async with contextlib.aclosing(_stream_updates(server, stream, params[index])) as updates:
       async for item in updates:
         await queue.put((index, *item))
 
@@ -543,8 +652,8 @@ async def _merged_stream_updates(server: Server, streams: list[Stream], params: 
   try:
     for _ in range(sum(1 for _ in streams)):
       while True:
-        index, delta, reason, error = await queue.get()
-        yield index, delta, reason, error
+        index, delta, reason, error, logprobs = await queue.get()
+        yield index, delta, reason, error, logprobs
         if reason is not None:
           break
   finally:
@@ -554,16 +663,18 @@ async def _merged_stream_updates(server: Server, streams: list[Stream], params: 
 
 
 async def _stream_updates(server: Server, stream: Stream, params: SamplingParams):
-  """Yields (text delta, finish_reason or None, error) until the request finishes; aborts it if
-  the consumer stops early (the client disconnected)."""
+  """Yields (text delta, finish_reason or None, error, logprob entries of the tokens since the
+  previous yield) until the request finishes; aborts it if the consumer stops early (the client
+  disconnected)."""
   sent = ""
+  sent_tokens = 0
   finished = False
   try:
     while True:
       update = await stream.next()
       if update.error is not None:
         finished = True
-        yield "", "error", update.error
+        yield "", "error", update.error, ()
         return
       if update.finish_reason is None:
         text = stream_safe_prefix(update.text, params.stop)
@@ -571,10 +682,11 @@ async def _stream_updates(server: Server, stream: Stream, params: SamplingParams
         text = update.text
       if text.startswith(sent) and len(text) > len(sent):
         delta, sent = text[len(sent):], text
-        yield delta, None, None
+        logprobs, sent_tokens = update.logprobs[sent_tokens:], max(sent_tokens, len(update.logprobs))
+        yield delta, None, None, logprobs
       if update.finish_reason is not None:
         finished = True
-        yield "", update.finish_reason, None
+        yield "", update.finish_reason, None, update.logprobs[sent_tokens:]
         return
   finally:
     server.release(stream, disconnected=not finished)
@@ -680,24 +792,21 @@ def create_app(llm, served_model_name: str | None = None, *, api_key: str | None
   @app.post("/v1/completions")
   async def completions(body: CompletionRequest, http: HttpRequest):
     server.check_model(body.model)
-    if body.echo:
-      raise ApiError(400, "echo=true is not supported", "echo")
+    warn_ignored_fields(body)
+    if body.echo and body.logprobs is not None:
+      raise ApiError(400, "echo=true with logprobs (the prompt's log-probabilities) is not supported", "echo")
     prompts = _prompt_list(body.prompt)
     fields = ["prompt"] if len(prompts) == 1 else [f"prompt.{i}" for i in range(len(prompts))]
     encoded = [await server.encode(p, f, body.max_tokens) for p, f in zip(prompts, fields)]
     for ids, field in zip(encoded, fields):  # every prompt is checked before any is submitted
       server.check_length(ids, body.max_tokens, field)
     params = server.sampling_params(body, body.max_tokens)
+    n = len(params)
+    echoes = [_echo_text(server, p, ids) if body.echo else "" for p, ids in zip(prompts, encoded)]
     rid = f"cmpl-{uuid.uuid4().hex}"
-    streams: list[Stream] = []
-    try:
-      for i, (p, ids, field) in enumerate(zip(prompts, encoded, fields)):
-        streams.append(server.submit(ids, params, p if isinstance(p, str) else None,
-                                     rid if len(prompts) == 1 else f"{rid}-{i}", field))
-    except ApiError:
-      for s in streams:
-        server.release(s, disconnected=True)
-      raise
+    streams = _submit_all(server, [(ids, sp, p if isinstance(p, str) else None, field)
+                                   for p, ids, field in zip(prompts, encoded, fields) for sp in params], rid)
+    all_params = params * len(prompts)
     head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": served_model_name}
     if not body.stream:
       updates = await _final_updates(server, streams, http)
@@ -706,19 +815,33 @@ def create_app(llm, served_model_name: str | None = None, *, api_key: str | None
       failed = next((u.error for u in updates if u.error is not None), None)
       if failed is not None:
         return error_response(500, failed, None, "server_error")
-      choices = [{"index": i, "text": u.text, "logprobs": None, "finish_reason": u.finish_reason}
-                 for i, u in enumerate(updates)]
+      choices = [{"index": i, "text": echoes[i // n] + u.text,
+                  "logprobs": server.completion_logprobs(u.logprobs, len(echoes[i // n]))
+                  if body.logprobs is not None else None,
+                  "finish_reason": u.finish_reason, "stop_reason": s.request.stop_reason}
+                 for i, (u, s) in enumerate(zip(updates, streams))]
       return {**head, "choices": choices, "usage": _usage(*(s.request for s in streams))}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
-      async with contextlib.aclosing(_merged_stream_updates(server, streams, params)) as updates:
-        async for index, delta, reason, error in updates:
+      offsets = [0] * len(streams)  # text sent so far per choice: the logprobs' text_offset
+      for i in range(len(streams)) if body.echo else ():
+        offsets[i] = len(echoes[i // n])
+        yield _sse({**head, "choices": [{"index": i, "text": echoes[i // n], "logprobs": None,
+                                         "finish_reason": None}]})
+      async with contextlib.aclosing(_merged_stream_updates(server, streams, all_params)) as updates:
+        async for index, delta, reason, error, logprobs in updates:
           if error is not None:
             yield _sse({"error": {"message": error, "type": "server_error", "param": None, "code": 500}})
             break
-          yield _sse({**head, "choices": [{"index": index, "text": delta, "logprobs": None, "finish_reason": reason}]})
+          choice = {"index": index, "text": delta, "logprobs": None, "finish_reason": reason}
+          if body.logprobs is not None:
+            choice["logprobs"] = server.completion_logprobs(logprobs, offsets[index])
+          offsets[index] += len(delta)
+          if reason is not None:
+            choice["stop_reason"] = streams[index].request.stop_reason
+          yield _sse({**head, "choices": [choice]})
         else:
           if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(*(s.request for s in streams))})
@@ -729,6 +852,7 @@ def create_app(llm, served_model_name: str | None = None, *, api_key: str | None
   @app.post("/v1/chat/completions")
   async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
     server.check_model(body.model)
+    warn_ignored_fields(body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     ids = await server.encode_chat(body, max_tokens or 1)
     if max_tokens is None:
@@ -737,36 +861,41 @@ def create_app(llm, served_model_name: str | None = None, *, api_key: str | None
       server.check_length(ids, max_tokens, "messages")
     params = server.sampling_params(body, max_tokens)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    stream = server.submit(ids, params, None, rid, "messages")
+    streams = _submit_all(server, [(ids, sp, None, "messages") for sp in params], rid)
     head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": served_model_name}
     if not body.stream:
-      updates = await _final_updates(server, [stream], http)
+      updates = await _final_updates(server, streams, http)
       if updates is None:
         return JSONResponse(status_code=499, content={})
-      update = updates[0]
-      if update.error is not None:
-        return error_response(500, update.error, None, "server_error")
-      choice = {"index": 0, "message": {"role": "assistant", "content": update.text}, "logprobs": None,
-                "finish_reason": update.finish_reason}
-      return {**head, "choices": [choice], "usage": _usage(stream.request)}
+      failed = next((u.error for u in updates if u.error is not None), None)
+      if failed is not None:
+        return error_response(500, failed, None, "server_error")
+      choices = [{"index": i, "message": {"role": "assistant", "content": u.text},
+                  "logprobs": server.chat_logprobs(u.logprobs) if body.logprobs else None,
+                  "finish_reason": u.finish_reason, "stop_reason": s.request.stop_reason}
+                 for i, (u, s) in enumerate(zip(updates, streams))]
+      return {**head, "choices": choices, "usage": _usage(*(s.request for s in streams))}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     chunk_head = {**head, "object": "chat.completion.chunk"}
 
     async def events():
-      yield _sse({**chunk_head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
-      async with contextlib.aclosing(_stream_updates(server, stream, params)) as updates:
-        async for delta, reason, error in updates:
+      for i in range(len(streams)):
+        yield _sse({**chunk_head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}]})
+      async with contextlib.aclosing(_merged_stream_updates(server, streams, params)) as updates:
+        async for index, delta, reason, error, logprobs in updates:
           if error is not None:
             yield _sse({"error": {"message": error, "type": "server_error", "param": None, "code": 500}})
             break
-          choice_delta = {"content": delta} if delta else {}
-          yield _sse({**chunk_head, "choices": [{"index": 0, "delta": choice_delta, "logprobs": None,
-                                                 "finish_reason": reason}]})
+          choice = {"index": index, "delta": {"content": delta} if delta else {},
+                    "logprobs": server.chat_logprobs(logprobs) if body.logprobs else None, "finish_reason": reason}
+          if reason is not None:
+            choice["stop_reason"] = streams[index].request.stop_reason
+          yield _sse({**chunk_head, "choices": [choice]})
         else:
           if include_usage:
-            yield _sse({**chunk_head, "choices": [], "usage": _usage(stream.request)})
+            yield _sse({**chunk_head, "choices": [], "usage": _usage(*(s.request for s in streams))})
       yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

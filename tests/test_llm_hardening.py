@@ -54,8 +54,8 @@ def test_every_sampling_field_is_validated(kwargs, needle):
 
 
 def test_seeds_of_n_completions_wrap_within_int64():
-  from sparse_jax.llm import _completions
-  seeds = [p.seed for p in _completions(SamplingParams(n=3, seed=2**63 - 2, temperature=1.0))]
+  from sparse_jax.llm import completions_of
+  seeds = [p.seed for p in completions_of(SamplingParams(n=3, seed=2**63 - 2, temperature=1.0))]
   assert seeds == [2**63 - 2, 2**63 - 1, -2**63]
 
 
