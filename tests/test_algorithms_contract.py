@@ -15,6 +15,7 @@ from sparse_jax.cache import LayerCache, write_tokens, token_slots
 from sparse_jax.config import registered_algorithms
 from sparse_jax.algorithms.rocket import RocketSparseAttentionConfig
 from sparse_jax.algorithms import indexer as indexer_lib
+from sparse_jax.algorithms.hybrid import HybridSparseAttentionConfig
 from sparse_jax.algorithms.oracle import OracleSparseAttentionConfig
 from sparse_jax.algorithms.quest import QuestSparseAttentionConfig
 from sparse_jax.algorithms.snapkv import SnapKVSparseAttentionConfig
@@ -29,6 +30,7 @@ CONTRACT_CONFIGS = {
     "rocket": RocketSparseAttentionConfig(prompt_budget=40, window_size=8, kernel_size=5, topr=8, topk=6, page_size=4,
                                           kt_cache_dtype="float32"),
     "quest": QuestSparseAttentionConfig(topk=6, page_size=4, minmax_dtype="float32"),
+    "hybrid": HybridSparseAttentionConfig(topk=6, page_size=4, sink_blocks=1, recent_blocks=2, minmax_dtype="float32"),
     "snapkv": SnapKVSparseAttentionConfig(max_capacity_prompt=40, window_size=8, kernel_size=5),
     "streaming": StreamingSparseAttentionConfig(sink_tokens=4, window=36, block_size=8),
     "oracle": OracleSparseAttentionConfig(topk=5, block_size=6),

@@ -13,6 +13,7 @@ import pytest
 from sparse_jax import LLM, KvCacheConfig, SamplingParams
 from sparse_jax.config import registered_algorithms
 from sparse_jax.algorithms.dsa import DSASparseAttentionConfig
+from sparse_jax.algorithms.hybrid import HybridSparseAttentionConfig
 from sparse_jax.algorithms.indexer import IndexerSparseAttentionConfig
 from sparse_jax.algorithms.oracle import OracleSparseAttentionConfig
 from sparse_jax.algorithms.quest import QuestSparseAttentionConfig
@@ -33,6 +34,8 @@ CASES = {
                                                    page_size=4, prefill_budget=64),
                        dict(enable_chunked_prefill=True, max_num_tokens=64)),
     "quest": (QuestSparseAttentionConfig(topk=4, page_size=16), {}),
+    "hybrid": (HybridSparseAttentionConfig(topk=4, page_size=16, sink_blocks=1, recent_blocks=1), {}),
+    "quest_dense_layers": (QuestSparseAttentionConfig(topk=4, page_size=16, dense_layers=2), {}),
     "quest_evicting": (QuestSparseAttentionConfig(topk=4, page_size=16, decode_budget=3 * PAGE), {}),
     "snapkv": (SnapKVSparseAttentionConfig(max_capacity_prompt=96, window_size=16, kernel_size=7), {}),
     "streaming": (StreamingSparseAttentionConfig(sink_tokens=4, window=60, block_size=16), {}),

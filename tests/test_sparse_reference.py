@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparse_jax.algorithms.hybrid import HybridSparseAttentionConfig
 from sparse_jax.algorithms.indexer import IndexerSparseAttentionConfig, init_indexers, save_indexers
 from sparse_jax.algorithms.oracle import OracleSparseAttentionConfig
 from sparse_jax.algorithms.quest import QuestSparseAttentionConfig
@@ -52,6 +53,7 @@ DECODE_CONFIGS = {
     "rocket": RocketSparseAttentionConfig(prompt_budget=256, window_size=8, kernel_size=5, topr=8, topk=6, page_size=4,
                                           kt_cache_dtype="float32"),
     "quest": QuestSparseAttentionConfig(topk=6, page_size=4, minmax_dtype="float32"),
+    "hybrid": HybridSparseAttentionConfig(topk=6, page_size=4, sink_blocks=2, recent_blocks=2, minmax_dtype="float32"),
     "oracle": OracleSparseAttentionConfig(topk=5, block_size=6),
     "streaming": StreamingSparseAttentionConfig(sink_tokens=4, window=20, block_size=8),
     "indexer": IndexerSparseAttentionConfig(weights_path=INDEXER_WEIGHTS, topk=4, block_size=8, index_heads=2,
@@ -138,6 +140,14 @@ def quest_block_scores(cfg, q, keys, length, scale):
   bounds = np.stack([np.maximum(q * keys[i * bs:min((i + 1) * bs, length)].max(0),
                                 q * keys[i * bs:min((i + 1) * bs, length)].min(0)).sum(-1) for i in range(n)], -1)
   return softmax(scale * bounds).sum(0)
+
+
+def hybrid_block_scores(cfg, q, keys, length, scale):
+  """Quest's scores, raised by 2 * group on the first sink_blocks and the last recent_blocks blocks."""
+  scores = quest_block_scores(cfg, q, keys, length, scale)
+  n = np.arange(len(scores))
+  protected = (n < cfg.sink_blocks) | (n >= len(scores) - cfg.recent_blocks)
+  return scores + np.where(protected, 2.0 * q.shape[0], 0.0)
 
 
 def oracle_block_scores(cfg, q, keys, length, scale):
@@ -319,7 +329,8 @@ def formula_scores(name, cfg, attn, q, keys, x_new, hidden_row, length):
   if name == "indexer":
     hidden = np.concatenate([hidden_row, x_new[None]], axis=0)[None, :length]
     return indexer_block_scores(cfg, attn.predictor, x_new[None, None], hidden, length)
-  fn = dict(rocket=rocket_block_scores, quest=quest_block_scores, oracle=oracle_block_scores)[name]
+  fn = dict(rocket=rocket_block_scores, quest=quest_block_scores, hybrid=hybrid_block_scores,
+            oracle=oracle_block_scores)[name]
   return np.stack([fn(cfg, q[g * GROUP:(g + 1) * GROUP].astype(np.float64), keys[g].astype(np.float64), length,
                       attn.scale) for g in range(KV_HEADS)])
 

@@ -10,3 +10,4 @@ from sparse_jax.algorithms import quest  # noqa: F401,E402
 from sparse_jax.algorithms import snapkv  # noqa: F401,E402
 from sparse_jax.algorithms import streaming  # noqa: F401,E402
 from sparse_jax.algorithms import indexer  # noqa: F401,E402
+from sparse_jax.algorithms import hybrid  # noqa: F401,E402

@@ -81,7 +81,7 @@ class QuestSparseAttentionConfig(BaseSparseAttentionConfig):
 
 def aux_spec(cfg: QuestSparseAttentionConfig, spec) -> dict[str, AuxPoolSpec]:
   if spec.page_size % cfg.page_size:
-    raise ConfigError(f"QuestSparseAttentionConfig.page_size={cfg.page_size} must divide the KV cache page size "
+    raise ConfigError(f"{type(cfg).__name__}.page_size={cfg.page_size} must divide the KV cache page size "
                       f"(kv_cache_config.tokens_per_block={spec.page_size})")
   return {"kt": AuxPoolSpec(heads=spec.kv_heads, entry_shape=(spec.page_size // cfg.page_size, 2, spec.head_dim),
                             dtype=MINMAX_DTYPES[cfg.minmax_dtype])}
