@@ -1,9 +1,12 @@
 """Every config class's defaults and every shipped YAML fit every supported model shape: Llama,
-Mistral, Qwen2 and Qwen3 families, head sizes 32 to 256, MQA and GQA; DSA on an MLA model. The
-checks that depend on the model (topr against head_dim, page sizes against tokens_per_block,
-aux pools, learned predictors and their weights) all run while the engine is built, so each case
-builds an `LLM` on a one-layer random model; shipped YAMLs are named without a path from another
-working directory."""
+Mistral, Qwen2 and Qwen3 families, head sizes 32, 48, 64, 80, 96, 128 and 256, MQA and GQA; DSA
+on an MLA model. The checks that depend on the model (topr against head_dim, page sizes against
+tokens_per_block, aux pools, learned predictors and their weights) all run while the engine is
+built, so each case builds an `LLM` on a one-layer random model; shipped YAMLs are named without a
+path from another working directory. On the head sizes that are not powers of two, every
+algorithm's defaults also generate with a prompt longer than the budget, so the sparse path
+(prompt compression, block scoring and selection) runs."""
+import dataclasses
 import os
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 
 import configs
 import models
+from sparse_jax.eval import with_budget
 from sparse_jax import LLM, SamplingParams
 from sparse_jax.algorithms.rocket import RocketSparseAttentionConfig
 from sparse_jax.config import ConfigError, load_llm_api_options, registered_algorithms
@@ -22,7 +26,9 @@ SHAPES = {
     "llama_gqa_d48": ("llama", 6, 2, 48),
     "llama_gqa_d64": ("llama", 9, 3, 64),  # SmolLM2-135M's attention
     "llama_mqa_d64": ("llama", 4, 1, 64),
-    "llama_gqa_d128": ("llama", 4, 2, 128),
+    "llama_gqa_d80": ("llama", 8, 2, 80),
+  "qwen2_gqa_d96": ("qwen2", 6, 2, 96),
+  "llama_gqa_d128": ("llama", 4, 2, 128),
     "llama_gqa_d256": ("llama", 2, 1, 256),
     "mistral_gqa_d128": ("mistral", 4, 2, 128),
     "qwen2_gqa_d64": ("qwen2", 4, 2, 64),
@@ -64,6 +70,21 @@ def test_shipped_yaml_fits_every_shape(shaped_model, yaml_name, tmp_path, monkey
   monkeypatch.chdir(tmp_path)  # named without a path, read from anywhere
   name, model = shaped_model
   build(model, extra_llm_api_options=yaml_name)
+
+
+@pytest.mark.parametrize("algorithm", GQA_ALGORITHMS)
+def test_config_defaults_generate_sparsely_on_odd_head_sizes(algorithm):
+  """Defaults with only the token budget lowered (64 tokens of a 160-token prompt), as an eval
+  sweep sets it: prompt compression or per-step selection runs on an 80- or 96-wide head (the
+  algorithms alternate between the two shapes to keep the test short)."""
+  shape = ("llama_gqa_d80", "qwen2_gqa_d96")[GQA_ALGORITHMS.index(algorithm) % 2]
+  cfg = with_budget(registered_algorithms()[algorithm].config_cls(), 64)
+  llm = build(random_model(*SHAPES[shape]), sparse_attention_config=cfg)
+  prompt = np.random.default_rng(0).integers(1, 64, 160).tolist()
+  out = llm.generate(prompt, SamplingParams(max_tokens=3, temperature=0.0))[0]
+  assert len(out.outputs[0].token_ids) == 3
+  evicts = {f.name for f in dataclasses.fields(cfg)} & {"prompt_budget", "max_capacity_prompt", "window"}
+  assert (out.metrics["kept_prompt_tokens"] <= 64) if evicts else (out.metrics["kept_prompt_tokens"] == 160)
 
 
 def test_topr_means_all_channels_on_every_head_size():
