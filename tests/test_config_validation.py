@@ -131,3 +131,28 @@ def test_shard_names_stay_inside_the_checkpoint(checkpoint, shard, monkeypatch):
   with pytest.raises(models.CheckpointError, match="names shard\\(s\\) outside the checkpoint directory"):
     models.from_pretrained(str(checkpoint))
   assert opened == []
+
+
+def test_yaml_paths_are_relative_to_the_yaml_and_shipped_configs_load_by_name(tmp_path, monkeypatch):
+  """A relative `weights_path` names a file next to the YAML, whatever the working directory; an
+  absolute one and a dict's are kept as written; a shipped config loads by its name alone."""
+  import configs
+  folder = tmp_path / "options"
+  folder.mkdir()
+  (folder / "indexer.yaml").write_text("sparse_attention_config:\n  algorithm: indexer\n"
+                                       "  weights_path: weights/idx.safetensors\n")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  opts = load_llm_api_options(str(folder / "indexer.yaml"))
+  assert opts.sparse_attention_config.weights_path == str(folder / "weights" / "idx.safetensors")
+  (folder / "abs.yaml").write_text(f"sparse_attention_config:\n  algorithm: indexer\n  weights_path: {tmp_path}/w.st\n")
+  assert load_llm_api_options(str(folder / "abs.yaml")).sparse_attention_config.weights_path == f"{tmp_path}/w.st"
+  as_dict = {"sparse_attention_config": {"algorithm": "indexer", "weights_path": "w.safetensors"}}
+  assert load_llm_api_options(as_dict).sparse_attention_config.weights_path == "w.safetensors"
+  for name in ("rocket", "rocket.yaml"):
+    assert load_llm_api_options(name) == load_llm_api_options(os.path.join(configs.CONFIG_DIR, "rocket.yaml"))
+  shipped = load_llm_api_options("indexer").sparse_attention_config.weights_path
+  assert os.path.isabs(shipped) and os.path.exists(shipped)
+  with pytest.raises(ConfigError, match=r"options file not found: rockett .*shipped: \[.*'rocket'"):
+    load_llm_api_options("rockett")
