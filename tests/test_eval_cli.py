@@ -106,6 +106,34 @@ def test_longbench_v2_in_process(checkpoint, tmp_path, capsys):
   assert sample["score"] == tasks.score_choice(sample["prediction"], "C")
 
 
+def test_longbench_v2_release_file_with_filters_and_categories(checkpoint, tmp_path, capsys):
+  """The release's data.json: one JSON array of records in its field order, indented as released.
+  --difficulty / --length keep the matching records; the summary has accuracy per difficulty,
+  length and domain, each the mean of its records' scores."""
+  def record(_id, domain, difficulty, length, answer):
+    return {"_id": _id, "domain": domain, "sub_domain": "Academic", "difficulty": difficulty, "length": length,
+            "question": f"Question {_id}?", "choice_A": "one", "choice_B": "two", "choice_C": "three",
+            "choice_D": "four", "answer": answer, "context": f"Context of {_id}. " * 60}
+  release = [record("66f36490821e116aacb2cc22", "Single-Document QA", "easy", "short", "A"),
+             record("66ebed525a08c7b9b35e1cb4", "Multi-Document QA", "hard", "short", "B"),
+             record("6719b96abb02136c067d4358", "Long In-context Learning", "hard", "medium", "D"),
+             record("66fa208bbb02136c067c5fc1", "Single-Document QA", "hard", "short", "C")]
+  data = tmp_path / "data.json"
+  data.write_text(json.dumps(release, ensure_ascii=False, indent=4))
+  result = eval_lib.evaluate(task="longbench_v2", context_length=300, num_samples=0, model=checkpoint,
+                             data=str(data), backend="reference", max_tokens=4, progress=False,
+                             difficulty="hard", length="short")
+  samples = result["samples"]
+  assert [s["_id"] for s in samples] == [release[1]["_id"], release[3]["_id"]]
+  for s, rec in zip(samples, (release[1], release[3])):
+    assert s["score"] == tasks.score_choice(s["prediction"], rec["answer"]) and s["prompt_tokens"] <= 300
+  categories = result["summary"]["categories"]
+  assert set(categories) == {"difficulty=hard", "length=short", "domain=Multi-Document QA", "domain=Single-Document QA"}
+  assert categories["difficulty=hard"] == result["summary"]["accuracy"] == sum(s["score"] for s in samples) / 2
+  assert categories["domain=Single-Document QA"] == samples[1]["score"]
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_samples"] == 2
+
+
 def test_bad_arguments(checkpoint):
   with pytest.raises(ValueError, match="--task='nope'"):
     eval_lib.evaluate(task="nope", context_length=256, num_samples=1, model=checkpoint)
