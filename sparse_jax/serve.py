@@ -102,6 +102,22 @@ class _SamplingFields(BaseModel):
   repetition_penalty: Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)] = 1.0
   min_tokens: Annotated[StrictInt, Field(ge=0, le=INT32_MAX)] = 0
   user: StrictStr | None = None
+  # OpenAI fields that would change the answer but are not implemented: refused when they ask
+  # for something, rather than ignored like unknown fields.
+  logit_bias: dict[str, Any] | None = None
+  best_of: Any = None
+  response_format: Any = None
+
+  def refuse_unsupported(self) -> None:
+    if self.logit_bias:
+      raise ApiError(400, "logit_bias is not supported (send null or {})", "logit_bias")
+    if self.best_of is not None and self.best_of != self.n:
+      raise ApiError(400, f"best_of={self.best_of!r} is not supported; use n (best_of may only be null or equal "
+                     "to n)", "best_of")
+    kind = self.response_format.get("type") if isinstance(self.response_format, dict) else self.response_format
+    if kind not in (None, "text"):
+      raise ApiError(400, f"response_format {self.response_format!r} is not supported (only type 'text')",
+                     "response_format")
 
 
 class CompletionRequest(_SamplingFields):
@@ -111,6 +127,12 @@ class CompletionRequest(_SamplingFields):
   max_tokens: PositiveInt = 16
   echo: StrictBool = False
   logprobs: TopLogprobs | None = None
+  suffix: Any = None
+
+  def refuse_unsupported(self) -> None:
+    super().refuse_unsupported()
+    if self.suffix:
+      raise ApiError(400, "suffix is not supported (send null or \"\")", "suffix")
 
   def top_logprobs_wanted(self) -> int | None:
     return self.logprobs
@@ -792,6 +814,7 @@ def create_app(llm, served_model_name: str | None = None, *, api_key: str | None
   @app.post("/v1/completions")
   async def completions(body: CompletionRequest, http: HttpRequest):
     server.check_model(body.model)
+    body.refuse_unsupported()
     warn_ignored_fields(body)
     if body.echo and body.logprobs is not None:
       raise ApiError(400, "echo=true with logprobs (the prompt's log-probabilities) is not supported", "echo")
@@ -852,6 +875,7 @@ def create_app(llm, served_model_name: str | None = None, *, api_key: str | None
   @app.post("/v1/chat/completions")
   async def chat_completions(body: ChatCompletionRequest, http: HttpRequest):
     server.check_model(body.model)
+    body.refuse_unsupported()
     warn_ignored_fields(body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     ids = await server.encode_chat(body, max_tokens or 1)

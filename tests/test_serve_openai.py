@@ -130,7 +130,8 @@ def test_unknown_fields_are_logged_and_ignored(setup, caplog):
   client, p = setup["client"], setup["prompt"]
   with caplog.at_level(logging.WARNING, logger="sparse_jax.serve"):
     r = client.post("/v1/completions", json={"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0,
-                                             "best_of_the_future": 3, "stream_options": None})
+                                             "best_of_the_future": 3, "stream_options": None,
+                                             "logit_bias": {}, "best_of": 1, "suffix": None})
     chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "w1", "mood": "x"}],
                                                       "max_tokens": 2, "logit_bias_v9": {}})
   assert r.status_code == 200 and r.json()["choices"][0]["text"] == setup["offline"]["greedy"].outputs[0].text

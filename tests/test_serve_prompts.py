@@ -128,9 +128,9 @@ def test_generation_config_fills_unset_sampling_fields(setup):
   app = create_app(llm, "tiny")
   server = app.state.server
   try:
-    unset = server.sampling_params(CompletionRequest(prompt="w1", max_tokens=2), 2)
+    unset, = server.sampling_params(CompletionRequest(prompt="w1", max_tokens=2), 2)
     assert (unset.temperature, unset.top_p, unset.top_k) == (0.6, 0.9, 20)
-    given = server.sampling_params(CompletionRequest(prompt="w1", max_tokens=2, temperature=0.0, top_k=0), 2)
+    given, = server.sampling_params(CompletionRequest(prompt="w1", max_tokens=2, temperature=0.0, top_k=0), 2)
     assert (given.temperature, given.top_p, given.top_k) == (0.0, 0.9, 0)
     assert llm.get_default_sampling_params().temperature == 0.6
   finally:
