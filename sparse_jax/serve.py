@@ -460,7 +460,7 @@ class Server:
     given = body.model_fields_set
     unset = {k: v for k, v in self.sampling_defaults.items() if k in ("temperature", "top_p", "top_k") and k not in given}
     fields = {"temperature": float(body.temperature), "top_p": float(body.top_p), "top_k": body.top_k, **unset}
-    if body.min_tokens > max_tokens:
+    if max_tokens is not None and body.min_tokens > max_tokens:
       raise ApiError(400, f"min_tokens={body.min_tokens} is more than max_tokens={max_tokens}", "min_tokens")
     try:
       params = SamplingParams(max_tokens=max_tokens, n=body.n, seed=body.seed, stop=body.stop,
