@@ -61,3 +61,19 @@ def test_mla_decode_reports_tflops_against_lean_xla(tmp_path):
   for row in rows:
     assert row["error"] is None and row["tflop_s"] > 0, row
     assert row["max_err"] <= 1e-4, row   # float32 smoke shapes
+
+
+def test_http_load_drives_the_real_server(tmp_path):
+  """Concurrent streaming clients against `python -m sparse_jax.serve` (the embedded model) on
+  loopback: every request completes with its output length, and the latency summary is filled."""
+  out = tmp_path / "http_load.json"
+  proc = _smoke("bench/bench_http_load.py", out)
+  record = json.loads(out.read_text())
+  s, cfg = record["summary"], record["config"]
+  assert s["completed"] == cfg["num_prompts"] == 8 and s["failed"] == 0
+  assert s["output_tokens"] == cfg["num_prompts"] * cfg["output_len"]
+  assert s["prompt_tokens"] == cfg["num_prompts"] * cfg["input_len"]
+  for name in ("ttft", "tpot", "e2e"):
+    assert 0 < s[f"{name}_p50_ms"] <= s[f"{name}_p99_ms"]
+  assert s["ttft_p99_ms"] <= s["e2e_p99_ms"]
+  assert "| TTFT |" in proc.stdout
