@@ -5,6 +5,7 @@ import functools
 import itertools
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -117,9 +118,88 @@ def test_cli_trains_reports_and_saves(tmp_path):
   assert out.exists()
   tensors, meta = indexer_lib.load_indexer_file(out)
   assert meta["num_layers"] == 2 and tensors["layers.1.wq"].shape == (64, 2, 4, 16)
+  assert "serve with: --extra_llm_api_options=" in res.stdout and (out.parent / "indexer.yaml").exists()
   with_missing = subprocess.run([sys.executable, "-m", "sparse_jax.distill", "--model=random"], cwd=root,
                                 capture_output=True, text=True, timeout=300)
-  assert with_missing.returncode != 0 and "--model and --output are required" in with_missing.stderr
+  assert with_missing.returncode != 0 and "--model=random needs --output" in with_missing.stderr
+
+
+def test_cli_on_text_files_writes_weights_and_yaml_next_to_the_model(tmp_path):
+  """A user's checkpoint directory (a copy of the embedded model) and two text files: a progress bar,
+  the recall line, indexer.safetensors + indexer.yaml in the model directory, and LLM serves the
+  model with that YAML."""
+  from sparse_jax.config import load_llm_api_options
+  from sparse_jax.defaults import DEFAULT_MODEL_DIR
+  model_dir = tmp_path / "my_model"
+  shutil.copytree(DEFAULT_MODEL_DIR, model_dir)
+  words = np.random.default_rng(0).choice(["alpha", "beta", "gamma", "delta", "the", "key", "is", "42."], 3000)
+  for i in range(2):
+    (tmp_path / f"doc{i}.txt").write_text(" ".join(words[i::2]))
+  cmd = [sys.executable, "-m", "sparse_jax.distill", f"--model={model_dir}", f"--text_files={tmp_path}/doc*.txt",
+         "--steps=3", "--batch_size=2", "--seq_len=96", "--min_seq_len=48", "--eval_batches=1", "--block_size=16",
+         "--topk=2", "--index_heads=1", "--index_head_dim=16", "--rope_dim=8", "--decode_queries=4"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "(text data, 3 steps of 2 x 48-96 tokens)" in res.stdout, res.stdout
+  assert re.search(r"distill: 100%.*3/3.*loss=\d", res.stderr), res.stderr[-2000:]
+  assert re.search(r"top-2 recall vs oracle \(blocks of 16\): before \d\.\d{3} -> after \d\.\d{3}", res.stdout)
+  weights, options = model_dir / "indexer.safetensors", model_dir / "indexer.yaml"
+  assert weights.exists() and options.exists()
+  cfg = load_llm_api_options(str(options)).sparse_attention_config
+  assert cfg.algorithm == "indexer" and os.path.samefile(cfg.weights_path, weights)
+  assert (cfg.index_heads, cfg.index_head_dim, cfg.rope_dim) == (1, 16, 8)
+  llm = LLM(str(model_dir), dtype="float32", max_batch_size=1, max_seq_len=256,
+            extra_llm_api_options=str(options))
+  assert llm.model.attention_layers()[0].predictor is not None
+  bad = subprocess.run(cmd[:4] + [f"--text_files={tmp_path}/none*.txt", "--steps=1"], cwd=root,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert bad.returncode != 0 and "no file matches" in bad.stderr
+
+
+def test_decode_loss_prefers_the_oracle_blocks_and_handles_short_rows():
+  model = distill.random_model(1, vocab_size=VOCAB)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, size=(3, 64)), jnp.int32)
+  lengths = jnp.asarray([64, 40, 3], jnp.int32)  # the last row is shorter than the decode queries
+  _, p = jax.jit(functools.partial(distill.teacher, model))(tokens, lengths)[1]
+  loss = functools.partial(distill.decode_topblock_loss, p=p, lengths=lengths, block_size=8, topk=3, queries=5)
+  informed = float(loss(jnp.log(jnp.maximum(p, 1e-30))))
+  uniform = float(loss(jnp.zeros_like(p)))
+  reversed_ = float(loss(-jnp.log(jnp.maximum(p, 1e-30))))
+  assert np.isfinite([informed, uniform, reversed_]).all()
+  assert informed < uniform < reversed_
+  grad = jax.grad(loss)(jnp.zeros_like(p))
+  assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).sum()) > 0
+  # Only the last `queries` valid queries of each row carry gradient (the 3-token row has one
+  # block: nothing to rank).
+  rows = np.nonzero(np.asarray(jnp.abs(grad).sum(axis=(1, 3))))
+  assert set(zip(*rows)) == {(0, t) for t in range(59, 64)} | {(1, t) for t in range(35, 40)}
+
+
+def test_length_randomisation_and_text_splits(tmp_path):
+  tokens, lengths = next(distill.random_batches(VOCAB, 64, 50, seed=0, min_seq_len=10))
+  assert lengths.min() >= 10 and lengths.max() <= 50 and len(set(lengths.tolist())) > 10
+  assert all(np.all(tokens[i, lengths[i]:] == 0) for i in range(64))
+  from sparse_jax import tasks
+  tok = tasks.build_tokenizer(vocab_size=512)
+  text = " ".join(f"word{i}" for i in range(2000))
+  (tmp_path / "a.txt").write_text(text)
+  paths = distill.read_text_files(f"{tmp_path}/*.txt")
+  ids = tasks.TokenCounter(tok).prompt_ids(text)
+  cut = len(ids) - int(len(ids) * distill.HELD_OUT_FRACTION)
+  train_part, held_part = ids[:cut], ids[cut:]
+
+  def windows(split):
+    tokens, lengths = next(distill.text_batches(tok, paths, 16, 40, seed=0, split=split, min_seq_len=20))
+    assert lengths.min() >= 20 and lengths.max() <= 40
+    return [tokens[i, :lengths[i]].tolist() for i in range(16)]
+
+  contains = lambda part, w: any(part[j:j + len(w)] == w for j in range(len(part) - len(w) + 1))
+  assert all(contains(train_part, w) for w in windows("train"))
+  assert all(contains(held_part, w) for w in windows("eval"))
+  with pytest.raises(FileNotFoundError, match="no file matches"):
+    distill.read_text_files(f"{tmp_path}/missing*.txt")
 
 
 def test_task_batches_come_from_the_train_split(monkeypatch):

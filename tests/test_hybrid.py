@@ -13,7 +13,9 @@ from sparse_jax.algorithms.quest import QuestSparseAttentionConfig
 from sparse_jax.attention import AttentionSpec, Runtime
 from sparse_jax.cache import LayerCache
 from sparse_jax.config import ConfigError, load_llm_api_options
-from tests.test_algorithms_beyond import attach_predictors, dense_run, run_model  # noqa: F401 (fixture)
+from sparse_jax import LLM, KvCacheConfig, SamplingParams
+from tests.test_algorithms_beyond import (attach_predictors, dense_generation, dense_run,  # noqa: F401 (fixtures)
+                                         run_model)
 from tests.test_algorithms_contract import filled_layer, permuted_table
 from tests.model_fixtures import tiny_llama
 
@@ -48,6 +50,11 @@ def test_sinks_and_recent_blocks_are_attended_even_when_content_ranks_them_last(
   protected = {0, 1, n_blocks - 2, n_blocks - 1}
   assert not ({0, 1, n_blocks - 2} & picked["quest"])  # content alone drops them
   assert protected <= picked["hybrid"] and len(picked["hybrid"]) == 5
+  # Chunked prefill ranks the stored context by the same scores.
+  chunk, block_size = hybrid.chunk_scores(protected_cfg, SPEC, q[:, None], layer, table, lengths)
+  assert block_size == 4
+  np.testing.assert_allclose(np.asarray(chunk), np.asarray(hybrid.block_scores(protected_cfg, SPEC, q, layer, table,
+                                                                               lengths)))
   # Eviction: protected pages score above every other page.
   scores = np.asarray(hybrid.page_scores(protected_cfg, SPEC, q, layer, table, lengths))[0]
   sink_page, recent_page = int(pages[0]), int(pages[(length - 1) // PAGE])
@@ -76,3 +83,13 @@ def test_yaml_and_validation():
       HybridSparseAttentionConfig(**kwargs)
   with pytest.raises(ConfigError, match="HybridSparseAttentionConfig.page_size=64 must divide"):
     hybrid.aux_spec(HybridSparseAttentionConfig(page_size=64), SPEC)
+
+
+def test_chunked_prefill_at_full_budget_matches_dense(dense_generation):  # noqa: F811
+  prompts, expected = dense_generation
+  cfg = HybridSparseAttentionConfig(topk=64, page_size=4, minmax_dtype="float32", prefill_budget=256)
+  llm = LLM(tiny_llama(4), dtype="float32", sparse_attention_config=cfg, enable_chunked_prefill=True,
+            max_num_tokens=16, kv_cache_config=KvCacheConfig(tokens_per_block=8), max_batch_size=2,
+            max_seq_len=128, decode_chunk_size=4)
+  outs = llm.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
+  assert [o.outputs[0].token_ids for o in outs] == expected
