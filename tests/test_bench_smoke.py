@@ -77,3 +77,33 @@ def test_http_load_drives_the_real_server(tmp_path):
     assert 0 < s[f"{name}_p50_ms"] <= s[f"{name}_p99_ms"]
   assert s["ttft_p99_ms"] <= s["e2e_p99_ms"]
   assert "| TTFT |" in proc.stdout
+
+
+def test_check_kernels_passes_every_part_on_the_cpu(tmp_path):
+  """The GPU correctness check under SMOKE (interpret mode, small NaN-poisoned shapes; the DSA
+  kernels' part is bench_dsa's check, run by the DSA bench's smoke test above)."""
+  parts = "paged_decode,compaction,rocket_score,rocket_decode,mla_decode,chunk_merge,engine"
+  env = dict(os.environ, SMOKE="1", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "bench.check_kernels_gpu", f"--parts={parts}", "--algorithms=rocket",
+                         f"--out={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads((tmp_path / "check_kernels.json").read_text())
+  assert result["ok"] and result["parts"] == {p: True for p in parts.split(",")}
+  names = [c["check"] for c in result["checks"]]
+  assert any(n.startswith("rocket_decode test_") for n in names)
+  assert "engine rocket (float32, pallas vs reference)" in names
+  assert "CHECK paged_decode" in proc.stdout and "CHECK compaction" in proc.stdout
+
+
+def test_check_chunk_merge_fails_a_merge_that_drops_the_context(monkeypatch):
+  """The chunk-merge check compares with one softmax over context and chunk: a merge that
+  keeps only the chunk's own attention fails it."""
+  from bench import check_kernels_gpu
+  from sparse_jax import attention
+
+  results = []
+  assert check_kernels_gpu.check_chunk_merge(True, results)
+  merge = attention.merge_by_lse
+  monkeypatch.setattr(attention, "merge_by_lse", lambda parts: merge(parts[:1]))
+  assert not check_kernels_gpu.check_chunk_merge(True, results)
+  assert [r["ok"] for r in results] == [True, False]
