@@ -8,9 +8,11 @@
 # TOPIC: check kernels dsa decode prefill serving eval tp (default: all of them, in this order).
 # Each topic writes its JSON and logs to RESULTS_DIR/<topic>/ and its console to
 # RESULTS_DIR/<topic>.log; RESULTS_DIR/summary.txt lists each topic's exit status and seconds.
-# `check` (every Pallas kernel against its reference on the GPU: paged decode, compaction,
-# RocketKV scoring, the DSA kernels, chunk attention) runs first; if it fails nothing else runs,
-# because timings of a kernel that is wrong on the GPU are not results (KEEP_GOING=1 runs the
+# `check` (bench/check_kernels_gpu.py: every Pallas kernel against its reference on the GPU:
+# paged decode, compaction, RocketKV scoring and the fused RocketKV step, the DSA kernels, dense
+# MLA decode, the chunk attention merge; the engine's greedy tokens per algorithm, Pallas vs
+# reference, in float32; then the chunk attention's cuDNN paths) runs first; if it fails nothing
+# else runs, because timings of a kernel that is wrong on the GPU are not results (KEEP_GOING=1 runs the
 # rest anyway). SMOKE=1 makes every topic a tiny CPU dry run.
 set -u
 if [ $# -lt 1 ]; then
@@ -47,14 +49,7 @@ topic() {  # topic NAME COMMAND...: OUT=RESULTS/NAME, console to RESULTS/NAME.lo
 
 checks() {  # the correctness checks alone, each kernel against its reference on this device
   local rc=0
-  python3 - "${SM[@]}" <<'PY' || rc=1
-import sys
-from bench import bench_compaction, bench_paged_decode, bench_rocket_score
-rcs = {m.__name__: m.main(["--check", *sys.argv[1:]]) for m in (bench_paged_decode, bench_compaction, bench_rocket_score)}
-print("CHECK SUMMARY", {k: "OK" if r == 0 else "FAIL" for k, r in rcs.items()})
-sys.exit(max(rcs.values()))
-PY
-  python3 -m bench.bench_dsa --check "${SM[@]}" || rc=1
+  python3 -m bench.check_kernels_gpu "${SM[@]}" || rc=1
   if [ "${SMOKE:-0}" != "1" ]; then python3 -m bench.check_chunk_attention_gpu || rc=1; fi
   return $rc
 }
