@@ -34,6 +34,7 @@ is refused without tokenizing the rest.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextlib
 import dataclasses
 import functools
@@ -44,7 +45,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Sequence
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
@@ -335,7 +336,26 @@ class Update:
   finish_reason: str | None
   error: str | None = None
   #: with logprobs requested: per generated token (token id, logprob, rank, [(id, logprob)] best first)
-  logprobs: tuple = ()
+  logprobs: Sequence[tuple] = ()
+
+
+class GrowingPrefix(collections.abc.Sequence):
+  """The first `n` items of a list that is only appended to: an update's log-probabilities,
+  read on the event loop while the engine thread appends the next ones (no copy per update)."""
+  __slots__ = ("items", "n")
+
+  def __init__(self, items: list, n: int):
+    self.items, self.n = items, n
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return self.items[slice(*i.indices(self.n))]
+    if not -self.n <= i < self.n:
+      raise IndexError(i)
+    return self.items[i % self.n]
 
 
 class Stream:
@@ -345,9 +365,18 @@ class Stream:
     self.loop = loop
     self.queue: asyncio.Queue[Update] = asyncio.Queue()
     self.request: Request | None = None
+    self.logprobs: list[tuple] = []  # (token id, *Request.logprobs entry) per generated token so far
 
   def on_update(self, req: Request) -> None:  # engine thread, engine lock held: copy and hand off
-    logprobs = tuple((t, *lp) for t, lp in zip(req.output_ids, req.logprobs)) if req.params.logprobs is not None else ()
+    logprobs: Sequence[tuple] = ()
+    if req.params.logprobs is not None:
+      # Only the tokens of the engine step that sent this update are new (a stop string only
+      # ever cuts those), so earlier entries are final and are not copied again.
+      done = len(self.logprobs)
+      if len(req.logprobs) < done:  # tokens already sent were cut: start a fresh list
+        self.logprobs, done = [], 0
+      self.logprobs += [(t, *lp) for t, lp in zip(req.output_ids[done:], req.logprobs[done:])]
+      logprobs = GrowingPrefix(self.logprobs, len(self.logprobs))
     self._put(Update(req.text, len(req.output_ids), req.finish_reason, req.error, logprobs))
 
   def _put(self, update: Update) -> None:

@@ -97,6 +97,15 @@ def test_completions_streaming_n_logprobs_and_usage(setup, openai_client):
   assert [len(t) for t in tokens] == [len(o.token_ids) for o in offline["seeded"].outputs]
   assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == sum(len(t) for t in tokens)
 
+  # With a stop string the streamed log-probabilities are those of the whole answer's tokens.
+  stop = offline["greedy"].outputs[0].text.split()[2]
+  kw = dict(model="tiny", prompt=p, max_tokens=MAX_TOKENS, temperature=0, logprobs=2, stop=[stop])
+  whole = c.completions.create(**kw).choices[0].logprobs
+  streamed = [ch.logprobs for chunk in c.completions.create(**kw, stream=True) for ch in chunk.choices]
+  assert [t for lp in streamed for t in lp.tokens] == whole.tokens
+  assert [x for lp in streamed for x in lp.token_logprobs] == pytest.approx(whole.token_logprobs)
+  assert [x for lp in streamed for x in lp.text_offset] == whole.text_offset
+
 
 def test_chat_logprobs_n_and_streaming(setup, openai_client):
   c, offline = openai_client, setup["offline"]
