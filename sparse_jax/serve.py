@@ -634,6 +634,9 @@ def _prompt_list(prompt: Any) -> list[str | list[int]]:
 def _submit_all(server: Server, items: list[tuple[list[int], SamplingParams, str | None, str]],
                 rid: str) -> list[Stream]:
   """Submits one engine request per (token ids, params, prompt text, field); all or none."""
+  if len(items) > server.engine.max_queue_size:  # could never be queued at once: not a retry-later 429
+    raise ApiError(400, f"the request asks for {len(items)} completions (prompts x n), more than the server's queue "
+                   f"holds (max_queue_size={server.engine.max_queue_size})", "n")
   streams: list[Stream] = []
   try:
     for i, (ids, params, prompt, field) in enumerate(items):

@@ -273,6 +273,7 @@ def test_openai_client_completions_and_chat(served):
     ("/v1/completions", {"prompt": [1, 999]}, 400, ["999", "vocabulary"]),
     ("/v1/completions", {"prompt": "w1", "n": 0}, 400, ["n", "greater than or equal to 1"]),
     ("/v1/completions", {"prompt": "w1", "logit_bias": {"5": 10}}, 400, ["logit_bias is not supported"]),
+    ("/v1/completions", {"prompt": ["w1"] * 17, "n": 2}, 400, ["34 completions", f"max_queue_size={QUEUE}"]),
     ("/v1/completions", {"prompt": "w1", "best_of": 3}, 400, ["best_of=3", "use n"]),
     ("/v1/completions", {"prompt": "w1", "suffix": "w2"}, 400, ["suffix is not supported"]),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w1"}],
