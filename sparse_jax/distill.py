@@ -50,7 +50,8 @@ newest block always included) against the oracle's (by true block attention mass
 newest block always included: `oracle.select_topk_blocks`); `selection_recall` averaged
 over queries, KV heads and layers. The CLI shows a progress bar with the running loss, and
 prints the recall before and after training next to the recency baseline (the newest `topk`
-blocks).
+blocks); `--eval_seq_lens=1024,4096,...` adds the same measurement per context length (held-out
+rows of exactly that length, which may exceed what was trained on).
 
 `--model=random` builds a tiny Llama (2 layers, hidden 64, 4 query / 2 KV heads of 16,
 vocab 256) whose q/k projections are scaled by `--random_qk_gain`: at the usual 0.02
@@ -65,7 +66,7 @@ import itertools
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -292,18 +293,20 @@ def evaluate(eval_step, iparams, mstate, batches: Sequence[Batch]) -> dict[str, 
 
 def distill(model: nnx.Module, index_cfg: IndexerSparseAttentionConfig, train_batches: Iterator[Batch],
             eval_batches: Sequence[Batch], dcfg: DistillConfig = DistillConfig(),
-            log: Callable[[str], None] | None = print,
-            progress: bool = False) -> tuple[list[LightningIndexer], dict[str, Any]]:
+            log: Callable[[str], None] | None = print, progress: bool = False,
+            eval_sets: Mapping[str, Sequence[Batch]] | None = None) -> tuple[list[LightningIndexer], dict[str, Any]]:
   """Trains fresh indexers (geometry from index_cfg, seed dcfg.seed) on `train_batches` for
   dcfg.steps steps; `progress`: a progress bar on stderr with the running loss (instead of a
   log line every dcfg.log_every steps). Returns (trained indexers, report with recall and KL
-  before and after, the loss history and seconds)."""
+  before and after, the loss history and seconds); `eval_sets` (name -> held-out batches, e.g.
+  one per context length) are measured before and after as well: report["sets"][name]."""
   hidden, kv_heads, num_layers = _model_geometry(model)
   indexers = init_indexers(index_cfg, hidden_size=hidden, kv_heads=kv_heads, num_layers=num_layers, seed=dcfg.seed)
   tx, mstate, train_step, eval_step = make_steps(model, indexers, dcfg, total_steps=dcfg.steps)
   igraph, iparams = nnx.split(Indexers(indexers))
   opt_state = tx.init(iparams)
   before = evaluate(eval_step, iparams, mstate, eval_batches)
+  sets = {name: {"before": evaluate(eval_step, iparams, mstate, batches)} for name, batches in (eval_sets or {}).items()}
   if log:
     log(f"before: recall@{dcfg.topk}x{dcfg.block_size} {before['recall']:.3f} (recency baseline "
         f"{before['recency_recall']:.3f}), KL {before['kl']:.3f}")
@@ -326,12 +329,15 @@ def distill(model: nnx.Module, index_cfg: IndexerSparseAttentionConfig, train_ba
     bar.close()
   seconds = time.perf_counter() - start
   after = evaluate(eval_step, iparams, mstate, eval_batches)
+  for name, batches in (eval_sets or {}).items():
+    sets[name]["after"] = evaluate(eval_step, iparams, mstate, batches)
   if log:
     log(f"after:  recall@{dcfg.topk}x{dcfg.block_size} {after['recall']:.3f} (recency baseline "
         f"{after['recency_recall']:.3f}), KL {after['kl']:.3f}; per layer "
         f"{[round(r, 3) for r in after['recall_per_layer']]}")
   trained = list(nnx.merge(igraph, iparams).layers)
-  return trained, dict(before=before, after=after, history=history, train_seconds=seconds, steps=len(history))
+  return trained, dict(before=before, after=after, sets=sets, history=history, train_seconds=seconds,
+                       steps=len(history))
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -468,6 +474,8 @@ def define_flags() -> None:
   flags.DEFINE_float("decode_weight", 1.0, "Weight of the decode loss (the last queries' top blocks); 0 = KL only.")
   flags.DEFINE_integer("decode_queries", 8, "Last queries per row the decode loss covers.")
   flags.DEFINE_integer("eval_batches", 4, "Held-out batches for the recall.")
+  flags.DEFINE_list("eval_seq_lens", [], "Context lengths at which the held-out recall is also reported (before and "
+                    "after), on --eval_batches single-row batches each; may exceed --seq_len.")
   flags.DEFINE_integer("block_size", 16, "Block size of the recall measurement and the decode loss.")
   flags.DEFINE_integer("topk", 4, "Blocks selected in the recall measurement and targeted by the decode loss.")
   flags.DEFINE_integer("index_heads", 4, "Index query heads per KV head.")
@@ -491,8 +499,9 @@ def write_options_yaml(path: str, weights_path: str, index_cfg: IndexerSparseAtt
     yaml.safe_dump({"sparse_attention_config": sparse}, f, sort_keys=False)
 
 
-def _data(FLAGS, model, tokenizer) -> tuple[str, Iterator[Batch], Iterator[Batch]]:
-  """(kind, train batches, held-out batches) for the flags."""
+def _data(FLAGS, model, tokenizer) -> tuple[str, tuple[Iterator[Batch], Iterator[Batch]],
+                                             Callable[[int], Iterator[Batch]]]:
+  """(kind, (train batches, held-out batches), seq_len -> held-out single-row batches of that length)."""
   from absl import app
   data = FLAGS.data
   if data == "auto":
@@ -506,17 +515,21 @@ def _data(FLAGS, model, tokenizer) -> tuple[str, Iterator[Batch], Iterator[Batch
   args = (FLAGS.batch_size, FLAGS.seq_len, FLAGS.seed)
   if data == "tasks":
     return data, (task_batches(tokenizer, *args, "train", FLAGS.min_seq_len),
-                  task_batches(tokenizer, *args, "eval", FLAGS.min_seq_len))
+                  task_batches(tokenizer, *args, "eval", FLAGS.min_seq_len)), (
+                      lambda n: task_batches(tokenizer, 1, n, FLAGS.seed, "eval"))
   if data == "text":
     try:
       paths = read_text_files(FLAGS.text_files)
     except FileNotFoundError as e:
       raise app.UsageError(str(e)) from None
     return data, (text_batches(tokenizer, paths, *args, "train", FLAGS.min_seq_len),
-                  text_batches(tokenizer, paths, *args, "eval", FLAGS.min_seq_len))
+                  text_batches(tokenizer, paths, *args, "eval", FLAGS.min_seq_len)), (
+                      lambda n: text_batches(tokenizer, paths, 1, n, FLAGS.seed, "eval"))
   vocab = model.config.vocab_size
+  held_seed = FLAGS.seed + 1_000_003
   return data, (random_batches(vocab, *args, FLAGS.min_seq_len),
-                random_batches(vocab, FLAGS.batch_size, FLAGS.seq_len, FLAGS.seed + 1_000_003, FLAGS.min_seq_len))
+                random_batches(vocab, FLAGS.batch_size, FLAGS.seq_len, held_seed, FLAGS.min_seq_len)), (
+                    lambda n: random_batches(vocab, 1, n, held_seed))
 
 
 def main(argv) -> None:
@@ -535,8 +548,15 @@ def main(argv) -> None:
     import models
     model = models.from_pretrained(FLAGS.model, dtype="float32")
     tokenizer = models.load_tokenizer(FLAGS.model)
-  data, (train, held_out) = _data(FLAGS, model, tokenizer)
+  try:
+    eval_lens = [int(n) for n in FLAGS.eval_seq_lens]
+    if any(n < 2 for n in eval_lens):
+      raise ValueError
+  except ValueError:
+    raise app.UsageError(f"--eval_seq_lens={','.join(FLAGS.eval_seq_lens)}: must be integers >= 2") from None
+  data, (train, held_out), at_length = _data(FLAGS, model, tokenizer)
   eval_batches = list(itertools.islice(held_out, FLAGS.eval_batches))
+  eval_sets = {n: list(itertools.islice(at_length(n), FLAGS.eval_batches)) for n in eval_lens}
   index_cfg = IndexerSparseAttentionConfig(weights_path=output, index_heads=FLAGS.index_heads,
                                            index_head_dim=FLAGS.index_head_dim, rope_dim=FLAGS.rope_dim,
                                            rope_theta=FLAGS.rope_theta)
@@ -547,7 +567,7 @@ def main(argv) -> None:
              else str(FLAGS.seq_len))
   print(f"distilling indexers for {FLAGS.model} ({data} data, {FLAGS.steps} steps of {FLAGS.batch_size} x "
         f"{lengths} tokens)", flush=True)
-  indexers, report = distill(model, index_cfg, train, eval_batches, dcfg, progress=True)
+  indexers, report = distill(model, index_cfg, train, eval_batches, dcfg, progress=True, eval_sets=eval_sets)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   save_indexers(output, indexers)
   yaml_path = os.path.join(os.path.dirname(os.path.abspath(output)), "indexer.yaml")
@@ -556,6 +576,9 @@ def main(argv) -> None:
   print(f"top-{dcfg.topk} recall vs oracle (blocks of {dcfg.block_size}): before {b['recall']:.3f} -> after "
         f"{a['recall']:.3f} (recency baseline {a['recency_recall']:.3f}); {report['steps']} steps in "
         f"{report['train_seconds']:.1f}s")
+  for n, r in report["sets"].items():
+    print(f"  at {n} tokens: before {r['before']['recall']:.3f} -> after {r['after']['recall']:.3f} "
+          f"(recency baseline {r['after']['recency_recall']:.3f})")
   print(f"wrote {output} and {yaml_path}; serve with: --extra_llm_api_options={yaml_path}")
 
 

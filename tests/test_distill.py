@@ -109,7 +109,7 @@ def test_cli_trains_reports_and_saves(tmp_path):
   out = tmp_path / "cli" / "indexer.safetensors"
   cmd = [sys.executable, "-m", "sparse_jax.distill", "--model=random", f"--output={out}", "--steps=30",
          "--batch_size=4", "--seq_len=64", "--eval_batches=1", "--block_size=8", "--topk=2", "--index_head_dim=16",
-         "--rope_dim=8"]
+         "--rope_dim=8", "--eval_seq_lens=48,96"]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -118,6 +118,8 @@ def test_cli_trains_reports_and_saves(tmp_path):
   assert out.exists()
   tensors, meta = indexer_lib.load_indexer_file(out)
   assert meta["num_layers"] == 2 and tensors["layers.1.wq"].shape == (64, 2, 4, 16)
+  for n in (48, 96):
+    assert re.search(rf"at {n} tokens: before \d\.\d{{3}} -> after \d\.\d{{3}} \(recency baseline", res.stdout), res.stdout
   assert "serve with: --extra_llm_api_options=" in res.stdout and (out.parent / "indexer.yaml").exists()
   with_missing = subprocess.run([sys.executable, "-m", "sparse_jax.distill", "--model=random"], cwd=root,
                                 capture_output=True, text=True, timeout=300)
