@@ -623,6 +623,9 @@ class Engine:
           self._sampling_state(np.array([req.slot])), self._history, n_pages=n_pages, chunked=True, final=final,
           with_logprobs=final and _wants_logprobs([req]))
       self.stats["prefill_chunks"] += 1
+      sparse = self.runtime.algorithm
+      if sparse is not None and sparse.chunk_scores is not None and start > self.runtime.sparse.prefill_budget:
+        self.stats["sparse_prefill_chunks"] += 1  # attended to a selection smaller than its stored context
     self._after_prefill([req], np.asarray(first), np.asarray(counts), n, _host(logprobs))
 
   def _after_prefill(self, group: list[Request], first: np.ndarray, counts: np.ndarray, tokens: int,
@@ -672,6 +675,8 @@ class Engine:
     tokens, counters, last = np.asarray(tokens), np.asarray(counters), np.asarray(last)
     logprobs = _host(logprobs)  # fields [steps, S, ...]
     self.stats["decode_calls"] += 1
+    if self.runtime.sparse is not None and not dense:  # the algorithm's prediction ran in this chunk
+      self.stats["sparse_decode_calls"] += 1
     with self._lock:
       self._samp["counters"][:] = counters
       self._last_token[:] = last

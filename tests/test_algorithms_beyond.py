@@ -126,6 +126,12 @@ def test_llm_end_to_end_at_full_budget_matches_dense(name, dense_generation, ind
   outs = llm.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
   assert [o.outputs[0].token_ids for o in outs] == expected
   assert llm.engine.allocator.free_pages == llm.engine.allocator.num_pages, "pages leaked"
+  stats = llm.engine.stats
+  if name == "quest":  # dense_below (topk * page_size) covers every sequence: the prediction is skipped
+    assert stats["sparse_decode_calls"] == 0
+  else:  # the prediction ran in every decode chunk (and selected everything)
+    assert stats["sparse_decode_calls"] == stats["decode_calls"] > 0
+  assert [o.metrics["kept_prompt_tokens"] for o in outs] == [len(p) for p in prompts]
 
 
 def test_quest_chunked_prefill_at_full_budget_matches_dense(dense_generation):
@@ -138,6 +144,8 @@ def test_quest_chunked_prefill_at_full_budget_matches_dense(dense_generation):
             max_seq_len=128, decode_chunk_size=4)
   outs = llm.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
   assert [o.outputs[0].token_ids for o in outs] == expected
+  stats = llm.engine.stats  # the chunks' selection ran and covered everything; decode stayed dense
+  assert stats["prefill_chunks"] == 6 and stats["sparse_prefill_chunks"] == 0 and stats["sparse_decode_calls"] == 0
 
 
 @pytest.mark.parametrize("name, budget", [("snapkv", 40), ("streaming", 40)])

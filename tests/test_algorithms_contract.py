@@ -49,11 +49,14 @@ def _write_indexer_weights():
 # Algorithms with a learned predictor (Algorithm.build_predictor): writes the weights it loads.
 PREDICTOR_SETUP = {"indexer": _write_indexer_weights}
 MLA_ONLY = {"dsa"}
+# Algorithms whose generation phase is dense (predict_attn returns None); every other one selects.
+DENSE_GENERATION = {"snapkv"}
 
 
 def test_every_algorithm_is_covered():
   missing = set(registered_algorithms()) - set(CONTRACT_CONFIGS) - MLA_ONLY
   assert not missing, f"add a contract config for {sorted(missing)}"
+  assert DENSE_GENERATION <= set(CONTRACT_CONFIGS)
 
 
 def _spec():
@@ -120,8 +123,11 @@ def test_predict_kv_contract(name, data):
   q = jax.random.normal(jax.random.PRNGKey(seed), (3, T, Q_HEADS, D))
   k = jax.random.normal(jax.random.PRNGKey(seed + 1), (3, T, KV_HEADS, D))
   sel = _predict_kv(name, q, k, jnp.asarray(lengths), **predictor_kwargs(name, jax.random.PRNGKey(seed + 2), 3, T))
-  if sel is None:
+  if not cfg.compacts_prompt:
+    assert sel is None, f"{name} compresses no prompt, but predict_kv returned a selection"
     return
+  # Prompts of T > budget tokens are compressible: a compacting algorithm must select.
+  assert budget is not None and budget < T and sel is not None, f"{name}: no KeepSelection for {T}-token prompts"
   idx, counts = np.asarray(sel.indices), np.asarray(sel.counts)
   assert idx.shape == (3, KV_HEADS, budget) and counts.shape == (3,)
   for i, length in enumerate(lengths):
@@ -155,8 +161,10 @@ def test_predict_attn_contract(name, data):
   q = jax.random.normal(jax.random.PRNGKey(int(rng.integers(1 << 30))), (2, Q_HEADS, D))
   extra = predictor_kwargs(name, jax.random.PRNGKey(int(rng.integers(1 << 30))), 2, 1)
   sel = _jitted(name, "predict_attn")(q, layer, table, lengths, **extra)
-  if sel is None:
+  if name in DENSE_GENERATION:
+    assert sel is None, f"{name} declares dense generation, but predict_attn returned a selection"
     return
+  assert sel is not None, f"{name}: predict_attn returned None"
   idx = np.asarray(sel.indices)
   bs = sel.block_size
   assert idx.shape[:2] == (2, KV_HEADS)
@@ -176,13 +184,26 @@ def _filled(name, key, lengths, table):
   return _fill_fn(name)(key, lengths, table)
 
 
-def test_shapes_do_not_depend_on_data():
-  cfg = CONTRACT_CONFIGS["rocket"]
-  algo = registered_algorithms()["rocket"]
+@pytest.mark.parametrize("name", sorted(CONTRACT_CONFIGS))
+def test_shapes_do_not_depend_on_data(name):
+  """Compiled once, run on prompts shorter than, equal to and longer than the budget: one
+  compilation, and the same output shapes every time (a shape that followed the values would
+  need a new program or fail to trace)."""
+  cfg = CONTRACT_CONFIGS[name]
+  algo = registered_algorithms()[name]
+  predict_kv = jax.jit(functools.partial(algo.predict_kv, cfg, _spec()))
+  predict_attn = jax.jit(functools.partial(algo.predict_attn, cfg, _spec()))
+  budget = getattr(cfg, "prompt_budget", T // 2)
+  rng = np.random.default_rng(0)
+  table = permuted_table(rng, 2)
   shapes = set()
-  for lengths in ([1, 1, 1], [T, T, T], [40, 41, 3]):
-    q = jnp.ones((3, T, Q_HEADS, D))
-    sel = jax.eval_shape(functools.partial(algo.predict_kv, cfg, _spec()), q, jnp.ones((3, T, KV_HEADS, D)),
-                         jnp.asarray(lengths, jnp.int32))
-    shapes.add((sel.indices.shape, sel.counts.shape))
-  assert len(shapes) == 1
+  for i, lengths in enumerate(([1, 1, 1], [T, T, T], [budget, budget + 1, 3])):
+    key = jax.random.PRNGKey(i)
+    q, k = jax.random.normal(key, (3, T, Q_HEADS, D)), jax.random.normal(key, (3, T, KV_HEADS, D))
+    keep = predict_kv(q, k, jnp.asarray(lengths, jnp.int32), **predictor_kwargs(name, key, 3, T))
+    attn_lengths = jnp.asarray(lengths[:2], jnp.int32)
+    layer = _filled(name, key, attn_lengths, table)
+    sel = predict_attn(q[:2, 0], layer, table, attn_lengths, **predictor_kwargs(name, key, 2, 1))
+    shapes.add(tuple(None if s is None else tuple(a.shape for a in jax.tree_util.tree_leaves(s)) for s in (keep, sel)))
+  assert len(shapes) == 1, shapes
+  assert predict_kv._cache_size() == 1 and predict_attn._cache_size() == 1, "recompiled for new values"

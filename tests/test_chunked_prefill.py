@@ -33,16 +33,24 @@ def test_dense_chunked_equals_one_shot():
 
 
 def test_sparse_chunked_with_full_selection_equals_dense():
+  """Budgets that cover every prompt: the chunks' context selection (RocketKV's KT scores) runs
+  and selects everything; decode stays dense (the selection would cover every block)."""
   full = RocketSparseAttentionConfig(prompt_budget=512, topk=256, prefill_budget=1024, **EXACT)
   dense, _ = _generate(prompts=PROMPTS)
-  sparse, _ = _generate(full, chunked=True, prompts=PROMPTS)
+  sparse, llm = _generate(full, chunked=True, prompts=PROMPTS)
   assert sparse == dense
+  stats = llm.engine.stats
+  assert stats["prefill_chunks"] == 5 + 4 and stats["sparse_prefill_chunks"] == 0 and stats["sparse_decode_calls"] == 0
 
 
 def test_sparse_chunked_prefill_compresses_and_generates():
   rk = RocketSparseAttentionConfig(prompt_budget=96, topk=16, prefill_budget=64, **EXACT)
   outs, llm = _generate(rk, chunked=True, prompts=PROMPTS, max_tokens=12)
   assert all(len(o) == 12 for o in outs)
+  stats = llm.engine.stats
+  # Chunks starting past 64 stored tokens attend to a selection of them (3 of 300's, 2 of 200's
+  # 5 + 4 chunks of 64); the prompts are compressed to 96 tokens; decode predicts.
+  assert stats["sparse_prefill_chunks"] == 3 + 2 and stats["sparse_decode_calls"] > 0
   assert llm.engine.allocator.free_pages == llm.engine.allocator.num_pages
 
 

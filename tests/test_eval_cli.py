@@ -143,11 +143,14 @@ def test_bad_arguments(checkpoint):
     eval_lib.evaluate(task="longbench_v2", context_length=256, num_samples=1, model=checkpoint)
 
 
-def test_default_model_path():
+def test_default_model_path(tmp_path, monkeypatch):
+  """The embedded model is installed (package data); a missing one is named with how to train it."""
   from sparse_jax import defaults
-  try:
-    path = defaults.default_model_path()
-  except FileNotFoundError as e:
-    assert defaults.DEFAULT_MODEL_DIR in str(e) and "sparse_jax.train" in str(e)
-  else:
-    assert os.path.exists(os.path.join(path, "config.json"))
+  path = defaults.default_model_path()
+  assert path == defaults.DEFAULT_MODEL_DIR
+  for name in ("config.json", "tokenizer.json", "model.safetensors.index.json"):
+    assert os.path.exists(os.path.join(path, name)), name
+  (tmp_path / "config.json").write_text("{}")
+  monkeypatch.setattr(defaults, "DEFAULT_MODEL_DIR", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r"lacks tokenizer.json, model.safetensors .*sparse_jax.train"):
+    defaults.default_model_path()

@@ -206,17 +206,18 @@ def test_short_sequences_decode_densely_and_switch_to_sparse_when_long():
   (same tokens as the sparse path) and switches to the sparse step once sequences grow."""
   rk = RocketSparseAttentionConfig(prompt_budget=32, topk=8, **EXACT)  # selects everything up to 32 tokens
   prompt = list(range(3, 23))  # 20 tokens
-  outs = {}
+  outs, stats = {}, {}
   for name, dense_below in (("auto", True), ("always_predict", False)):
     llm = LLM(tiny_llama(8, max_pos=2048), dtype="float32", sparse_attention_config=rk,
               kv_cache_config=KvCacheConfig(tokens_per_block=16), max_batch_size=1, max_seq_len=256, decode_chunk_size=4)
     if not dense_below:
       llm.engine._dense_below = None
     outs[name] = llm.generate([prompt], SamplingParams(max_tokens=40, ignore_eos=True))[0].outputs[0].token_ids
-    if dense_below:
-      variants = llm.engine._decode_fn._cache_size()
+    stats[name] = dict(llm.engine.stats)
   assert outs["auto"] == outs["always_predict"]
-  assert variants >= 2, "both the dense and the sparse decode step should have run"
+  auto = stats["auto"]
+  assert 0 < auto["sparse_decode_calls"] < auto["decode_calls"], f"both dense and sparse decode chunks must run: {auto}"
+  assert stats["always_predict"]["sparse_decode_calls"] == stats["always_predict"]["decode_calls"]
 
 
 def test_rocket_sparse_paths_stay_off_up_to_prompt_budget():
