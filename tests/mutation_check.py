@@ -2,8 +2,8 @@
 
 Each mutation replaces one anchor text (which must occur exactly once, so that a refactor
 elsewhere fails this check loudly instead of letting it pass silently) in a temporary copy
-of the repository, then runs the few tests chosen to catch it there; the check fails if
-they pass. Run: `python tests/mutation_check.py [name ...]` (all by default); the test suite
+of the repository, then runs the few tests chosen to catch it there; the check fails unless
+every one of them fails. Run: `python tests/mutation_check.py [name ...]` (all by default); the test suite
 runs it through tests/test_mutation_check.py.
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COPIED = ("sparse_jax", "pallas_kernels", "models", "configs", "tests", "pyproject.toml")
 SELECTION_TESTS = "tests/test_selection.py"
 REFERENCE_TESTS = "tests/test_sparse_reference.py"
+BEYOND_TESTS = "tests/test_algorithms_beyond.py"
+RAISE = '  raise RuntimeError("mutated: the prediction must not run")\n'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +31,7 @@ class Mutation:
   path: str      # file, relative to the repository root
   anchor: str    # text that must occur exactly once
   replacement: str
-  tests: tuple[str, ...]  # pytest node ids / -k expressions that must fail
+  tests: tuple[str, ...]  # pytest node ids, each of which must fail
 
 
 MUTATIONS = (
@@ -65,6 +67,35 @@ MUTATIONS = (
         "      layer = compact(layer, rows, keep.indices, keep.counts, runtime)\n",
         "      pass\n",
         (f"{REFERENCE_TESTS}::test_compressed_prompt_holds_exactly_the_predicted_tokens[snapkv-reference]",)),
+    # Full-budget tests must run the prediction they claim to match dense with.
+    Mutation(
+        "quest_predict_attn_raises", "sparse_jax/algorithms/quest.py",
+        "  return select_topk_blocks(page_probs(cfg, spec, q, layer, page_table, lengths), lengths, cfg.page_size, "
+        "cfg.topk)\n",
+        RAISE,
+        (f"{BEYOND_TESTS}::test_llm_end_to_end_at_full_budget_matches_dense[quest]",
+         f"{BEYOND_TESTS}::test_quest_chunked_prefill_at_full_budget_matches_dense")),
+    Mutation(
+        "snapkv_predict_kv_raises", "sparse_jax/algorithms/snapkv.py",
+        "  scores = snapkv_scores(cfg, q, k, lengths, spec.scale)\n",
+        RAISE,
+        (f"{BEYOND_TESTS}::test_llm_end_to_end_at_full_budget_matches_dense[snapkv]",)),
+    Mutation(
+        "rocket_predict_attn_raises", "sparse_jax/algorithms/rocket.py",
+        "  scores = block_scores(cfg, spec, q, layer, page_table, lengths)\n",
+        RAISE,
+        ("tests/test_chunked_prefill.py::test_sparse_chunked_with_full_selection_equals_dense",)),
+    Mutation(
+        "quest_predict_attn_returns_none", "sparse_jax/algorithms/quest.py",
+        "  return select_topk_blocks(page_probs(cfg, spec, q, layer, page_table, lengths), lengths, cfg.page_size, "
+        "cfg.topk)\n",
+        "  return None\n",
+        ("tests/test_algorithms_contract.py::test_predict_attn_contract[quest]",)),
+    Mutation(
+        "eos_not_stopped_on_the_device", "sparse_jax/engine.py",
+        "      done = active & (hit_eos | (remaining <= 0))\n",
+        "      done = active & (remaining <= 0)\n",
+        ("tests/test_eos.py::test_eos_stops_the_slot_on_the_device_mid_chunk",)),
 )
 
 
@@ -90,19 +121,25 @@ def apply(mutation: Mutation, dest: str) -> None:
 
 def run_tests(dest: str, tests: tuple[str, ...]) -> subprocess.CompletedProcess:
   env = {**os.environ, "PYTHONPATH": dest, "PYTHONDONTWRITEBYTECODE": "1"}
-  return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:warnings",
+  return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings",
                          *tests], cwd=dest, env=env, capture_output=True, text=True, timeout=600)
 
 
+def caught_by(summary: str, returncode: int, expected: int) -> bool:
+  """Whether pytest's summary line says that all `expected` tests failed (none passed, was
+  skipped or errored out)."""
+  return returncode == 1 and summary.strip("= ").split(" in ")[0].split(", ") == [f"{expected} failed"]
+
+
 def check(mutation: Mutation) -> tuple[bool, str]:
-  """(caught, summary): caught when the chosen tests fail (and do not merely error out)."""
+  """(caught, summary): caught when every chosen test fails (and does not merely error out)."""
   with tempfile.TemporaryDirectory(prefix=f"mutation_{mutation.name}_") as dest:
     copy_repository(dest)
     apply(mutation, dest)
     proc = run_tests(dest, mutation.tests)
   lines = (proc.stdout + proc.stderr).strip().splitlines()
   summary = lines[-1] if lines else ""
-  return proc.returncode == 1 and " failed" in summary and " error" not in summary, summary
+  return caught_by(summary, proc.returncode, len(mutation.tests)), summary
 
 
 def check_copy_is_importable() -> None:

@@ -23,6 +23,7 @@ from sparse_jax.attention import AttentionSpec, Runtime
 from sparse_jax.cache import LayerCache, PageAllocator, create_cache_for, token_slots, write_tokens
 from sparse_jax.config import (ConfigError, config_to_dict, get_algorithm, load_llm_api_options,
                                sparse_config_from_dict)
+from sparse_jax.engine import length_bucket
 from sparse_jax.selection import AttnSelection
 from tests.model_fixtures import tiny_llama
 
@@ -119,33 +120,42 @@ def dense_generation():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_llm_end_to_end_at_full_budget_matches_dense(name, dense_generation, indexer_weights):
+  """Budgets that cover every sequence, with every prediction running: decode predicts in every
+  chunk (Quest's dense_below switched off) and selects everything; SnapKV's budget (47) covers
+  the 41- and 47-token prompts but not their padded 48-token prefill, so predict_kv runs and
+  keeps every token (identity compaction); its generation is dense (predict_attn is None)."""
   prompts, expected = dense_generation
-  llm = LLM(tiny_llama(4), dtype="float32", sparse_attention_config=_config(name, indexer_weights),
+  cfg = (SnapKVSparseAttentionConfig(max_capacity_prompt=47, window_size=8, kernel_size=5) if name == "snapkv" else
+         _config(name, indexer_weights))
+  if name == "snapkv":  # the budget covers the prompts, not the padded prefill that predict_kv sees
+    assert max(map(len, prompts)) <= cfg.max_capacity_prompt < length_bucket(max(map(len, prompts)))
+  llm = LLM(tiny_llama(4), dtype="float32", sparse_attention_config=cfg,
             kv_cache_config=KvCacheConfig(tokens_per_block=PAGE), max_batch_size=2, max_seq_len=128,
             decode_chunk_size=4)
+  llm.engine._dense_below = None
   outs = llm.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
   assert [o.outputs[0].token_ids for o in outs] == expected
   assert llm.engine.allocator.free_pages == llm.engine.allocator.num_pages, "pages leaked"
   stats = llm.engine.stats
-  if name == "quest":  # dense_below (topk * page_size) covers every sequence: the prediction is skipped
-    assert stats["sparse_decode_calls"] == 0
-  else:  # the prediction ran in every decode chunk (and selected everything)
-    assert stats["sparse_decode_calls"] == stats["decode_calls"] > 0
+  assert stats["sparse_decode_calls"] == stats["decode_calls"] > 0
   assert [o.metrics["kept_prompt_tokens"] for o in outs] == [len(p) for p in prompts]
 
 
 def test_quest_chunked_prefill_at_full_budget_matches_dense(dense_generation):
   """Quest declares chunked prefill: chunks of 16 tokens attend to the stored context's top
-  Quest pages (prefill_budget covers everything here), then decode as usual."""
+  Quest pages (prefill_budget covers everything here), then every decode step runs Quest's
+  prediction (dense_below switched off), which selects every page."""
   prompts, expected = dense_generation
   cfg = QuestSparseAttentionConfig(topk=64, page_size=4, minmax_dtype="float32", prefill_budget=256)
   llm = LLM(tiny_llama(4), dtype="float32", sparse_attention_config=cfg, enable_chunked_prefill=True,
             max_num_tokens=16, kv_cache_config=KvCacheConfig(tokens_per_block=PAGE), max_batch_size=2,
             max_seq_len=128, decode_chunk_size=4)
+  llm.engine._dense_below = None
   outs = llm.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
   assert [o.outputs[0].token_ids for o in outs] == expected
-  stats = llm.engine.stats  # the chunks' selection ran and covered everything; decode stayed dense
-  assert stats["prefill_chunks"] == 6 and stats["sparse_prefill_chunks"] == 0 and stats["sparse_decode_calls"] == 0
+  stats = llm.engine.stats
+  assert stats["prefill_chunks"] == 6 and stats["sparse_prefill_chunks"] == 0
+  assert stats["sparse_decode_calls"] == stats["decode_calls"] > 0
 
 
 @pytest.mark.parametrize("name, budget", [("snapkv", 40), ("streaming", 40)])

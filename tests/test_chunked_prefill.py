@@ -14,10 +14,12 @@ from tests.model_fixtures import tiny_llama
 EXACT = dict(window_size=8, kernel_size=5, topr=1.0, page_size=4, kt_cache_dtype="float32")
 
 
-def _generate(sparse=None, chunked=False, prompts=None, max_tokens=8):
+def _generate(sparse=None, chunked=False, prompts=None, max_tokens=8, always_predict=False):
   llm = LLM(tiny_llama(9, max_pos=2048), dtype="float32", sparse_attention_config=sparse,
             kv_cache_config=KvCacheConfig(tokens_per_block=16), max_batch_size=2, max_seq_len=1024,
             enable_chunked_prefill=chunked, max_num_tokens=64)
+  if always_predict:  # decode runs the prediction even where it would select every block
+    llm.engine._dense_below = None
   outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
   return [o.outputs[0].token_ids for o in outs], llm
 
@@ -34,13 +36,14 @@ def test_dense_chunked_equals_one_shot():
 
 def test_sparse_chunked_with_full_selection_equals_dense():
   """Budgets that cover every prompt: the chunks' context selection (RocketKV's KT scores) runs
-  and selects everything; decode stays dense (the selection would cover every block)."""
+  and selects everything, and so does every decode step's prediction (dense_below switched off)."""
   full = RocketSparseAttentionConfig(prompt_budget=512, topk=256, prefill_budget=1024, **EXACT)
   dense, _ = _generate(prompts=PROMPTS)
-  sparse, llm = _generate(full, chunked=True, prompts=PROMPTS)
+  sparse, llm = _generate(full, chunked=True, prompts=PROMPTS, always_predict=True)
   assert sparse == dense
   stats = llm.engine.stats
-  assert stats["prefill_chunks"] == 5 + 4 and stats["sparse_prefill_chunks"] == 0 and stats["sparse_decode_calls"] == 0
+  assert stats["prefill_chunks"] == 5 + 4 and stats["sparse_prefill_chunks"] == 0
+  assert stats["sparse_decode_calls"] == stats["decode_calls"] > 0
 
 
 def test_sparse_chunked_prefill_compresses_and_generates():
