@@ -11,9 +11,10 @@
 # `check` (bench/check_kernels_gpu.py: every Pallas kernel against its reference on the GPU:
 # paged decode, compaction, RocketKV scoring and the fused RocketKV step, the DSA kernels, dense
 # MLA decode, the chunk attention merge; the engine's greedy tokens per algorithm, Pallas vs
-# reference, in float32; then the chunk attention's cuDNN paths) runs first; if it fails nothing
-# else runs, because timings of a kernel that is wrong on the GPU are not results (KEEP_GOING=1 runs the
-# rest anyway). SMOKE=1 makes every topic a tiny CPU dry run.
+# reference, in float32; then the chunk attention's cuDNN paths and the kernel test files, which
+# run the compiled kernels there) runs first; if it fails nothing else runs, because timings of a
+# kernel that is wrong on the GPU are not results (KEEP_GOING=1 runs the rest anyway). SMOKE=1
+# makes every topic a tiny CPU dry run.
 set -u
 if [ $# -lt 1 ]; then
   echo "usage: bash bench/run_gpu_all.sh RESULTS_DIR [check kernels dsa decode prefill serving eval tp]" >&2
@@ -50,7 +51,11 @@ topic() {  # topic NAME COMMAND...: OUT=RESULTS/NAME, console to RESULTS/NAME.lo
 checks() {  # the correctness checks alone, each kernel against its reference on this device
   local rc=0
   python3 -m bench.check_kernels_gpu "${SM[@]}" || rc=1
-  if [ "${SMOKE:-0}" != "1" ]; then python3 -m bench.check_chunk_attention_gpu || rc=1; fi
+  if [ "${SMOKE:-0}" != "1" ]; then
+    python3 -m bench.check_chunk_attention_gpu || rc=1
+    # The kernel test files: on a GPU they run the compiled kernels (tests/kernel_platform.py).
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernel_*.py || rc=1
+  fi
   return $rc
 }
 

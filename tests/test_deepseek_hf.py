@@ -11,14 +11,11 @@ torch.topk breaks such ties in its own order (we take the lower index). With 16 
 that has probability 2^-16 per key at random init, so these configs avoid it.
 """
 import json
-import math
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -26,7 +23,7 @@ transformers = pytest.importorskip("transformers")
 import models
 from sparse_jax.algorithms import dsa
 from sparse_jax.attention import Runtime
-from sparse_jax.cache import create_cache_for
+from tests.model_loops import cached_generate, forward, jaccard
 
 DEEPSEEK_SMALL = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
@@ -72,65 +69,6 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(checkpoint):
   return models.from_pretrained(checkpoint[0], dtype=jnp.float32)
-
-
-# -- a cached prefill + decode loop over permuted pages ---------------------------------------
-
-def cached_generate(model, prompts, steps, sparse, *, page_size=4, seed=0, backend="reference", interpret=None,
-                    pad_to=None):
-  """Greedy generation with our paged cache: all prompts prefilled at once (right-padded to
-  `pad_to` or the longest, ragged), then `steps - 1` batched decode steps. Every slot's pages
-  are a random permutation of the pool. Returns (generated ids [n, steps], logits
-  [n, steps, vocab]: prefill's last logits, then each decode step's)."""
-  runtime = Runtime(backend=backend, sparse=sparse, interpret=interpret)
-  n = len(prompts)
-  t = pad_to or max(len(p) for p in prompts)
-  pages_per_seq = math.ceil((t + steps) / page_size)
-  num_pages = n * pages_per_seq + 5
-  rng = np.random.default_rng(seed)
-  table = rng.permutation(num_pages)[:n * pages_per_seq].reshape(n, pages_per_seq).astype(np.int32)
-  cache = create_cache_for(model.cache_layout(sparse, page_size), num_pages=num_pages, page_size=page_size,
-                           batch_slots=n, max_pages_per_seq=pages_per_seq, dtype=jnp.float32)
-  cache = cache.replace(page_table=jnp.asarray(table))
-  tokens = np.zeros((n, t), np.int32)
-  for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = p
-  lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-  graphdef, params = nnx.split(model)
-
-  @jax.jit
-  def prefill(params, tokens, cache):
-    return nnx.merge(graphdef, params).prefill(tokens, lengths, jnp.arange(n, dtype=jnp.int32), cache, runtime)
-
-  @jax.jit
-  def decode(params, tok, cache):
-    return nnx.merge(graphdef, params).decode(tok, cache, jnp.ones((n,), bool), runtime)
-
-  logits, cache = prefill(params, jnp.asarray(tokens), cache)
-  out, all_logits = [], [logits]
-  for _ in range(steps - 1):
-    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    out.append(tok)
-    logits, cache = decode(params, tok, cache)
-    all_logits.append(logits)
-  out.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
-  return np.stack([np.asarray(o) for o in out], axis=1), np.stack([np.asarray(l) for l in all_logits], axis=1)
-
-
-def forward(model, ids, **kwargs):
-  """The no-cache forward, jitted: float32 logits [B, T, vocab]."""
-  graphdef, params = nnx.split(model)
-  fn = jax.jit(lambda params, ids: nnx.merge(graphdef, params)(ids, **kwargs))
-  return np.asarray(fn(params, jnp.asarray(ids, jnp.int32)))
-
-
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-  """Mean Jaccard similarity of the rows' id sets (-1 ignored)."""
-  scores = []
-  for x, y in zip(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])):
-    x, y = set(x[x >= 0].tolist()), set(y[y >= 0].tolist())
-    scores.append(len(x & y) / max(1, len(x | y)))
-  return float(np.mean(scores))
 
 
 def hf_indexer_capture(hf_model, ids):

@@ -13,7 +13,8 @@ from sparse_jax.attention import Runtime
 from sparse_jax.cache import create_cache_for
 from sparse_jax.config import ConfigError, get_algorithm, load_llm_api_options
 from sparse_jax.rope import RopeSpec
-from tests.test_deepseek_hf import cached_generate, forward, jaccard
+from tests.kernel_platform import INTERPRET
+from tests.model_loops import cached_generate, forward, jaccard
 
 DSA = dsa.DSASparseAttentionConfig
 
@@ -155,7 +156,7 @@ def test_chunked_prefill_equals_the_no_cache_forward(sparse):
 
 
 def test_pallas_kernels_in_the_model_match_the_reference():
-  """Decode with backend="pallas" (indexer, top-k and sparse MLA kernels in interpret mode) vs
+  """Decode with backend="pallas" (indexer, top-k and sparse MLA kernels; interpret mode off the GPU) vs
   "reference", FP8 cache; contexts grow from 7 and 3 tokens past index_topk=8. (The prefill
   kernel is checked on its own in test_kernel_mla.py.)"""
   model = tiny_deepseek(2, num_hidden_layers=1, mlp_layer_types=("sparse",))
@@ -163,7 +164,7 @@ def test_pallas_kernels_in_the_model_match_the_reference():
   prompts = [rng.integers(0, 97, size=n).tolist() for n in (7, 3)]
   cfg = DSA(indexer_k_dtype="float8_e4m3fn")
   ids_ref, ref = cached_generate(model, prompts, 7, cfg, page_size=4)
-  ids_pl, pl = cached_generate(model, prompts, 7, cfg, page_size=4, backend="pallas", interpret=True)
+  ids_pl, pl = cached_generate(model, prompts, 7, cfg, page_size=4, backend="pallas", interpret=INTERPRET)
   assert np.abs(pl - ref).max() <= 1e-4
   assert np.array_equal(ids_pl, ids_ref)
 

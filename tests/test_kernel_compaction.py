@@ -1,7 +1,7 @@
-"""compact_pages (Pallas, interpret mode; in place and two-pass) vs its reference, and the
-reference vs the contract checked token by token in numpy. Interpret mode reads and writes
-through the one aliased output buffer, program after program, so a chunk order or a
-read-after-write bug of the in-place algorithm shows up as a wrong result here."""
+"""compact_pages (Pallas, compiled on a GPU, interpret mode elsewhere; in place and two-pass) vs
+its reference, and the reference vs the contract checked token by token in numpy. Interpret mode
+reads and writes through the one aliased output buffer, program after program, so a chunk order
+or a read-after-write bug of the in-place algorithm shows up as a wrong result here."""
 
 import hypothesis
 from hypothesis import strategies as st
@@ -11,6 +11,7 @@ import pytest
 
 from pallas_kernels import named_shapes as ns
 from pallas_kernels.compaction import compact_pages, compact_pages_reference
+from tests.kernel_platform import INTERPRET
 
 TEST_SHAPES = [name for name in ns.COMPACTION_SHAPES if name.startswith("test_")]
 METHODS = ["inplace", "two_pass"]
@@ -53,7 +54,7 @@ def _check(case, outs):
 def test_matches_contract_and_reference(name, seed, method):
   case = ns.compaction_case(ns.COMPACTION_SHAPES[name], seed)
   outs = compact_pages(*case.kernel_args(), method=method, chunk=8, feature_block=16,
-                       interpret=True)
+                       interpret=INTERPRET)
   _check(case, outs)
   ref = compact_pages_reference(*case.kernel_args())
   for out, r in zip(outs, ref):
@@ -69,7 +70,7 @@ def test_reference_matches_contract():
 def test_untouched_memory():
   """Rows not compacted, positions >= count and pages nobody owns keep their bytes."""
   case = ns.compaction_case(ns.COMPACTION_SHAPES["test_p8_d64_bf16"], seed=4)
-  outs = compact_pages(*case.kernel_args(), chunk=4, interpret=True)
+  outs = compact_pages(*case.kernel_args(), chunk=4, interpret=INTERPRET)
   page_table, slots = np.asarray(case.page_table), np.asarray(case.slots)
   counts = np.asarray(case.keep_counts)
   page_size = case.pools[0].shape[2]
@@ -126,7 +127,7 @@ def test_hypothesis_keep_sets(data, method):
   case = ns.CompactionCase(pools, jnp.asarray(page_table), jnp.asarray(slots),
                            jnp.asarray(keep), jnp.asarray(counts), None)
   outs = compact_pages(*case.kernel_args(), method=method, chunk=4, feature_block=4,
-                       interpret=True)
+                       interpret=INTERPRET)
   _check(case, outs)
 
 
@@ -142,7 +143,7 @@ def test_worst_case_displacement_and_identity():
   for keep in (last, identity):
     case = ns.CompactionCase((pool,), page_table, slots, jnp.asarray(keep),
                              jnp.asarray([budget], jnp.int32), None)
-    (out,) = compact_pages(*case.kernel_args(), chunk=4, interpret=True)
+    (out,) = compact_pages(*case.kernel_args(), chunk=4, interpret=INTERPRET)
     _check(case, (out,))
   np.testing.assert_array_equal(_np(out), _np(pool))  # identity leaves the pool as is
 
@@ -151,12 +152,12 @@ def test_bad_arguments_raise():
   case = ns.compaction_case(ns.COMPACTION_SHAPES["test_p4_d16_f32_aux"], 0)
   pools, pt, slots, keep, counts = case.kernel_args()
   with pytest.raises(ValueError, match="keep_indices"):
-    compact_pages(pools, pt, slots, keep[:, :1], counts, interpret=True)
+    compact_pages(pools, pt, slots, keep[:, :1], counts, interpret=INTERPRET)
   with pytest.raises(ValueError, match="keep_counts"):
-    compact_pages(pools, pt, slots, keep, counts[:1], interpret=True)
+    compact_pages(pools, pt, slots, keep, counts[:1], interpret=INTERPRET)
   with pytest.raises(ValueError, match="pools"):
-    compact_pages((pools[0], pools[1][:, :-1]), pt, slots, keep, counts, interpret=True)
+    compact_pages((pools[0], pools[1][:, :-1]), pt, slots, keep, counts, interpret=INTERPRET)
   with pytest.raises(ValueError, match="chunk"):
-    compact_pages(pools, pt, slots, keep, counts, chunk=6, interpret=True)
+    compact_pages(pools, pt, slots, keep, counts, chunk=6, interpret=INTERPRET)
   with pytest.raises(ValueError, match="method"):
-    compact_pages(pools, pt, slots, keep, counts, method="copy", interpret=True)
+    compact_pages(pools, pt, slots, keep, counts, method="copy", interpret=INTERPRET)

@@ -1,5 +1,6 @@
-"""DSA kernels (interpret mode) against their plain-jnp references: the lightning-indexer
-scores over a paged FP8 / bf16 / f32 key cache, and the exact top-k select."""
+"""DSA kernels (compiled on a GPU, interpret mode elsewhere) against their plain-jnp references:
+the lightning-indexer scores over a paged FP8 / bf16 / f32 key cache, and the exact top-k
+select."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.sparse_mla_decode import sparse_mla_decode
 from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill
 from sparse_jax.algorithms import dsa
+from tests.kernel_platform import INTERPRET, lower_for_cuda
 
 
 # -- top-k -------------------------------------------------------------------------------------
@@ -20,7 +22,7 @@ from sparse_jax.algorithms import dsa
 def _topk_pair(scores, k, **kw):
   """(kernel ids, reference ids); also checks every radix pass's histogram against plain jnp."""
   x = jnp.asarray(scores, jnp.float32)
-  ids, hist = dsa_topk_internals(x, k, interpret=True, **kw)
+  ids, hist = dsa_topk_internals(x, k, interpret=INTERPRET, **kw)
   np.testing.assert_array_equal(np.asarray(hist), np.asarray(pass_histograms_reference(x, k)))
   return np.asarray(ids), np.asarray(dsa_topk_reference(x, k))
 
@@ -146,7 +148,7 @@ INDEXER_CASES = {
 def test_indexer_scores_match_reference(name):
   case_kw, kernel_kw = INDEXER_CASES[name]
   args = _indexer_case(0, **case_kw)
-  out = np.asarray(dsa_indexer_scores(*args, interpret=True, **kernel_kw))
+  out = np.asarray(dsa_indexer_scores(*args, interpret=INTERPRET, **kernel_kw))
   ref = np.asarray(dsa_indexer_scores_reference(*args))
   lengths = np.asarray(args[-1])
   n_tokens = args[4].shape[1] * args[2].shape[1]
@@ -168,7 +170,7 @@ def test_indexer_does_the_first_topk_pass(dtype):
   from pallas_kernels.dsa_topk import first_pass_histograms
   args = _indexer_case(1, batch=3, heads=16, dim=128, page_size=16, max_pages=6, dtype=dtype,
                        lengths=[0, 37, 96])
-  scores, parts = dsa_indexer_scores(*args, topk_histograms=True, interpret=True, block=16, span=32)
+  scores, parts = dsa_indexer_scores(*args, topk_histograms=True, interpret=INTERPRET, block=16, span=32)
   assert parts.shape == (3, 3, 16, 16)                               # one part per 32-token span
   np.testing.assert_array_equal(np.asarray(parts).sum(axis=1, keepdims=True),
                                 np.asarray(first_pass_histograms(scores)))
@@ -176,7 +178,7 @@ def test_indexer_does_the_first_topk_pass(dtype):
   ref = np.asarray(dsa_topk_reference(scores, 16))
   plans = [dict(kernel="row", block=16)] + ([dict(kernel="chunked", block=16, chunks=4)] if dtype == "float8_e4m3fn" else [])
   for plan in plans:
-    np.testing.assert_array_equal(np.asarray(dsa_topk(scores, 16, histograms=parts, interpret=True, **plan)), ref)
+    np.testing.assert_array_equal(np.asarray(dsa_topk(scores, 16, histograms=parts, interpret=INTERPRET, **plan)), ref)
 
 
 # -- lowering ----------------------------------------------------------------------------------
@@ -232,12 +234,7 @@ def test_kernels_lower_to_triton_at_bench_shapes(name, launches):
   lowering accepts it for CUDA at the benchmark shapes (power-of-two tiles, fp8 loads, ...)."""
   from pallas_kernels import _compat
   fn, args = _bench_args()[name]
-  try:
-    text = _compat.lower_as_text(fn, *args)
-  except RuntimeError as e:
-    if "platform" in str(e).lower() or "backend" in str(e).lower():
-      pytest.skip(f"this jaxlib cannot lower for cuda: {e}")
-    raise
+  text = lower_for_cuda(fn, *args)
   calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line
            and any(f"@{t}(" in line for t in _compat.TRITON_CUSTOM_CALL_TARGETS)]
   assert len(calls) == launches
@@ -246,19 +243,13 @@ def test_kernels_lower_to_triton_at_bench_shapes(name, launches):
 def test_fused_select_is_two_kernels_and_nothing_between():
   """Indexer scores (with the top-k's first pass) then the one-launch top-k: two Triton calls
   and no XLA reduction, sort or arithmetic between them (the histogram parts go in as they are)."""
-  from pallas_kernels import _compat
   _, args = _bench_args()["dsa_indexer_scores"]
 
   def select(q, w, k, sc, pt, l):
     scores, parts = dsa_indexer_scores(q, w, k, sc, pt, l, topk_histograms=True, interpret=False)
     return dsa_topk(scores, 2048, histograms=parts, interpret=False)
 
-  try:
-    text = _compat.lower_as_text(select, *args)
-  except RuntimeError as e:
-    if "platform" in str(e).lower() or "backend" in str(e).lower():
-      pytest.skip(f"this jaxlib cannot lower for cuda: {e}")
-    raise
+  text = lower_for_cuda(select, *args)
   ops = [line.split("=", 1)[-1].split()[0] for line in text.splitlines() if "stablehlo." in line]
   assert ops.count("stablehlo.custom_call") == 2, ops
   for op in ("stablehlo.reduce", "stablehlo.sort", "stablehlo.add", "stablehlo.scatter", "stablehlo.transpose"):

@@ -7,7 +7,6 @@ abstract ``ShapeDtypeStruct``s (nothing is allocated).
 """
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +18,9 @@ from pallas_kernels.compaction import compact_pages
 from pallas_kernels.paged_decode import paged_decode_attention
 from pallas_kernels.rocket_decode import rocket_decode_attention
 from pallas_kernels.rocket_score import rocket_block_scores
+from tests.kernel_platform import lower_for_cuda
 
 _sds = jax.ShapeDtypeStruct
-_PLATFORM_MISSING = re.compile(
-    r"(unknown|unsupported|no) (backend|platform)|unable to initialize backend", re.I)
 
 
 def _decode_args(name):
@@ -95,12 +93,7 @@ CASES = {
 
 
 def _lower_for_cuda(fn, args, kwargs):
-  try:
-    return _compat.lower_as_text(functools.partial(fn, **kwargs), *args)
-  except Exception as e:  # only a missing platform may skip; a Triton lowering bug fails
-    if _PLATFORM_MISSING.search(str(e)):
-      pytest.skip(f"cannot lower for cuda on this jax: {e}")
-    raise
+  return lower_for_cuda(functools.partial(fn, **kwargs), *args)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

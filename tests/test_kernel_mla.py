@@ -1,12 +1,14 @@
-"""Sparse MLA kernels (interpret mode) against their plain-jnp references: absorbed decode
-over per-row token lists (split-K) and prefill over per-query token lists. Pages are a
-random permutation; every pool slot no listed token owns holds NaN (must never be read)."""
+"""Sparse MLA kernels (compiled on a GPU, interpret mode elsewhere) against their plain-jnp
+references: absorbed decode over per-row token lists (split-K) and prefill over per-query token
+lists. Pages are a random permutation; every pool slot no listed token owns holds NaN (must
+never be read)."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels.sparse_mla_decode import sparse_mla_decode, sparse_mla_decode_reference
 from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill, sparse_mla_prefill_reference
+from tests.kernel_platform import INTERPRET
 
 
 def _pools(rng, lengths, *, rank, rope_dim, page_size, max_pages, dtype, listed):
@@ -56,7 +58,7 @@ def test_sparse_mla_decode_matches_reference(name):
                             max_pages=-(-max(lengths) // page) + 1, dtype=dtype, listed=listed)
   q = jnp.asarray(rng.standard_normal((len(lengths), heads, rank + rope_dim)), dtype)
   scale = (rank + rope_dim) ** -0.5
-  out = sparse_mla_decode(q, lat, rope, table, jnp.asarray(ids), scale, interpret=True, **kw)
+  out = sparse_mla_decode(q, lat, rope, table, jnp.asarray(ids), scale, interpret=INTERPRET, **kw)
   ref = sparse_mla_decode_reference(q, lat, rope, table, jnp.asarray(ids), scale)
   assert out.shape == (len(lengths), heads, rank) and out.dtype == q.dtype
   out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
@@ -79,7 +81,7 @@ def test_sparse_mla_prefill_matches_reference():
   lat, rope, table = _pools(rng, lengths, rank=rank, rope_dim=rope_dim, page_size=page, max_pages=6,
                             dtype=jnp.float32, listed=listed)
   q = jnp.asarray(rng.standard_normal((2, t, heads, rank + rope_dim)), jnp.float32)
-  out = sparse_mla_prefill(q, lat, rope, table, jnp.asarray(ids), 0.1, interpret=True, block_h=16, block_k=4)
+  out = sparse_mla_prefill(q, lat, rope, table, jnp.asarray(ids), 0.1, interpret=INTERPRET, block_h=16, block_k=4)
   ref = sparse_mla_prefill_reference(q, lat, rope, table, jnp.asarray(ids), 0.1, query_chunk=7)
   out, ref = np.asarray(out), np.asarray(ref)
   assert out.shape == (2, t, heads, rank) and np.all(np.isfinite(out))
@@ -125,7 +127,7 @@ def test_mla_decode_matches_reference(name):
   q = jnp.asarray(rng.standard_normal((len(lengths), heads, rank + rope_dim)), dtype)
   scale = (rank + rope_dim) ** -0.5
   args = (q, lat, rope, table, jnp.asarray(lengths, jnp.int32), scale)
-  out = mla_decode(*args, interpret=True, **kw)
+  out = mla_decode(*args, interpret=INTERPRET, **kw)
   assert out.shape == (len(lengths), heads, rank) and out.dtype == q.dtype
   out = np.asarray(out, np.float32)
   assert np.all(np.isfinite(out))

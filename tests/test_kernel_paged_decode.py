@@ -1,6 +1,7 @@
-"""paged_decode_attention (Pallas, interpret mode) vs its XLA reference, and the reference vs
-a float64 numpy loop. Inputs: permuted page tables, ragged selections (including empty ones),
--1 padding, partial last units, NaN in every pool slot the kernel must not read."""
+"""paged_decode_attention (Pallas, compiled on a GPU, interpret mode elsewhere) vs its XLA
+reference, and the reference vs a float64 numpy loop. Inputs: permuted page tables, ragged
+selections (including empty ones), -1 padding, partial last units, NaN in every pool slot the
+kernel must not read."""
 
 import chex
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from pallas_kernels.paged_decode import (
     paged_decode_attention,
     paged_decode_attention_reference,
 )
+from tests.kernel_platform import INTERPRET
 
 # Per dtype of q/K/V. f32: the kernel's exp2/log2-domain softmax and split merge vs the
 # reference's exp differ by a few ulps. bf16: the output itself is rounded to bf16 and P is
@@ -30,7 +32,7 @@ def _as_f32(x):
 
 def _check_against_reference(case, dtype, **knobs):
   args = case.kernel_args()
-  out = paged_decode_attention(*args, interpret=True, **knobs)
+  out = paged_decode_attention(*args, interpret=INTERPRET, **knobs)
   ref = paged_decode_attention_reference(*args)
   chex.assert_shape(out, case.q.shape)
   chex.assert_type(out, case.q.dtype)
@@ -73,14 +75,14 @@ def test_all_empty_is_exactly_zero():
   case.unit_ids = jnp.full_like(case.unit_ids, -1)
   case.k_pages = jnp.full_like(case.k_pages, jnp.nan)
   case.v_pages = jnp.full_like(case.v_pages, jnp.nan)
-  out = paged_decode_attention(*case.kernel_args(), interpret=True)
+  out = paged_decode_attention(*case.kernel_args(), interpret=INTERPRET)
   assert (_as_f32(out) == 0).all()
 
 
 def test_scale_argument():
   shape = ns.DECODE_SHAPES["test_g1_d64_u4_f32"]
   case = ns.decode_case(shape, seed=5, poison=True)
-  out = paged_decode_attention(*case.kernel_args(), scale=0.3, interpret=True)
+  out = paged_decode_attention(*case.kernel_args(), scale=0.3, interpret=INTERPRET)
   ref = paged_decode_attention_reference(*case.kernel_args(), scale=0.3)
   default = paged_decode_attention_reference(*case.kernel_args())
   np.testing.assert_allclose(_as_f32(out), _as_f32(ref), **TOLERANCES["float32"])
@@ -134,15 +136,15 @@ def test_bad_arguments_raise():
   case = ns.decode_case(shape, seed=0)
   q, k, v, ids, lens = case.kernel_args()
   with pytest.raises(ValueError, match="unit_ids"):
-    paged_decode_attention(q, k, v, ids[:, :1], lens, interpret=True)
+    paged_decode_attention(q, k, v, ids[:, :1], lens, interpret=INTERPRET)
   with pytest.raises(ValueError, match="kv_lens"):
-    paged_decode_attention(q, k, v, ids, lens[:, :1], interpret=True)
+    paged_decode_attention(q, k, v, ids, lens[:, :1], interpret=INTERPRET)
   with pytest.raises(ValueError, match="v_pages"):
-    paged_decode_attention(q, k, v[:, :-1], ids, lens, interpret=True)
+    paged_decode_attention(q, k, v[:, :-1], ids, lens, interpret=INTERPRET)
   with pytest.raises(ValueError, match="multiple of kv_heads"):
-    paged_decode_attention(q[:, :3], k, v, ids, lens, interpret=True)
+    paged_decode_attention(q[:, :3], k, v, ids, lens, interpret=INTERPRET)
   with pytest.raises(ValueError, match="units_per_block"):
-    paged_decode_attention(q, k, v, ids, lens, units_per_block=1, interpret=True)
+    paged_decode_attention(q, k, v, ids, lens, units_per_block=1, interpret=INTERPRET)
   with pytest.raises(ValueError, match="backend"):
     paged_decode_attention(q, k, v, ids, lens, backend="triton")
 

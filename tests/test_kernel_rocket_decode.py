@@ -1,6 +1,7 @@
-"""rocket_decode_attention (two Pallas kernels, interpret mode) vs its reference: permuted
-pages, ragged lengths (incl. 0), a page table wider than needed (-1 padded), NaN in every KT
-block and every K/V slot no row owns, exact ties, several radix widths and chunk sizes."""
+"""rocket_decode_attention (two Pallas kernels, compiled on a GPU, interpret mode elsewhere) vs its
+reference: permuted pages, ragged lengths (incl. 0), a page table wider than needed (-1 padded),
+NaN in every KT block and every K/V slot no row owns, exact ties, several radix widths and chunk
+sizes."""
 
 import chex
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from pallas_kernels.rocket_decode import (
     rocket_decode_attention,
     rocket_decode_attention_reference,
 )
+from tests.kernel_platform import INTERPRET
 
 # The selection is compared exactly; the outputs differ only in summation order and in the
 # bf16 rounding of the softmax weights before the P.V product on the Pallas path.
@@ -53,7 +55,7 @@ def _expected_ids(scores, page_table, k, blocks_per_page):
 def _check(case, shape, k_pages, v_pages, topk, **kernel_kwargs):
   kwargs = dict(topr=shape.topr, topk=topk, block_size=shape.block_size)
   args = (case.q, k_pages, v_pages, case.kt, case.page_table, case.lengths)
-  got = rocket_decode_attention(*args, interpret=True, **kwargs, **kernel_kwargs)
+  got = rocket_decode_attention(*args, interpret=INTERPRET, **kwargs, **kernel_kwargs)
   ref = rocket_decode_attention_reference(*args, **kwargs)
   bpp = shape.page_size // shape.block_size
   width = min(topk, shape.max_pages * bpp)

@@ -1,7 +1,7 @@
-"""rocket_block_scores (Pallas, interpret mode) vs its reference, and the reference vs a
-float64 numpy transcription of the RocketKV formula. Permuted pages, ragged lengths (incl.
-0), a page table wider than needed, NaN in every KT block the kernel must not read, KT in
-float32 / bfloat16 / float8_e5m2."""
+"""rocket_block_scores (Pallas, compiled on a GPU, interpret mode elsewhere) vs its reference, and
+the reference vs a float64 numpy transcription of the RocketKV formula. Permuted pages, ragged
+lengths (incl. 0), a page table wider than needed, NaN in every KT block the kernel must not
+read, KT in float32 / bfloat16 / float8_e5m2."""
 
 import chex
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ from pallas_kernels.rocket_score import (
     rocket_block_scores,
     rocket_block_scores_reference,
 )
+from tests.kernel_platform import INTERPRET
 
 # Both paths upcast the same stored KT values to f32 and compute in f32; they differ only
 # in summation order (and exp vs exp) -> tight tolerances for every KT dtype.
@@ -45,7 +46,7 @@ def test_matches_reference(name, seed):
   shape = ns.ROCKET_SHAPES[name]
   case = ns.rocket_case(shape, seed, poison=True)
   kwargs = dict(topr=shape.topr, block_size=shape.block_size)
-  out = rocket_block_scores(*case.kernel_args(), interpret=True, blocks_per_iter=16,
+  out = rocket_block_scores(*case.kernel_args(), interpret=INTERPRET, blocks_per_iter=16,
                             **kwargs)
   ref = rocket_block_scores_reference(*case.kernel_args(), **kwargs)
   chex.assert_shape(out, (shape.batch, shape.kv_heads,
@@ -60,7 +61,7 @@ def test_split_knobs_and_epilogues(blocks_per_iter, num_splits, epilogue):
   shape = ns.ROCKET_SHAPES["test_g4_d64_b4_f32"]
   case = ns.rocket_case(shape, seed=5, poison=True)
   kwargs = dict(topr=shape.topr, block_size=shape.block_size)
-  out = rocket_block_scores(*case.kernel_args(), interpret=True,
+  out = rocket_block_scores(*case.kernel_args(), interpret=INTERPRET,
                             blocks_per_iter=blocks_per_iter, num_splits=num_splits,
                             epilogue=epilogue, **kwargs)
   ref = rocket_block_scores_reference(*case.kernel_args(), **kwargs)
@@ -76,7 +77,7 @@ def test_several_queries_per_row_in_one_pass(epilogue):
   queries = jnp.stack([case.q, -case.q, ns.rocket_case(shape, seed=7).q], axis=1)
   kwargs = dict(topr=shape.topr, block_size=shape.block_size)
   args = (queries, case.kt, case.page_table, case.lengths)
-  out = rocket_block_scores(*args, interpret=True, blocks_per_iter=16, epilogue=epilogue,
+  out = rocket_block_scores(*args, interpret=INTERPRET, blocks_per_iter=16, epilogue=epilogue,
                             **kwargs)
   singles = [rocket_block_scores_reference(queries[:, r], *args[1:], **kwargs) for r in range(3)]
   np.testing.assert_array_equal(rocket_block_scores_reference(*args, **kwargs),
@@ -132,20 +133,20 @@ def test_topr_changes_scores_and_is_validated():
   shape = ns.ROCKET_SHAPES["test_g4_d64_b4_f32"]
   case = ns.rocket_case(shape, seed=1)
   args = case.kernel_args()
-  few = rocket_block_scores(*args, topr=2, block_size=shape.block_size, interpret=True)
-  many = rocket_block_scores(*args, topr=64, block_size=shape.block_size, interpret=True)
+  few = rocket_block_scores(*args, topr=2, block_size=shape.block_size, interpret=INTERPRET)
+  many = rocket_block_scores(*args, topr=64, block_size=shape.block_size, interpret=INTERPRET)
   finite = np.isfinite(np.asarray(few))
   assert not np.allclose(np.asarray(few)[finite], np.asarray(many)[finite])
   for bad in (0, shape.head_dim + 1):
     with pytest.raises(ValueError, match="topr"):
-      rocket_block_scores(*args, topr=bad, block_size=shape.block_size, interpret=True)
+      rocket_block_scores(*args, topr=bad, block_size=shape.block_size, interpret=INTERPRET)
 
 
 def test_bad_arguments_raise():
   shape = ns.ROCKET_SHAPES["test_g4_d64_b4_f32"]
   case = ns.rocket_case(shape, seed=0)
   q, kt, pt, lengths = case.kernel_args()
-  kw = dict(topr=4, block_size=shape.block_size, interpret=True)
+  kw = dict(topr=4, block_size=shape.block_size, interpret=INTERPRET)
   with pytest.raises(ValueError, match="kt"):
     rocket_block_scores(q, kt[..., :1, :], pt, lengths, **kw)
   with pytest.raises(ValueError, match="page_table"):

@@ -14,6 +14,7 @@ from sparse_jax.attention import Runtime, SparseAttention
 from sparse_jax.cache import LayerCache, PageAllocator, create_cache_for
 from sparse_jax.config import ConfigError, load_llm_api_options, load_sparse_attention_config
 from sparse_jax.rope import RopeSpec
+from tests.kernel_platform import INTERPRET
 from tests.model_fixtures import tiny_llama
 
 EXACT = dict(window_size=8, kernel_size=5, topr=1.0, page_size=4, kt_cache_dtype="float32")
@@ -232,7 +233,7 @@ def test_rocket_sparse_paths_stay_off_up_to_prompt_budget():
 
 def test_pallas_backend_generates_the_reference_tokens(monkeypatch):
   """Engine level: the fused decode kernels (backend "pallas": scoring, then selection and
-  attention in one kernel, interpret mode) give the reference backend's greedy tokens, with
+  attention in one kernel; interpret mode off the GPU) give the reference backend's greedy tokens, with
   prompts past prompt_budget (compacted) and topk below the blocks held, so the selection matters."""
   import pallas_kernels.rocket_decode as rocket_decode
   traced = []
@@ -243,7 +244,7 @@ def test_pallas_backend_generates_the_reference_tokens(monkeypatch):
   outs = {}
   for backend in ("reference", "pallas"):
     llm = LLM(tiny_llama(8, layers=1, max_pos=256), dtype="float32", sparse_attention_config=rk, backend=backend,
-              interpret=True, kv_cache_config=KvCacheConfig(tokens_per_block=8), max_batch_size=2, max_seq_len=96,
+              interpret=INTERPRET, kv_cache_config=KvCacheConfig(tokens_per_block=8), max_batch_size=2, max_seq_len=96,
               decode_chunk_size=4)
     llm.engine._dense_below = None  # one decode step variant to compile: the sparse one
     outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))]
