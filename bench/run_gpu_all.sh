@@ -71,7 +71,7 @@ for t in "${TOPICS[@]}"; do
     decode)  topic decode bash bench/run_decode_gpu.sh all ;;
     prefill) topic prefill bash bench/run_prefill_gpu.sh all ;;
     serving)
-      for stage in short long 128k; do topic "serving_$stage" bash bench/run_serving_gpu.sh "$stage"; done ;;
+      for stage in short long 128k http; do topic "serving_$stage" bash bench/run_serving_gpu.sh "$stage"; done ;;
     eval)
       for stage in grid indexer chunked; do topic "eval_$stage" bash bench/run_eval_gpu.sh "$stage"; done ;;
     tp)

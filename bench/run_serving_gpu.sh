@@ -20,6 +20,10 @@
 #     output tokens, one warm-up request per engine: dense vs RocketKV with sparse chunked prefill
 #     (configs/rocket_chunked.yaml) at batch 2, RocketKV chunked at its largest batch (capped at
 #     24), then, time allowing, RocketKV with one-shot prefill (configs/rocket.yaml) at batch 2.
+#   bash bench/run_serving_gpu.sh http     # stage "http", < 5 min: the OpenAI server under HTTP load
+#     (bench/bench_http_load.py: the embedded model served by `python -m sparse_jax.serve`, 16
+#     concurrent streaming clients, 64 requests of 8K prompt tokens and 128 output tokens), dense
+#     then configs/rocket.yaml: throughput and TTFT / TPOT / end-to-end percentiles as clients see them.
 #   SMOKE=1 OUT=/tmp/s bash bench/run_serving_gpu.sh   # CPU dry run of the script (tiny model)
 #
 # Goals to read off the JSON `comparisons` (RocketKV / dense, same context and batch spec):
@@ -86,7 +90,18 @@ case "$STAGE" in
     if [ "$(left)" -gt 90 ]; then
       serve serving_128k_oneshot "$L:2" "${common[@]}" --extra_llm_api_options=configs/rocket.yaml
     fi ;;
-  *) echo "unknown stage '$STAGE': use short, long or 128k" >&2; exit 2 ;;
+  http)
+    for cfg in dense rocket; do
+      yaml=(); [ "$cfg" = rocket ] && yaml=(--extra_llm_api_options=configs/rocket.yaml)
+      echo "=== http_load_$cfg ==="
+      # Under SMOKE=1 the load bench shrinks itself to a tiny CPU run.
+      budget=$(left); [ "$cfg" = dense ] && budget=$(( budget / 2 ))
+      timeout --signal=TERM --kill-after=10 "$budget" $PY bench/bench_http_load.py "${yaml[@]}" \
+          --input_len=8192 --output_len=128 --concurrency=16 --num_prompts=64 --max_batch_size=16 \
+          --out="$OUT/http_load_$cfg.json" 2>&1 | grep -v "Unable to initialize backend" | tee "$OUT/http_load_$cfg.log"
+      echo "=== bench exit ${PIPESTATUS[0]} after $((SECONDS - START))s ==="
+    done ;;
+  *) echo "unknown stage '$STAGE': use short, long, 128k or http" >&2; exit 2 ;;
 esac
 
 # Summary of the stage's JSON files.

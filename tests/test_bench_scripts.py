@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 @pytest.mark.parametrize("script, valid", [
     ("run_decode_gpu.sh", ["step", "model", "all"]),
     ("run_prefill_gpu.sh", ["check", "layer", "ttft", "memory", "all"]),
-    ("run_serving_gpu.sh", ["short", "long", "128k"]),
+    ("run_serving_gpu.sh", ["short", "long", "128k", "http"]),
     ("run_eval_gpu.sh", ["grid", "indexer", "chunked"]),
 ])
 def test_unknown_stage_is_refused_with_the_valid_ones(tmp_path, script, valid):
