@@ -74,6 +74,12 @@ def test_completions_n_seed_logprobs_penalties_echo(setup, openai_client):
 
   echoed = c.completions.create(model="tiny", prompt=p, max_tokens=MAX_TOKENS, temperature=0, echo=True)
   assert echoed.choices[0].text == p + offline["greedy"].outputs[0].text
+  ids = setup["tok"].encode(p)  # as the server tokenizes a text prompt
+  by_ids = c.completions.create(model="tiny", prompt=ids, max_tokens=MAX_TOKENS, temperature=0, echo=True, n=2)
+  assert [ch.text for ch in by_ids.choices] == [setup["tok"].decode(ids, skip_special_tokens=False)
+                                                + offline["greedy"].outputs[0].text] * 2
+  streamed = c.completions.create(model="tiny", prompt=p, max_tokens=MAX_TOKENS, temperature=0, echo=True, stream=True)
+  assert "".join(ch.text for chunk in streamed for ch in chunk.choices) == echoed.choices[0].text
 
   greedy = offline["greedy"].outputs[0]
   stop = greedy.text.split()[1]
@@ -119,6 +125,11 @@ def test_chat_logprobs_n_and_streaming(setup, openai_client):
     assert item.logprob == pytest.approx(entry[tok].logprob, abs=1e-5)
     assert len(item.top_logprobs) == 2 and item.bytes == list(item.token.encode())
   assert out.choices[0].stop_reason is None
+  streamed = [ch.logprobs for chunk in c.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS,
+                                                                  temperature=0, logprobs=True, top_logprobs=2,
+                                                                  stream=True)
+              for ch in chunk.choices if ch.logprobs is not None]
+  assert [(i.token, i.logprob) for lp in streamed for i in lp.content] == [(i.token, i.logprob) for i in content]
   plain = c.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
   assert plain.choices[0].logprobs is None
 
