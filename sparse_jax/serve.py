@@ -259,9 +259,7 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> tuple[str, str |
     if kind == "json_invalid":
       detail = (err.get("ctx") or {}).get("error", err.get("msg", ""))
       return f"malformed JSON body: {detail}", None
-    if kind == "extra_forbidden":
-      text = "unknown field"
-    elif kind == "missing":
+    if kind == "missing":
       text = "missing required field"
     else:
       text = err.get("msg", "invalid")

@@ -364,8 +364,8 @@ def test_idle_engine_wakes_on_request(served):
 
 
 def test_validation_messages_and_stream_holdback_units():
-  msg, param = describe_validation_errors([{"type": "extra_forbidden", "loc": ("body", "foo"), "msg": "x"}])
-  assert msg == "invalid request: foo: unknown field" and param == "foo"
+  msg, param = describe_validation_errors([{"type": "missing", "loc": ("body", "prompt"), "msg": "x"}])
+  assert msg == "invalid request: prompt: missing required field" and param == "prompt"
   assert stream_safe_prefix("abc de", ["de f"]) == "abc "
   assert stream_safe_prefix("abc d\ufffd", []) == "abc d"
   assert stream_safe_prefix("abc", ["xyz"]) == "abc"
