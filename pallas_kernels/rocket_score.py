@@ -10,8 +10,9 @@ keys. Per (batch row b, kv head g) with its group of G query heads ``q[g*G:(g+1)
     p[h, :] = softmax over valid blocks t of raw[h, :]
     out[t] = mean_h p[h, t]   (-inf for t >= n_valid = ceil(length / block_size))
 
-Split of the work: a tiny XLA preamble picks the channels (``lax.top_k``) and builds
-``scale * qm`` and ``sign``; the kernel reads the KT cache once (the dominant bytes), does the
+Split of the work: the kernel picks the channels of its group (a rank count over the D
+channel importances, ties to the lower channel as ``lax.top_k``; no XLA preamble), builds
+``scale * qm`` and ``sign``, reads the KT cache once (the dominant bytes), does the
 sign-dependent min/max select and the G dot products in f32 and writes ``raw`` (G x 4 bytes
 per block, small next to the 2 x D KT bytes); a second small kernel does the masked softmax
 and the group mean reading only the valid blocks (the page table, hence the output, may be
@@ -37,14 +38,18 @@ _NEG = _compat.NEG_INF_FINITE
 _EPILOGUE_CHUNK = 256
 
 
-def _rocket_score_kernel(qm_ref, sign_ref, pt_ref, nvalid_ref, kt_ref, raw_ref, *,
-                         num_splits: int, blocks_per_iter: int, blocks_per_page: int):
+def _rocket_score_kernel(q_ref, pt_ref, nvalid_ref, kt_ref, raw_ref, *, samples: int, topr: int,
+                         scale: float, num_splits: int, blocks_per_iter: int, blocks_per_page: int):
   """One program = one (batch row, kv head, split) over a balanced range of valid blocks.
 
-  Refs: ``qm_ref [S * G, D]`` f32 (scaled, channel-masked q of S queries), ``sign_ref
-  [S, D]`` int32, ``pt_ref [max_pages]`` page-table row, ``nvalid_ref [1]``, ``kt_ref
+  Refs: ``q_ref [S * G, D]`` (the group's q heads of S queries, sample-major, any float
+  dtype), ``pt_ref [max_pages]`` page-table row, ``nvalid_ref [1]``, ``kt_ref
   [num_pages * blocks_per_page, 2, D]`` the KT cache of this kv head, ``raw_ref [S * G,
   T_padded]`` f32. Every KT block is loaded once for all S queries.
+  The channel choice is made here, per query, from its group's rows (no XLA preamble):
+  ``importance = mean_h |q[h]|``, a channel is kept when fewer than ``topr`` channels beat it
+  (larger importance, or equal and a lower index: ``lax.top_k``'s ties), and
+  ``sign = sum_h qm[h] > 0``.
   The split owns blocks ``[split * per, min((split+1) * per, n_valid))`` with
   ``per = ceil(n_valid / num_splits)`` rounded up to whole iterations, so the work is
   balanced on the actual length (the page table may be much wider), ranges never overlap,
@@ -52,8 +57,7 @@ def _rocket_score_kernel(qm_ref, sign_ref, pt_ref, nvalid_ref, kt_ref, raw_ref, 
   page 0 of the pool and are discarded by the epilogue).
   """
   split = pl.program_id(2)
-  rows = qm_ref.shape[0]
-  samples = sign_ref.shape[0]
+  rows, head_dim = q_ref.shape
   group = rows // samples
   n = blocks_per_iter
   n_valid = nvalid_ref[0]
@@ -62,8 +66,18 @@ def _rocket_score_kernel(qm_ref, sign_ref, pt_ref, nvalid_ref, kt_ref, raw_ref, 
   end = jnp.minimum(start + per_split, n_valid)
   num_iters = pl.cdiv(jnp.maximum(end - start, 0), n)
 
-  use_max = [(sign_ref[r] != 0)[None, :] for r in range(samples)]  # S x [1, D]
-  q_rows = [qm_ref[h][None, :] for h in range(rows)]  # S * G x [1, D] f32
+  use_max, q_rows = [], []  # S x [1, D] bool; S * G x [1, D] f32 (scaled, channel-masked)
+  channel = jnp.arange(head_dim, dtype=jnp.int32)
+  for r in range(samples):
+    qs = [q_ref[h].astype(jnp.float32) for h in range(r * group, (r + 1) * group)]
+    if topr < head_dim:
+      importance = functools.reduce(jnp.add, [jnp.abs(x) for x in qs]) / group       # [D]
+      other, this = importance[:, None], importance[None, :]
+      beats = (other > this) | ((other == this) & (channel[:, None] < channel[None, :]))
+      keep = jnp.sum(beats.astype(jnp.int32), axis=0) < topr                         # [D]
+      qs = [jnp.where(keep, x, 0.0) for x in qs]
+    use_max.append((functools.reduce(jnp.add, qs) > 0)[None, :])
+    q_rows += [(x * scale)[None, :] for x in qs]
 
   def body(i, carry):
     t0 = start + i * n
@@ -179,13 +193,12 @@ def _softmax_mean_pallas(raw, n_valid, total_blocks, *, samples, chunk, interpre
   )(raw, n_valid.reshape(batch, 1))
 
 
-def _rocket_scores_pallas(qm, sign, kt, page_table, n_valid, *, num_splits,
+def _rocket_scores_pallas(qg, kt, page_table, n_valid, *, samples, topr, scale, num_splits,
                           blocks_per_iter, num_warps, num_stages, interpret,
                           pad_multiple=_EPILOGUE_CHUNK):
-  """qm: [B, Hkv, S * G, D] f32 (scaled); sign: [B, Hkv, S, D] int32
+  """qg: [B, Hkv, S * G, D] (the group's q heads per query, sample-major)
   -> raw [B, Hkv, S * G, T_pad]."""
-  batch, kv_heads, group, head_dim = qm.shape
-  samples = sign.shape[2]
+  batch, kv_heads, group, head_dim = qg.shape
   _, num_pages, blocks_per_page, _, _ = kt.shape
   max_pages = page_table.shape[1]
   total_blocks = max_pages * blocks_per_page
@@ -193,14 +206,13 @@ def _rocket_scores_pallas(qm, sign, kt, page_table, n_valid, *, num_splits,
   padded_blocks = pl.cdiv(total_blocks, step) * step
   kt_rows = kt.reshape(kv_heads, num_pages * blocks_per_page, 2, head_dim)
   kernel = functools.partial(
-      _rocket_score_kernel, num_splits=num_splits, blocks_per_iter=blocks_per_iter,
-      blocks_per_page=blocks_per_page)
+      _rocket_score_kernel, samples=samples, topr=topr, scale=scale, num_splits=num_splits,
+      blocks_per_iter=blocks_per_iter, blocks_per_page=blocks_per_page)
   return pl.pallas_call(
       kernel,
       grid=(batch, kv_heads, num_splits),
       in_specs=[
           pl.BlockSpec((None, None, group, head_dim), lambda b, g, s: (b, g, 0, 0)),
-          pl.BlockSpec((None, None, samples, head_dim), lambda b, g, s: (b, g, 0, 0)),
           pl.BlockSpec((None, max_pages), lambda b, g, s: (b, 0)),
           pl.BlockSpec((None, 1), lambda b, g, s: (b, 0)),
           pl.BlockSpec((None, num_pages * blocks_per_page, 2, head_dim),
@@ -214,44 +226,31 @@ def _rocket_scores_pallas(qm, sign, kt, page_table, n_valid, *, num_splits,
                                               num_stages=num_stages),
       interpret=interpret,
       name="rocket_block_scores",
-  )(qm, sign, page_table.astype(jnp.int32), n_valid.reshape(batch, 1), kt_rows)
+  )(qg, page_table.astype(jnp.int32), n_valid.reshape(batch, 1), kt_rows)
 
 
 def rocket_block_logits(q, kt, page_table, n_valid, *, topr, scale, num_splits,
                         blocks_per_iter, num_warps, num_stages, interpret,
                         pad_multiple=_EPILOGUE_CHUNK):
-  """The scoring launch alone (the channel choice as an XLA preamble, then the KT scan):
+  """The scoring launch alone (channel choice and KT scan in one kernel):
   ``raw [batch, kv_heads, S * group, T_padded]`` f32 (S = 1 for a 3-D q, else q's
   samples axis, sample-major), the scaled per-q-head block logits,
   valid for ``t < n_valid`` (int32[batch]) and garbage after. ``T_padded`` is the
   page-table width in blocks rounded up to a multiple of ``pad_multiple`` and of
   ``blocks_per_iter`` (powers of two). Inputs as :func:`rocket_block_scores`; no checks."""
   kv_heads = kt.shape[0]
-  qm, sign = _select_channels(q, kv_heads, topr)
+  q4 = q[:, None] if q.ndim == 3 else q
+  batch, samples, q_heads, head_dim = q4.shape
+  group = q_heads // kv_heads
+  if samples == 1:   # a reshape: q's heads are already grouped by kv head
+    qg = q4.reshape(batch, kv_heads, group, head_dim)
+  else:
+    qg = jnp.swapaxes(q4.reshape(batch, samples, kv_heads, group, head_dim), 1, 2)
+    qg = qg.reshape(batch, kv_heads, samples * group, head_dim)
   return _rocket_scores_pallas(
-      qm * scale, sign.astype(jnp.int32), kt, page_table, n_valid,
+      qg, kt, page_table, n_valid, samples=samples, topr=topr, scale=scale,
       num_splits=num_splits, blocks_per_iter=blocks_per_iter, num_warps=num_warps,
       num_stages=num_stages, interpret=interpret, pad_multiple=pad_multiple)
-
-
-def _select_channels(q, kv_heads, topr):
-  """XLA preamble: ``qm`` (q masked to the top-r channels, [B, Hkv, S * G, D] f32) and
-  ``sign`` ([B, Hkv, S, D] bool) per the RocketKV rule, per query of q ``[B, Hq, D]``
-  (S = 1) or ``[B, S, Hq, D]``; ties as ``lax.top_k``."""
-  q = q[:, None] if q.ndim == 3 else q
-  batch, samples, q_heads, head_dim = q.shape
-  group = q_heads // kv_heads
-  qg = jnp.swapaxes(q.reshape(batch, samples, kv_heads, group, head_dim), 1, 2)
-  qg = qg.astype(jnp.float32)  # [B, Hkv, S, G, D]
-  if topr == head_dim:  # every channel: no top-k to run
-    qm = qg
-  else:
-    importance = jnp.abs(qg).mean(axis=3)  # [B, Hkv, S, D]
-    _, channels = lax.top_k(importance, topr)  # [B, Hkv, S, topr]
-    keep = (channels[..., :, None] == jnp.arange(head_dim)).any(axis=-2)  # [B, Hkv, S, D]
-    qm = jnp.where(keep[..., None, :], qg, 0.0)
-  sign = qm.sum(axis=3) > 0
-  return qm.reshape(batch, kv_heads, samples * group, head_dim), sign
 
 
 def _softmax_group_mean(raw, n_valid, samples=1):

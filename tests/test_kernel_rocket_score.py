@@ -155,3 +155,22 @@ def test_bad_arguments_raise():
     rocket_block_scores(q, kt, pt, lengths[:1], **kw)
   with pytest.raises(ValueError, match="multiple of kv_heads"):
     rocket_block_scores(q[:, :3], kt, pt, lengths, **kw)
+
+
+def test_channel_ties_go_to_the_lower_channel():
+  """The kernel's own top-r channel choice splits a run of equal importances as lax.top_k
+  does (lower channel first): importance 1 + c // 10 over 64 channels ties the 10 channels of
+  each run, and top-16 takes 60..63, 50..59 and only 40, 41 of the next run."""
+  shape = ns.ROCKET_SHAPES["test_g4_d64_b4_f32"]
+  case = ns.rocket_case(shape, 0, poison=True)
+  rng = np.random.default_rng(3)
+  magnitude = 1.0 + np.arange(shape.head_dim) // 10
+  case.q = jnp.asarray(magnitude * rng.choice([-1.0, 1.0], size=case.q.shape), jnp.float32)
+  kwargs = dict(topr=16, block_size=shape.block_size)
+  out = rocket_block_scores(*case.kernel_args(), interpret=INTERPRET, **kwargs)
+  ref = rocket_block_scores_reference(*case.kernel_args(), **kwargs)
+  _check_scores(out, ref, shape, case.lengths)
+  # The split tie matters: 40, 41 swapped for two other channels of their run changes the scores.
+  swapped = case.q.at[..., 40:42].set(case.q[..., 48:50]).at[..., 48:50].set(case.q[..., 40:42])
+  other = rocket_block_scores(swapped, *case.kernel_args()[1:], interpret=INTERPRET, **kwargs)
+  assert not np.allclose(np.asarray(other), np.asarray(out))
