@@ -487,7 +487,7 @@ class Server:
     given = body.model_fields_set
     unset = {k: v for k, v in self.sampling_defaults.items() if k in ("temperature", "top_p", "top_k") and k not in given}
     fields = {"temperature": float(body.temperature), "top_p": float(body.top_p), "top_k": body.top_k, **unset}
-    if max_tokens is not None and body.min_tokens > max_tokens:
+    if body.min_tokens > max_tokens:
       raise ApiError(400, f"min_tokens={body.min_tokens} is more than max_tokens={max_tokens}", "min_tokens")
     try:
       params = SamplingParams(max_tokens=max_tokens, n=body.n, seed=body.seed, stop=body.stop,
@@ -878,7 +878,10 @@ def create_app(llm, served_model_name: str | None = None, *, api_key: str | None
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events():
-      offsets = [0] * len(streams)  # text sent so far per choice: the logprobs' text_offset
+      # Per choice, the text_offset of its next token: the echo, then the text of the tokens whose
+      # logprobs were sent (a token's logprobs may go out before its text, held back while it may
+      # still start a stop string, so this counts tokens rather than text sent).
+      offsets = [0] * len(streams)
       for i in range(len(streams)) if body.echo else ():
         offsets[i] = len(echoes[i // n])
         yield _sse({**head, "choices": [{"index": i, "text": echoes[i // n], "logprobs": None,
@@ -890,8 +893,9 @@ def create_app(llm, served_model_name: str | None = None, *, api_key: str | None
             break
           choice = {"index": index, "text": delta, "logprobs": None, "finish_reason": reason}
           if body.logprobs is not None:
-            choice["logprobs"] = server.completion_logprobs(logprobs, offsets[index])
-          offsets[index] += len(delta)
+            lp = choice["logprobs"] = server.completion_logprobs(logprobs, offsets[index])
+            if lp["tokens"]:
+              offsets[index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
           if reason is not None:
             choice["stop_reason"] = streams[index].request.stop_reason
           yield _sse({**head, "choices": [choice]})

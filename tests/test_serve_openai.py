@@ -112,6 +112,14 @@ def test_completions_streaming_n_logprobs_and_usage(setup, openai_client):
   assert [x for lp in streamed for x in lp.token_logprobs] == pytest.approx(whole.token_logprobs)
   assert [x for lp in streamed for x in lp.text_offset] == whole.text_offset
 
+  # Three engine updates (the prefill's token, then two decode chunks): each chunk's offsets
+  # continue from the tokens sent before it.
+  kw = dict(model="tiny", prompt=p, max_tokens=2 * 4 + 1, temperature=0, logprobs=0, extra_body={"ignore_eos": True})
+  whole = c.completions.create(**kw).choices[0].logprobs
+  streamed = [ch.logprobs for chunk in c.completions.create(**kw, stream=True) for ch in chunk.choices]
+  assert len(whole.tokens) == 9 and len([lp for lp in streamed if lp.tokens]) >= 3
+  assert [x for lp in streamed for x in lp.text_offset] == whole.text_offset
+
 
 def test_chat_logprobs_n_and_streaming(setup, openai_client):
   c, offline = openai_client, setup["offline"]
