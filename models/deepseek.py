@@ -289,7 +289,7 @@ class DeepseekV32ForCausalLM(CachedDecoder, nnx.Module):
     if sparse is not None:
       attn = self.layers[0].self_attn
       runtime = Runtime(sparse=sparse)
-      attn.sparse_config(runtime)                     # rejects algorithms that cannot serve MLA
+      attn.sparse_ops(runtime)                        # rejects algorithms that cannot serve MLA
       aux = runtime.algorithm.aux_spec(sparse, attn.spec(page_size, runtime))
     return CacheLayout(num_layers=self.num_layers, kv_heads=1, head_dim=self.config.kv_lora_rank,
                        v_head_dim=self.config.qk_rope_head_dim, aux_specs=aux)

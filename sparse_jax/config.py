@@ -29,7 +29,7 @@ class ConfigError(ValueError):
   """A configuration value is invalid; the message names the field and value."""
 
 
-def _fail(cls_name: str, field: str, value: Any, why: str) -> None:
+def fail_field(cls_name: str, field: str, value: Any, why: str) -> None:
   raise ConfigError(f"{cls_name}.{field}={value!r}: {why}")
 
 
@@ -67,7 +67,7 @@ def check_positive_int(obj: Any, *fields: str) -> None:
   for f in fields:
     value = getattr(obj, f)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-      _fail(type(obj).__name__, f, value, "must be a positive integer")
+      fail_field(type(obj).__name__, f, value, "must be a positive integer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,14 +89,14 @@ class KvCacheConfig:
 
   def __post_init__(self):
     if not is_power_of_two(self.tokens_per_block):
-      _fail("KvCacheConfig", "tokens_per_block", self.tokens_per_block, "must be a power of two")
+      fail_field("KvCacheConfig", "tokens_per_block", self.tokens_per_block, "must be a power of two")
     check_int("KvCacheConfig.max_tokens", self.max_tokens, optional=True)
     if not is_real(self.free_gpu_memory_fraction) or not 0.0 < self.free_gpu_memory_fraction <= 1.0:
-      _fail("KvCacheConfig", "free_gpu_memory_fraction", self.free_gpu_memory_fraction, "must be a number in (0, 1]")
+      fail_field("KvCacheConfig", "free_gpu_memory_fraction", self.free_gpu_memory_fraction, "must be a number in (0, 1]")
     if not isinstance(self.dtype, str) or self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-      _fail("KvCacheConfig", "dtype", self.dtype, "must be one of auto, bfloat16, float16, float32")
+      fail_field("KvCacheConfig", "dtype", self.dtype, "must be one of auto, bfloat16, float16, float32")
     if not isinstance(self.enable_block_reuse, bool):
-      _fail("KvCacheConfig", "enable_block_reuse", self.enable_block_reuse, "must be a bool")
+      fail_field("KvCacheConfig", "enable_block_reuse", self.enable_block_reuse, "must be a bool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,41 +129,79 @@ class BaseSparseAttentionConfig:
     """Rejects combinations with the cache/scheduler settings, saying why."""
     if self.decode_budget is not None:
       if isinstance(self.decode_budget, bool) or not isinstance(self.decode_budget, int) or self.decode_budget <= 0:
-        _fail(type(self).__name__, "decode_budget", self.decode_budget, "must be a positive integer or None")
+        fail_field(type(self).__name__, "decode_budget", self.decode_budget, "must be a positive integer or None")
       if self.decode_budget < 3 * kv_cache_config.tokens_per_block:
-        _fail(type(self).__name__, "decode_budget", self.decode_budget,
-              f"must hold at least 3 KV pages (3 x tokens_per_block={kv_cache_config.tokens_per_block})")
+        fail_field(type(self).__name__, "decode_budget", self.decode_budget,
+                   f"must hold at least 3 KV pages (3 x tokens_per_block={kv_cache_config.tokens_per_block})")
       if get_algorithm(self).page_scores is None:
-        _fail(type(self).__name__, "decode_budget", self.decode_budget,
-              f"algorithm {self.algorithm!r} has no page scores to choose pages to evict")
+        fail_field(type(self).__name__, "decode_budget", self.decode_budget,
+                   f"algorithm {self.algorithm!r} has no page scores to choose pages to evict")
     if kv_cache_config.enable_block_reuse and self.compacts_prompt:
       raise ConfigError(
           f"sparse_attention_config.algorithm={self.algorithm!r} needs kv_cache_config.enable_block_reuse=False: "
           "it compacts each request's KV pages after prefill, so pages cannot be shared between requests")
     if isinstance(self.prefill_budget, bool) or not isinstance(self.prefill_budget, int) or self.prefill_budget <= 0:
-      _fail(type(self).__name__, "prefill_budget", self.prefill_budget, "must be a positive integer")
+      fail_field(type(self).__name__, "prefill_budget", self.prefill_budget, "must be a positive integer")
     if not is_int(self.dense_layers) or self.dense_layers < 0:
-      _fail(type(self).__name__, "dense_layers", self.dense_layers, "must be an integer >= 0")
+      fail_field(type(self).__name__, "dense_layers", self.dense_layers, "must be an integer >= 0")
     if self.prefill_granularity not in ("block", "page"):
-      _fail(type(self).__name__, "prefill_granularity", self.prefill_granularity, "must be 'block' or 'page'")
+      fail_field(type(self).__name__, "prefill_granularity", self.prefill_granularity, "must be 'block' or 'page'")
     if enable_chunked_prefill and self.supports_chunked_prefill and get_algorithm(self).chunk_scores is None:
-      _fail(type(self).__name__, "algorithm", self.algorithm, "declares chunked prefill but has no chunk_scores")
+      fail_field(type(self).__name__, "algorithm", self.algorithm, "declares chunked prefill but has no chunk_scores")
     if enable_chunked_prefill and not self.supports_chunked_prefill:
       raise ConfigError(
           f"sparse_attention_config.algorithm={self.algorithm!r} does not support enable_chunked_prefill=True: "
           "its prompt compression needs the whole prompt's keys and the last window of queries at once")
 
 
+def keeps_every_prompt_token(cfg: Any, prompt_len: int) -> int:
+  """The `kept_prompt_tokens` of an algorithm that compacts nothing."""
+  return prompt_len
+
+
+def no_final_chunk_minimum(cfg: Any) -> int:
+  """The `min_final_chunk` of an algorithm whose prompt compression reads no query window."""
+  return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MlaOps:
+  """How an algorithm serves MLA attention layers (sparse_jax/mla.py); `spec` is the layer's
+  `MLASpec` (its `indexer` describes the layer's lightning indexer, `runtime` the compiled step).
+
+  write_aux(cfg, spec, layer, flat_slots, index_k) -> LayerCache: stores the indexer keys
+    index_k [N, index_head_dim] of N tokens at pool slots flat_slots int32[N] (out of range =
+    dropped) in the algorithm's aux pools (`aux_spec(cfg, spec)`).
+  select_prefill(cfg, spec, q, w, layer, rows, fresh_keys, key_lengths, q_pos) -> int32[n, T, k] | None:
+    each prompt query's top-k token ids (ascending, -1 padded), or None where every query
+    attends densely. q [n, T, H, D] / w float32[n, T, H]: the indexer's queries and weights;
+    fresh_keys [n, T, D]: the keys of fresh prompts (no earlier context), or None for a chunk
+    whose earlier context is read back from the cache through rows int32[n, max_pages];
+    key_lengths int32[n]: keys stored per row; q_pos int32[n, T]: the queries' positions.
+  select_decode(cfg, spec, q, w, layer, page_table, lengths) -> int32[S, k]: the top-k token ids
+    of one decode query per slot (q [S, H, D], w float32[S, H]; lengths: tokens stored, the
+    new one included, 0 for inactive slots).
+  """
+  write_aux: Callable[..., Any]
+  select_prefill: Callable[..., Any]
+  select_decode: Callable[..., Any]
+
+
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-  """The pure functions of one algorithm (see sparse_jax/algorithms/README in ARCHITECTURE.md).
+  """Everything the rest of the system needs of one algorithm: its config class and hooks.
+  Nothing outside `sparse_jax/algorithms/` reads an algorithm's config fields; it calls these.
 
-  aux_spec(cfg, spec) -> {name: AuxPoolSpec}
+  aux_spec(cfg, spec) -> {name: AuxPoolSpec}: the aux pools it needs (spec: an AttentionSpec,
+    or an MLASpec for MLA layers).
+
+  GQA layers (sparse_jax/attention.py); None for an algorithm that serves MLA layers only:
   predict_kv(cfg, spec, q, k, lengths) -> KeepSelection | None          (context phase)
   update_aux(cfg, spec, layer, page_table, start, end, max_tokens) -> LayerCache
   predict_attn(cfg, spec, q, layer, page_table, lengths) -> AttnSelection | None  (generation)
-  page_scores(cfg, spec, q, layer, page_table, lengths) -> float32[batch, max_pages] | None
-    (per-page importance, used to evict pages during long generation)
+  page_scores(cfg, spec, q, layer, page_table, lengths) -> float32[batch, max_pages] | None:
+    the eviction importance of each KV page (pages with the lowest sums over layers and steps
+    are evicted once a sequence outgrows `decode_budget`).
   chunk_scores(cfg, spec, q, layer, page_table, lengths) -> (float32[batch, kv_heads, blocks], block_size):
     scores of the stored context's blocks for several queries per row (q: [batch, samples,
     q_heads, D]; the max over them; -inf = not a block); a chunked sparse prefill takes each
@@ -179,18 +217,46 @@ class Algorithm:
   build_predictor(cfg, spec, layer_index) -> nnx.Module | None: a learned predictor the attention
     layer owns; when present, predict_kv / update_aux / predict_attn / page_scores also receive
     `predictor=` and `hidden=` (the layer's input hidden states: [n, T, hidden]).
+
+  Planning (host side, any layer kind):
+  kept_prompt_tokens(cfg, prompt_len) -> int: tokens a request of `prompt_len` prompt tokens
+    holds after prefill (equal to predict_kv's counts), for sizing the page pool.
+  with_budget(cfg, budget) -> cfg: the config scaled to a token budget for sweeps (keep, or
+    attend to, about `budget` tokens), other fields unchanged; raises ConfigError when it
+    cannot be met. None: the algorithm has no budget to scale.
+  min_final_chunk(cfg) -> int: the fewest tokens the last chunk of a chunked prefill must hold
+    (the query window its prompt compression reads).
+
+  MLA layers (sparse_jax/mla.py): mla, an `MlaOps`, or None for an algorithm that serves GQA
+  layers only.
   """
   name: str
   config_cls: type
   aux_spec: Callable[..., Any]
-  predict_kv: Callable[..., Any]
-  update_aux: Callable[..., Any]
-  predict_attn: Callable[..., Any]
+  predict_kv: Callable[..., Any] | None = None
+  update_aux: Callable[..., Any] | None = None
+  predict_attn: Callable[..., Any] | None = None
   page_scores: Callable[..., Any] | None = None
   build_predictor: Callable[..., Any] | None = None
   chunk_scores: Callable[..., Any] | None = None
   dense_below: Callable[..., int] | None = None
   decode_attention: Callable[..., Any] | None = None
+  kept_prompt_tokens: Callable[[Any, int], int] = keeps_every_prompt_token
+  with_budget: Callable[[Any, int], Any] | None = None
+  min_final_chunk: Callable[[Any], int] = no_final_chunk_minimum
+  mla: MlaOps | None = None
+
+  def __post_init__(self):
+    gqa = (self.predict_kv, self.update_aux, self.predict_attn)
+    if any(f is None for f in gqa) and not all(f is None for f in gqa):
+      raise ValueError(f"algorithm {self.name!r}: predict_kv, update_aux and predict_attn come together "
+                       "(all three for GQA layers, or none for an MLA-only algorithm)")
+    if self.predict_attn is None and self.mla is None:
+      raise ValueError(f"algorithm {self.name!r} serves neither GQA layers (predict_attn) nor MLA layers (mla)")
+
+  @property
+  def serves_gqa(self) -> bool:
+    return self.predict_attn is not None
 
 
 _REGISTRY: dict[str, Algorithm] = {}
@@ -261,11 +327,11 @@ class LlmApiOptions:
 
   def __post_init__(self):
     if not isinstance(self.kv_cache_config, KvCacheConfig):
-      _fail("LlmApiOptions", "kv_cache_config", self.kv_cache_config, "must be a KvCacheConfig")
+      fail_field("LlmApiOptions", "kv_cache_config", self.kv_cache_config, "must be a KvCacheConfig")
     if not isinstance(self.enable_chunked_prefill, bool):
-      _fail("LlmApiOptions", "enable_chunked_prefill", self.enable_chunked_prefill, "must be true or false")
+      fail_field("LlmApiOptions", "enable_chunked_prefill", self.enable_chunked_prefill, "must be true or false")
     if self.backend is not None and self.backend not in BACKENDS:
-      _fail("LlmApiOptions", "backend", self.backend, f"must be one of {list(BACKENDS)}")
+      fail_field("LlmApiOptions", "backend", self.backend, f"must be one of {list(BACKENDS)}")
     for field in ("max_batch_size", "max_seq_len", "tensor_parallel_size"):
       check_int(field, getattr(self, field), optional=True)
     if self.sparse_attention_config is not None:

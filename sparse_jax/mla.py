@@ -13,8 +13,11 @@ pool: every head reads the same cached bytes once. Decode and sparse prefill use
 in pallas_kernels/mla_decode.py, sparse_mla_*); dense prefill expands K/V from the latent (fewer FLOPs for
 fresh prompts) and runs plain causal attention.
 
-DSA (sparse_jax/algorithms/dsa.py) picks each query's top-k tokens; the kernels receive the
-chosen logical token ids (block_size 1) and find them through the page table.
+The layer owns DeepSeek-V3.2's lightning indexer (`LightningIndexer`: checkpoint weights);
+the sparse algorithm (DSA, sparse_jax/algorithms/dsa.py) is reached only through its
+`Algorithm.mla` hooks: it stores the indexer keys and picks each query's top-k tokens; the
+kernels receive the chosen logical token ids (block_size 1) and find them through the page
+table.
 """
 from __future__ import annotations
 
@@ -28,12 +31,106 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_jax import rope as rope_lib
-from sparse_jax.algorithms import dsa
 from sparse_jax.attention import RMSNorm, Runtime, causal_attention
 from sparse_jax.cache import LayerCache, gather_tokens, token_slots, write_tokens
-from sparse_jax.config import ConfigError, get_algorithm
+from sparse_jax.config import ConfigError, MlaOps, get_algorithm
 
 _MASK = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexerSpec:
+  """The lightning indexer of one MLA layer (static).
+
+  n_heads / head_dim: `index_n_heads` / `index_head_dim`; rope_dim: RoPE'd leading channels;
+  index_topk: the checkpoint's top-k; page_size: tokens per KV page.
+  """
+  n_heads: int
+  head_dim: int
+  rope_dim: int
+  index_topk: int
+  page_size: int
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with weight and bias (torch.nn.LayerNorm), computed in float32."""
+
+  def __init__(self, dim: int, eps: float = 1e-6, *, param_dtype=jnp.float32):
+    self.eps = eps
+    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _rope_half(x: jax.Array, cos: jax.Array, sin: jax.Array, rope_dim: int) -> jax.Array:
+  """Non-interleaved (rotate-half) RoPE on the first rope_dim channels. x: [..., heads, D]."""
+  from sparse_jax.rope import apply_rope
+  return jnp.concatenate([apply_rope(x[..., :rope_dim], cos, sin), x[..., rope_dim:]], axis=-1)
+
+
+class LightningIndexer(nnx.Module):
+  """DSA's lightning indexer (transformers' DeepseekV32Indexer, without its top-k).
+
+  wq_b: q_resid [.., q_dim] -> [.., n_heads * head_dim]; wk: x [.., hidden] -> [.., head_dim];
+  k_norm: LayerNorm; weights_proj: x -> [.., n_heads] (computed in float32, as transformers
+  keeps it). q_dim is q_lora_rank, or hidden_size for models without a q LoRA.
+  """
+
+  def __init__(self, hidden_size: int, q_dim: int, n_heads: int, head_dim: int, rope_dim: int, index_topk: int,
+               *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if rope_dim > head_dim:
+      raise ValueError(f"qk_rope_head_dim={rope_dim} exceeds index_head_dim={head_dim}")
+    self.n_heads, self.head_dim, self.rope_dim, self.index_topk = n_heads, head_dim, rope_dim, index_topk
+    linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                               kernel_init=nnx.initializers.normal(0.02))
+    self.wq_b = linear(q_dim, n_heads * head_dim)
+    self.wk = linear(hidden_size, head_dim)
+    self.k_norm = LayerNorm(head_dim, 1e-6, param_dtype=param_dtype)
+    self.weights_proj = linear(hidden_size, n_heads)
+
+  def spec(self, page_size: int) -> IndexerSpec:
+    return IndexerSpec(n_heads=self.n_heads, head_dim=self.head_dim, rope_dim=self.rope_dim,
+                       index_topk=self.index_topk, page_size=page_size)
+
+  def queries(self, x: jax.Array, q_resid: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [.., hidden], q_resid: [.., q_dim], cos/sin: [.., rope_dim] ->
+    (q [.., n_heads, head_dim] RoPE'd, w float32[.., n_heads] with both scalings folded in:
+    w = weights_proj(x) * n_heads^-0.5 * head_dim^-0.5, so I = sum_h w_h ReLU(q_h . k))."""
+    q = self.wq_b(q_resid).reshape(*q_resid.shape[:-1], self.n_heads, self.head_dim)
+    q = _rope_half(q, cos, sin, self.rope_dim)
+    kernel = self.weights_proj.kernel[...].astype(jnp.float32)
+    w = jnp.einsum("...h,hn->...n", x.astype(jnp.float32), kernel, precision=jax.lax.Precision.HIGHEST)
+    w = w * (self.n_heads ** -0.5) * (self.head_dim ** -0.5)
+    return q, w
+
+  def keys(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [.., hidden] -> k [.., head_dim] (LayerNorm'ed, RoPE'd)."""
+    k = self.k_norm(self.wk(x))
+    return _rope_half(k[..., None, :], cos, sin, self.rope_dim)[..., 0, :]
+
+
+def prompt_scores(q: jax.Array, w: jax.Array, k: jax.Array, lengths: jax.Array | None) -> jax.Array:
+  """Causal indexer scores of fresh prompts (no cache).
+
+  q: [B, T, H, D]; w: float32[B, T, H]; k: [B, T, D]; lengths: int32[B] or None.
+  I[b, t, s] = sum_h w[b, t, h] * ReLU(q[b, t, h] . k[b, s]) for s <= t (and s < length), else -inf.
+  Returns float32[B, T, T].
+  """
+  b, t = q.shape[:2]
+  dots = jnp.einsum("bthd,bsd->bths", q.astype(jnp.float32), k.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+  scores = jnp.einsum("bth,bths->bts", w, jax.nn.relu(dots), precision=jax.lax.Precision.HIGHEST)
+  pos = jnp.arange(t)
+  ok = pos[None, :] <= pos[:, None]
+  if lengths is not None:
+    ok = ok[None] & (pos[None, None, :] < lengths[:, None, None])
+  return jnp.where(ok, scores, -jnp.inf)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +143,7 @@ class MLASpec:
   v_head_dim: int
   page_size: int
   scale: float
-  indexer: dsa.IndexerSpec | None
+  indexer: IndexerSpec | None
   runtime: Runtime = Runtime()
 
 
@@ -113,8 +210,8 @@ class MLAttention(nnx.Module):
       self.indexer = None
     else:
       n_heads, head_dim, topk = indexer
-      self.indexer = dsa.LightningIndexer(hidden_size, q_lora_rank or hidden_size, n_heads, head_dim,
-                                          qk_rope_head_dim, topk, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      self.indexer = LightningIndexer(hidden_size, q_lora_rank or hidden_size, n_heads, head_dim,
+                                      qk_rope_head_dim, topk, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   # -- static description ------------------------------------------------------------
   def spec(self, page_size: int, runtime: Runtime) -> MLASpec:
@@ -122,19 +219,19 @@ class MLAttention(nnx.Module):
                    nope_dim=self.nope_dim, v_head_dim=self.v_head_dim, page_size=page_size, scale=self.scale,
                    indexer=None if self.indexer is None else self.indexer.spec(page_size), runtime=runtime)
 
-  def sparse_config(self, runtime: Runtime) -> dsa.DSASparseAttentionConfig | None:
-    """The runtime's sparse config if this layer can serve it; raises naming the problem otherwise."""
-    cfg = runtime.sparse
-    if cfg is None:
+  def sparse_ops(self, runtime: Runtime) -> MlaOps | None:
+    """The MLA hooks of the runtime's algorithm (None: dense); raises naming the problem when
+    this layer cannot serve it."""
+    if runtime.sparse is None:
       return None
-    algo = get_algorithm(cfg)
-    if not getattr(algo.config_cls, "supports_mla", False):
+    algo = get_algorithm(runtime.sparse)
+    if algo.mla is None:
       raise ConfigError(f"sparse_attention_config.algorithm={algo.name!r} does not support MLA models "
                         "(DeepSeek); use algorithm 'dsa' or none")
     if self.indexer is None:
-      raise ConfigError("sparse_attention_config.algorithm='dsa' needs a lightning indexer, and this MLA model "
-                        "has none (index_topk / index_n_heads missing from its config)")
-    return cfg
+      raise ConfigError(f"sparse_attention_config.algorithm={algo.name!r} needs a lightning indexer, and this MLA "
+                        "model has none (index_topk / index_n_heads missing from its config)")
+    return algo.mla
 
   # -- projections ---------------------------------------------------------------------
   def project(self, x: jax.Array, positions: jax.Array) -> Projection:
@@ -208,7 +305,7 @@ class MLAttention(nnx.Module):
     b, t = x.shape[:2]
     q, w = self.indexer.queries(x, p.q_resid, p.cos, p.sin)
     k = self.indexer.keys(x, p.cos, p.sin)
-    scores = dsa.prompt_scores(q, w, k, lengths)
+    scores = prompt_scores(q, w, k, lengths)
     return dsa_topk_reference(scores.reshape(b * t, t), min(topk, t)).reshape(b, t, -1)
 
   # -- cached ----------------------------------------------------------------------------
@@ -224,7 +321,7 @@ class MLAttention(nnx.Module):
     n, t, _ = x.shape
     chex.assert_shape(lengths, (n,))
     chex.assert_shape(page_table_rows, (n, None))
-    cfg = self.sparse_config(runtime)
+    cfg, ops = runtime.sparse, self.sparse_ops(runtime)
     offset = jnp.zeros((n,), jnp.int32) if starts is None else starts.astype(jnp.int32)
     pos = offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     p = self.project(x, pos)
@@ -234,19 +331,16 @@ class MLAttention(nnx.Module):
     layer = layer.replace(k=write_tokens(layer.k, slots, p.latent.reshape(n * t, 1, -1)),
                           v=write_tokens(layer.v, slots, p.k_rope.reshape(n * t, 1, -1)))
     stored = (offset + lengths).astype(jnp.int32)
-    width = page_table_rows.shape[1] * page_size          # logical tokens the rows can hold
     ids = None
-    if cfg is not None:
-      ix = self.indexer.spec(page_size)
+    if ops is not None:
+      spec = self.spec(page_size, runtime)
       iq, w = self.indexer.queries(x, p.q_resid, p.cos, p.sin)
       ik = self.indexer.keys(x, p.cos, p.sin)
-      layer = dsa.write_indexer_keys(cfg, layer, slots, ik.reshape(n * t, -1))
-      if starts is None and cfg.topk(ix.index_topk) < t:
-        keys = dsa.decode_keys(*dsa.encode_keys(cfg, ik))  # what decode will read back
-        ids = dsa.select_prefill(cfg, ix, iq, w, keys, lengths, pos, runtime)
-      elif starts is not None and cfg.topk(ix.index_topk) < width:
-        ids = dsa.select_prefill(cfg, ix, iq, w, dsa.stored_keys(cfg, layer, page_table_rows, width), stored, pos,
-                                 runtime)
+      layer = ops.write_aux(cfg, spec, layer, slots, ik.reshape(n * t, -1))
+      if starts is None:
+        ids = ops.select_prefill(cfg, spec, iq, w, layer, page_table_rows, ik, lengths, pos)
+      else:
+        ids = ops.select_prefill(cfg, spec, iq, w, layer, page_table_rows, None, stored, pos)
     if ids is not None:
       from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill
       out = sparse_mla_prefill(self.absorbed_query(p), layer.k[0], layer.v[0], page_table_rows, ids, self.scale,
@@ -301,21 +395,21 @@ class MLAttention(nnx.Module):
     s = x.shape[0]
     chex.assert_shape((positions, lengths, active), (s,))
     chex.assert_shape(page_table, (s, None))
-    cfg = self.sparse_config(runtime)
+    cfg, ops = runtime.sparse, self.sparse_ops(runtime)
     p = self.project(x, positions)
     page_size, num_pages = layer.k.shape[2], layer.k.shape[1]
     slot = token_slots(page_table, lengths[:, None], active[:, None], page_size, num_pages)[:, 0]
     layer = layer.replace(k=write_tokens(layer.k, slot, p.latent[:, None]),
                           v=write_tokens(layer.v, slot, p.k_rope[:, None]))
     visible = jnp.where(active, lengths + 1, 0).astype(jnp.int32)
-    if cfg is None:                       # dense: every stored token, no id list
+    if ops is None:                       # dense: every stored token, no id list
       out = mla_decode(self.absorbed_query(p), layer.k[0], layer.v[0], page_table, visible, self.scale,
                        **runtime.kernel_kwargs())
       return self.output(out), layer
-    ix = self.indexer.spec(page_size)
+    spec = self.spec(page_size, runtime)
     iq, w = self.indexer.queries(x, p.q_resid, p.cos, p.sin)
-    layer = dsa.write_indexer_keys(cfg, layer, slot, self.indexer.keys(x, p.cos, p.sin))
-    ids = dsa.select_decode(cfg, ix, iq, w, layer, page_table, visible, runtime)
+    layer = ops.write_aux(cfg, spec, layer, slot, self.indexer.keys(x, p.cos, p.sin))
+    ids = ops.select_decode(cfg, spec, iq, w, layer, page_table, visible)
     out = sparse_mla_decode(self.absorbed_query(p), layer.k[0], layer.v[0], page_table, ids, self.scale,
                             **runtime.kernel_kwargs())
     return self.output(out), layer

@@ -152,3 +152,9 @@ def pool_as_units(pool: jax.Array, unit_size: int) -> jax.Array:
   """[heads, num_pages, page_size, D] -> [heads, num_pages * page_size // unit_size, unit_size, D] (free)."""
   heads, num_pages, page_size = pool.shape[:3]
   return pool.reshape(heads, num_pages * page_size // unit_size, unit_size, *pool.shape[3:])
+
+
+def dense_token_ids(lengths: jax.Array, width: int) -> jax.Array:
+  """int32[S, width]: 0..length-1 then -1 (every token of each sequence)."""
+  pos = jnp.arange(width, dtype=jnp.int32)
+  return jnp.where(pos[None, :] < lengths[:, None], pos[None, :], -1)

@@ -73,10 +73,12 @@ def test_gqa_model_gets_a_clear_error():
   with pytest.raises(ConfigError, match="needs an MLA model with a lightning indexer"):
     llama.cache_layout(DSA(), 16)
   algo = get_algorithm("dsa")
+  assert not algo.serves_gqa and algo.predict_kv is None and algo.mla is not None
   spec = llama.layers[0].self_attn.spec(16, Runtime(sparse=DSA()))
-  for fn in (algo.predict_kv, algo.update_aux, algo.predict_attn):
-    with pytest.raises(ConfigError, match="needs an MLA model"):
-      fn(DSA(), spec, None, None, None, None)
+  with pytest.raises(ConfigError, match="needs an MLA model"):
+    algo.mla.write_aux(DSA(), spec, None, None, None)
+  with pytest.raises(ConfigError, match="needs an MLA model"):
+    algo.mla.select_decode(DSA(), spec, None, None, None, None, None)
 
 
 def test_mla_model_rejects_gqa_only_algorithms(model):

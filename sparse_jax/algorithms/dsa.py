@@ -31,23 +31,23 @@ DSA evicts nothing (`compacts_prompt = False`), so it works with block reuse
 indexer keys whichever request computed them.
 
 DSA serves MLA models only: the model's `cache_layout` calls `aux_spec` with its MLA spec,
-and its attention layer calls `write_indexer_keys` / `select_prefill` / `select_decode`. The
-GQA-facing functions of the `Algorithm` contract raise, naming the problem (e.g. a Llama
+and its attention layer (sparse_jax/mla.py, which owns the `LightningIndexer` module) calls
+the `Algorithm.mla` hooks: `write_aux`, `select_prefill`, `select_decode`. It registers no
+GQA hooks; `aux_spec` with a GQA layer's spec raises, naming the problem (e.g. a Llama
 checkpoint run with `algorithm: dsa`).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, ClassVar
 
 import chex
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from sparse_jax.cache import AuxPoolSpec, LayerCache, gather_tokens, write_tokens
-from sparse_jax.config import Algorithm, BaseSparseAttentionConfig, ConfigError, _fail, register_algorithm
+from sparse_jax.config import Algorithm, BaseSparseAttentionConfig, ConfigError, MlaOps, fail_field, register_algorithm
+from sparse_jax.selection import dense_token_ids
 
 INDEXER_K_DTYPES = {"float8_e4m3fn": jnp.float8_e4m3fn, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
 FP8_BLOCK = 128       # channels per FP8 scale (DeepSeek / TensorRT-LLM layout)
@@ -84,14 +84,14 @@ class DSASparseAttentionConfig(BaseSparseAttentionConfig):
     name = type(self).__name__
     if self.index_topk is not None and (not isinstance(self.index_topk, int) or isinstance(self.index_topk, bool)
                                         or self.index_topk <= 0):
-      _fail(name, "index_topk", self.index_topk, "must be a positive integer or None (= the checkpoint's)")
+      fail_field(name, "index_topk", self.index_topk, "must be a positive integer or None (= the checkpoint's)")
     if self.indexer_k_dtype not in INDEXER_K_DTYPES:
-      _fail(name, "indexer_k_dtype", self.indexer_k_dtype, f"must be one of {sorted(INDEXER_K_DTYPES)}")
+      fail_field(name, "indexer_k_dtype", self.indexer_k_dtype, f"must be one of {sorted(INDEXER_K_DTYPES)}")
     if not isinstance(self.skip_indexer_for_short_seqs, bool):
-      _fail(name, "skip_indexer_for_short_seqs", self.skip_indexer_for_short_seqs, "must be true or false")
+      fail_field(name, "skip_indexer_for_short_seqs", self.skip_indexer_for_short_seqs, "must be true or false")
     if self.dense_layers != 0:
-      _fail(name, "dense_layers", self.dense_layers,
-            "must be 0: DeepSeek-V3.2 runs its indexer in every MLA layer, and MLA layers have no dense-layer path")
+      fail_field(name, "dense_layers", self.dense_layers,
+                 "must be 0: DeepSeek-V3.2 runs its indexer in every MLA layer, and MLA layers have no dense-layer path")
 
   def validate_with(self, kv_cache_config, enable_chunked_prefill: bool) -> None:
     # Chunked prefill is native to the MLA layer (a chunk's queries score every stored indexer
@@ -106,20 +106,6 @@ class DSASparseAttentionConfig(BaseSparseAttentionConfig):
     return self.indexer_k_dtype == "float8_e4m3fn"
 
 
-@dataclasses.dataclass(frozen=True)
-class IndexerSpec:
-  """The lightning indexer of one MLA layer (static).
-
-  n_heads / head_dim: `index_n_heads` / `index_head_dim`; rope_dim: RoPE'd leading channels;
-  index_topk: the checkpoint's top-k; page_size: tokens per KV page.
-  """
-  n_heads: int
-  head_dim: int
-  rope_dim: int
-  index_topk: int
-  page_size: int
-
-
 def scale_blocks(head_dim: int) -> int:
   """Float32 scales per token in the FP8 cache: one per 128 channels (one if head_dim < 128)."""
   return max(1, head_dim // FP8_BLOCK)
@@ -127,9 +113,10 @@ def scale_blocks(head_dim: int) -> int:
 
 # -- the Algorithm contract --------------------------------------------------------------
 
-def _mla_indexer(spec: Any, what: str) -> IndexerSpec:
+def _mla_indexer(spec: Any, what: str) -> Any:
+  """The lightning indexer description of an MLA layer's spec (sparse_jax.mla.IndexerSpec)."""
   indexer = getattr(spec, "indexer", None)
-  if not isinstance(indexer, IndexerSpec):
+  if indexer is None:
     heads = getattr(spec, "q_heads", "?"), getattr(spec, "kv_heads", "?")
     raise ConfigError(
         f"sparse_attention_config.algorithm='dsa' needs an MLA model with a lightning indexer "
@@ -145,20 +132,6 @@ def aux_spec(cfg: DSASparseAttentionConfig, spec: Any) -> dict[str, AuxPoolSpec]
   if cfg.fp8:
     pools[INDEXER_K_SCALE] = AuxPoolSpec(1, (ix.page_size, scale_blocks(ix.head_dim)), jnp.float32)
   return pools
-
-
-def _gqa_only(name: str):
-  def fn(cfg, spec, *args, **kwargs):
-    _mla_indexer(spec, name)
-    raise ConfigError(f"dsa.{name} is the GQA contract; MLA layers call write_indexer_keys / select_prefill / "
-                      "select_decode instead")
-  fn.__name__ = name
-  return fn
-
-
-ALGORITHM = register_algorithm(Algorithm(
-    name="dsa", config_cls=DSASparseAttentionConfig, aux_spec=aux_spec, predict_kv=_gqa_only("predict_kv"),
-    update_aux=_gqa_only("update_aux"), predict_attn=_gqa_only("predict_attn")))
 
 
 # -- FP8 keys --------------------------------------------------------------------------
@@ -209,90 +182,7 @@ def write_indexer_keys(cfg: DSASparseAttentionConfig, layer: LayerCache, flat_sl
   return layer.replace(aux=aux)
 
 
-# -- the indexer module ---------------------------------------------------------------------
-
-class LayerNorm(nnx.Module):
-  """LayerNorm with weight and bias (torch.nn.LayerNorm), computed in float32."""
-
-  def __init__(self, dim: int, eps: float = 1e-6, *, param_dtype=jnp.float32):
-    self.eps = eps
-    self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
-    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
-
-
-def _rope_half(x: jax.Array, cos: jax.Array, sin: jax.Array, rope_dim: int) -> jax.Array:
-  """Non-interleaved (rotate-half) RoPE on the first rope_dim channels. x: [..., heads, D]."""
-  from sparse_jax.rope import apply_rope
-  return jnp.concatenate([apply_rope(x[..., :rope_dim], cos, sin), x[..., rope_dim:]], axis=-1)
-
-
-class LightningIndexer(nnx.Module):
-  """DSA's lightning indexer (transformers' DeepseekV32Indexer, without its top-k).
-
-  wq_b: q_resid [.., q_dim] -> [.., n_heads * head_dim]; wk: x [.., hidden] -> [.., head_dim];
-  k_norm: LayerNorm; weights_proj: x -> [.., n_heads] (computed in float32, as transformers
-  keeps it). q_dim is q_lora_rank, or hidden_size for models without a q LoRA.
-  """
-
-  def __init__(self, hidden_size: int, q_dim: int, n_heads: int, head_dim: int, rope_dim: int, index_topk: int,
-               *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if rope_dim > head_dim:
-      raise ValueError(f"qk_rope_head_dim={rope_dim} exceeds index_head_dim={head_dim}")
-    self.n_heads, self.head_dim, self.rope_dim, self.index_topk = n_heads, head_dim, rope_dim, index_topk
-    linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                               kernel_init=nnx.initializers.normal(0.02))
-    self.wq_b = linear(q_dim, n_heads * head_dim)
-    self.wk = linear(hidden_size, head_dim)
-    self.k_norm = LayerNorm(head_dim, 1e-6, param_dtype=param_dtype)
-    self.weights_proj = linear(hidden_size, n_heads)
-
-  def spec(self, page_size: int) -> IndexerSpec:
-    return IndexerSpec(n_heads=self.n_heads, head_dim=self.head_dim, rope_dim=self.rope_dim,
-                       index_topk=self.index_topk, page_size=page_size)
-
-  def queries(self, x: jax.Array, q_resid: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: [.., hidden], q_resid: [.., q_dim], cos/sin: [.., rope_dim] ->
-    (q [.., n_heads, head_dim] RoPE'd, w float32[.., n_heads] with both scalings folded in:
-    w = weights_proj(x) * n_heads^-0.5 * head_dim^-0.5, so I = sum_h w_h ReLU(q_h . k))."""
-    q = self.wq_b(q_resid).reshape(*q_resid.shape[:-1], self.n_heads, self.head_dim)
-    q = _rope_half(q, cos, sin, self.rope_dim)
-    kernel = self.weights_proj.kernel[...].astype(jnp.float32)
-    w = jnp.einsum("...h,hn->...n", x.astype(jnp.float32), kernel, precision=jax.lax.Precision.HIGHEST)
-    w = w * (self.n_heads ** -0.5) * (self.head_dim ** -0.5)
-    return q, w
-
-  def keys(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: [.., hidden] -> k [.., head_dim] (LayerNorm'ed, RoPE'd)."""
-    k = self.k_norm(self.wk(x))
-    return _rope_half(k[..., None, :], cos, sin, self.rope_dim)[..., 0, :]
-
-
 # -- scoring and selection ----------------------------------------------------------------
-
-def prompt_scores(q: jax.Array, w: jax.Array, k: jax.Array, lengths: jax.Array | None) -> jax.Array:
-  """Causal indexer scores of fresh prompts (no cache).
-
-  q: [B, T, H, D]; w: float32[B, T, H]; k: [B, T, D]; lengths: int32[B] or None.
-  I[b, t, s] = sum_h w[b, t, h] * ReLU(q[b, t, h] . k[b, s]) for s <= t (and s < length), else -inf.
-  Returns float32[B, T, T].
-  """
-  b, t = q.shape[:2]
-  dots = jnp.einsum("bthd,bsd->bths", q.astype(jnp.float32), k.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
-  scores = jnp.einsum("bth,bths->bts", w, jax.nn.relu(dots), precision=jax.lax.Precision.HIGHEST)
-  pos = jnp.arange(t)
-  ok = pos[None, :] <= pos[:, None]
-  if lengths is not None:
-    ok = ok[None] & (pos[None, None, :] < lengths[:, None, None])
-  return jnp.where(ok, scores, -jnp.inf)
-
 
 def stored_keys(cfg: DSASparseAttentionConfig, layer: LayerCache, rows: jax.Array, width: int) -> jax.Array:
   """float32[n, width, D]: the indexer keys the cache holds for the first `width` logical
@@ -302,7 +192,7 @@ def stored_keys(cfg: DSASparseAttentionConfig, layer: LayerCache, rows: jax.Arra
   return decode_keys(keys, scales)
 
 
-def select_prefill(cfg: DSASparseAttentionConfig, ix: IndexerSpec, q: jax.Array, w: jax.Array, keys: jax.Array,
+def select_prefill(cfg: DSASparseAttentionConfig, ix, q: jax.Array, w: jax.Array, keys: jax.Array,
                    key_lengths: jax.Array, q_pos: jax.Array, runtime) -> jax.Array:
   """Each prompt query's top-k tokens.
 
@@ -354,13 +244,7 @@ def select_prefill(cfg: DSASparseAttentionConfig, ix: IndexerSpec, q: jax.Array,
   return jax.lax.cond(jnp.max(key_lengths) <= topk, dense, sparse, None)
 
 
-def dense_token_ids(lengths: jax.Array, width: int) -> jax.Array:
-  """int32[S, width]: 0..length-1 then -1 (every token of each sequence)."""
-  pos = jnp.arange(width, dtype=jnp.int32)
-  return jnp.where(pos[None, :] < lengths[:, None], pos[None, :], -1)
-
-
-def select_decode(cfg: DSASparseAttentionConfig, ix: IndexerSpec, q: jax.Array, w: jax.Array, layer: LayerCache,
+def select_decode(cfg: DSASparseAttentionConfig, ix, q: jax.Array, w: jax.Array, layer: LayerCache,
                   page_table: jax.Array, lengths: jax.Array, runtime) -> jax.Array:
   """Top-k cached tokens for one decode query per slot.
 
@@ -395,3 +279,44 @@ def select_decode(cfg: DSASparseAttentionConfig, ix: IndexerSpec, q: jax.Array, 
   if not cfg.skip_indexer_for_short_seqs:
     return sparse(None)
   return jax.lax.cond(jnp.max(lengths) <= topk, dense, sparse, None)
+
+
+# -- the MLA hooks (Algorithm.mla) ---------------------------------------------------------
+
+def write_aux(cfg: DSASparseAttentionConfig, spec: Any, layer: LayerCache, flat_slots: jax.Array,
+              k: jax.Array) -> LayerCache:
+  """MlaOps.write_aux: the indexer keys k [N, index_head_dim] of N tokens into the cache."""
+  _mla_indexer(spec, "write_aux")
+  return write_indexer_keys(cfg, layer, flat_slots, k)
+
+
+def mla_select_prefill(cfg: DSASparseAttentionConfig, spec: Any, q: jax.Array, w: jax.Array, layer: LayerCache,
+                       rows: jax.Array, fresh_keys: jax.Array | None, key_lengths: jax.Array,
+                       q_pos: jax.Array) -> jax.Array | None:
+  """MlaOps.select_prefill: `select_prefill` over the keys as decode will read them back (fresh
+  prompts: their own keys through the cache's encoding; chunks: every key stored in `rows`), or
+  None where the top-k covers every candidate key (dense attention)."""
+  ix = _mla_indexer(spec, "select_prefill")
+  topk = cfg.topk(ix.index_topk)
+  if fresh_keys is not None:
+    if topk >= q.shape[1]:
+      return None
+    keys = decode_keys(*encode_keys(cfg, fresh_keys))
+  else:
+    width = rows.shape[1] * ix.page_size
+    if topk >= width:
+      return None
+    keys = stored_keys(cfg, layer, rows, width)
+  return select_prefill(cfg, ix, q, w, keys, key_lengths, q_pos, spec.runtime)
+
+
+def mla_select_decode(cfg: DSASparseAttentionConfig, spec: Any, q: jax.Array, w: jax.Array, layer: LayerCache,
+                      page_table: jax.Array, lengths: jax.Array) -> jax.Array:
+  """MlaOps.select_decode: `select_decode` for the layer described by `spec`."""
+  return select_decode(cfg, _mla_indexer(spec, "select_decode"), q, w, layer, page_table, lengths, spec.runtime)
+
+
+ALGORITHM = register_algorithm(Algorithm(
+    name="dsa", config_cls=DSASparseAttentionConfig, aux_spec=aux_spec,
+    mla=MlaOps(write_aux=write_aux, select_prefill=mla_select_prefill, select_decode=mla_select_decode),
+    with_budget=lambda cfg, b: dataclasses.replace(cfg, index_topk=b)))

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from sparse_jax.algorithms import quest
 from sparse_jax.algorithms.oracle import select_topk_blocks
 from sparse_jax.cache import AuxPoolSpec, LayerCache
-from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, _fail, check_positive_int, is_int,
+from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, check_positive_int, fail_field, is_int,
                                is_power_of_two, register_algorithm)
 from sparse_jax.selection import AttnSelection, KeepSelection, page_importance
 
@@ -64,14 +64,14 @@ class HybridSparseAttentionConfig(BaseSparseAttentionConfig):
     name = type(self).__name__
     check_positive_int(self, "topk", "page_size", "recent_blocks")
     if not is_int(self.sink_blocks) or self.sink_blocks < 0:
-      _fail(name, "sink_blocks", self.sink_blocks, "must be an integer >= 0")
+      fail_field(name, "sink_blocks", self.sink_blocks, "must be an integer >= 0")
     if self.sink_blocks + self.recent_blocks > self.topk:
-      _fail(name, "sink_blocks", self.sink_blocks,
-            f"sink_blocks + recent_blocks ({self.sink_blocks} + {self.recent_blocks}) must be at most topk={self.topk}")
+      fail_field(name, "sink_blocks", self.sink_blocks, f"sink_blocks + recent_blocks ({self.sink_blocks} + "
+                 f"{self.recent_blocks}) must be at most topk={self.topk}")
     if not is_power_of_two(self.page_size):
-      _fail(name, "page_size", self.page_size, "must be a power of two")
+      fail_field(name, "page_size", self.page_size, "must be a power of two")
     if self.minmax_dtype not in quest.MINMAX_DTYPES:
-      _fail(name, "minmax_dtype", self.minmax_dtype, f"must be one of {sorted(quest.MINMAX_DTYPES)}")
+      fail_field(name, "minmax_dtype", self.minmax_dtype, f"must be one of {sorted(quest.MINMAX_DTYPES)}")
 
   @property
   def token_budget(self) -> int:
@@ -134,4 +134,6 @@ def page_scores(cfg: HybridSparseAttentionConfig, spec, q: jax.Array, layer: Lay
 register_algorithm(Algorithm(name="hybrid", config_cls=HybridSparseAttentionConfig, aux_spec=aux_spec,
                              predict_kv=predict_kv, update_aux=update_aux, predict_attn=predict_attn,
                              page_scores=page_scores, chunk_scores=chunk_scores,
-                             dense_below=lambda cfg: cfg.topk * cfg.page_size))
+                             dense_below=lambda cfg: cfg.topk * cfg.page_size,
+                             with_budget=lambda cfg, b: dataclasses.replace(
+                                 cfg, topk=max(cfg.sink_blocks + cfg.recent_blocks, b // cfg.page_size))))

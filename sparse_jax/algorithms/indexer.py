@@ -58,7 +58,7 @@ from flax import nnx
 from sparse_jax import rope as rope_lib
 from sparse_jax.algorithms.oracle import select_topk_blocks
 from sparse_jax.cache import AuxPoolSpec, LayerCache, gather_tokens, token_slots, write_tokens
-from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, ConfigError, _fail, check_positive_int,
+from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, ConfigError, fail_field, check_positive_int,
                                register_algorithm)
 from sparse_jax.selection import AttnSelection, KeepSelection
 
@@ -96,16 +96,16 @@ class IndexerSparseAttentionConfig(BaseSparseAttentionConfig):
   def __post_init__(self):
     name = type(self).__name__
     if not isinstance(self.weights_path, (str, os.PathLike)) or not os.fspath(self.weights_path):
-      _fail(name, "weights_path", self.weights_path, "must name the safetensors file of the trained indexers "
-            "(python -m sparse_jax.distill --model=... --output=PATH writes one)")
+      fail_field(name, "weights_path", self.weights_path, "must name the safetensors file of the trained indexers "
+                 "(python -m sparse_jax.distill --model=... --output=PATH writes one)")
     check_positive_int(self, "topk", "block_size", "index_heads", "index_head_dim")
     if (not isinstance(self.rope_dim, int) or isinstance(self.rope_dim, bool) or self.rope_dim < 0
         or self.rope_dim % 2 or self.rope_dim > self.index_head_dim):
-      _fail(name, "rope_dim", self.rope_dim, f"must be an even integer in [0, index_head_dim={self.index_head_dim}]")
+      fail_field(name, "rope_dim", self.rope_dim, f"must be an even integer in [0, index_head_dim={self.index_head_dim}]")
     if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
-      _fail(name, "rope_theta", self.rope_theta, "must be a positive number")
+      fail_field(name, "rope_theta", self.rope_theta, "must be a positive number")
     if self.index_k_dtype not in INDEX_K_DTYPES:
-      _fail(name, "index_k_dtype", self.index_k_dtype, f"must be one of {sorted(INDEX_K_DTYPES)}")
+      fail_field(name, "index_k_dtype", self.index_k_dtype, f"must be one of {sorted(INDEX_K_DTYPES)}")
 
 
 # -- the predictor ------------------------------------------------------------------------
@@ -358,4 +358,5 @@ def build_predictor(cfg: IndexerSparseAttentionConfig, spec, layer_index: int) -
 
 register_algorithm(Algorithm(name="indexer", config_cls=IndexerSparseAttentionConfig, aux_spec=aux_spec,
                              predict_kv=predict_kv, update_aux=update_aux, predict_attn=predict_attn,
-                             page_scores=page_scores, build_predictor=build_predictor))
+                             page_scores=page_scores, build_predictor=build_predictor,
+                             with_budget=lambda cfg, b: dataclasses.replace(cfg, topk=max(1, b // cfg.block_size))))

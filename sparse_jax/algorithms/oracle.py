@@ -161,4 +161,5 @@ def page_scores(cfg: OracleSparseAttentionConfig | None, spec, q: jax.Array, lay
 
 register_algorithm(Algorithm(name="oracle", config_cls=OracleSparseAttentionConfig, aux_spec=aux_spec,
                              predict_kv=predict_kv, update_aux=update_aux, predict_attn=predict_attn,
-                             page_scores=page_scores))
+                             page_scores=page_scores,
+                             with_budget=lambda cfg, b: dataclasses.replace(cfg, topk=max(1, b // cfg.block_size))))

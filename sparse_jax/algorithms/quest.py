@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from sparse_jax.algorithms import rocket
 from sparse_jax.algorithms.oracle import select_topk_blocks
 from sparse_jax.cache import AuxPoolSpec, LayerCache
-from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, ConfigError, _fail, check_positive_int,
+from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, ConfigError, fail_field, check_positive_int,
                                is_power_of_two, register_algorithm)
 from sparse_jax.selection import AttnSelection, KeepSelection, page_importance
 
@@ -69,9 +69,9 @@ class QuestSparseAttentionConfig(BaseSparseAttentionConfig):
     name = type(self).__name__
     check_positive_int(self, "topk", "page_size")
     if not is_power_of_two(self.page_size):
-      _fail(name, "page_size", self.page_size, "must be a power of two")
+      fail_field(name, "page_size", self.page_size, "must be a power of two")
     if self.minmax_dtype not in MINMAX_DTYPES:
-      _fail(name, "minmax_dtype", self.minmax_dtype, f"must be one of {sorted(MINMAX_DTYPES)}")
+      fail_field(name, "minmax_dtype", self.minmax_dtype, f"must be one of {sorted(MINMAX_DTYPES)}")
 
   @property
   def token_budget(self) -> int:
@@ -157,4 +157,5 @@ def page_scores(cfg: QuestSparseAttentionConfig, spec, q: jax.Array, layer: Laye
 register_algorithm(Algorithm(name="quest", config_cls=QuestSparseAttentionConfig, aux_spec=aux_spec,
                              predict_kv=predict_kv, update_aux=update_aux, predict_attn=predict_attn,
                              page_scores=page_scores, chunk_scores=chunk_scores,
-                             dense_below=lambda cfg: cfg.topk * cfg.page_size))
+                             dense_below=lambda cfg: cfg.topk * cfg.page_size,
+                             with_budget=lambda cfg, b: dataclasses.replace(cfg, topk=max(1, b // cfg.page_size))))

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax.cache import AuxPoolSpec, LayerCache
-from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, ConfigError, _fail, check_positive_int,
+from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, ConfigError, fail_field, check_positive_int,
                                is_power_of_two, register_algorithm)
 from sparse_jax.selection import AttnSelection, KeepSelection, keep_all, page_importance, topk_selection
 
@@ -61,19 +61,19 @@ class RocketSparseAttentionConfig(BaseSparseAttentionConfig):
     name = type(self).__name__
     check_positive_int(self, "prompt_budget", "window_size", "kernel_size", "topk", "page_size")
     if not is_power_of_two(self.page_size):
-      _fail(name, "page_size", self.page_size, "must be a power of two")
+      fail_field(name, "page_size", self.page_size, "must be a power of two")
     if self.window_size >= self.prompt_budget:
-      _fail(name, "window_size", self.window_size, f"must be < prompt_budget={self.prompt_budget}")
+      fail_field(name, "window_size", self.window_size, f"must be < prompt_budget={self.prompt_budget}")
     if self.kernel_size % 2 == 0:
-      _fail(name, "kernel_size", self.kernel_size, "must be odd")
+      fail_field(name, "kernel_size", self.kernel_size, "must be odd")
     if isinstance(self.topr, bool) or not isinstance(self.topr, (int, float)):
-      _fail(name, "topr", self.topr, "must be an int or a float fraction")
+      fail_field(name, "topr", self.topr, "must be an int or a float fraction")
     if isinstance(self.topr, float) and not 0.0 < self.topr <= 1.0:
-      _fail(name, "topr", self.topr, "as a float it is a fraction of head_dim and must be in (0, 1]")
+      fail_field(name, "topr", self.topr, "as a float it is a fraction of head_dim and must be in (0, 1]")
     if isinstance(self.topr, int) and self.topr <= 0:
-      _fail(name, "topr", self.topr, "must be positive")
+      fail_field(name, "topr", self.topr, "must be positive")
     if self.kt_cache_dtype not in KT_DTYPES:
-      _fail(name, "kt_cache_dtype", self.kt_cache_dtype, f"must be one of {sorted(KT_DTYPES)}")
+      fail_field(name, "kt_cache_dtype", self.kt_cache_dtype, f"must be one of {sorted(KT_DTYPES)}")
 
   def channels(self, head_dim: int) -> int:
     """topr resolved against the model's head_dim."""
@@ -231,4 +231,8 @@ register_algorithm(Algorithm(name="rocket", config_cls=RocketSparseAttentionConf
                              # Sparse paths stay off up to prompt_budget (nothing to compress, and a
                              # top-k over so few blocks costs more than it saves; measured: 0.89x of
                              # dense at 1K on the H100 with them on), and wherever every block is selected.
-                             dense_below=lambda cfg: max(cfg.prompt_budget, cfg.topk * cfg.page_size)))
+                             dense_below=lambda cfg: max(cfg.prompt_budget, cfg.topk * cfg.page_size),
+                             kept_prompt_tokens=lambda cfg, n: min(n, cfg.prompt_budget),
+                             with_budget=lambda cfg, b: dataclasses.replace(cfg, prompt_budget=b,
+                                                                            topk=max(1, b // cfg.page_size)),
+                             min_final_chunk=lambda cfg: cfg.window_size))

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from sparse_jax.algorithms import oracle
 from sparse_jax.cache import AuxPoolSpec, LayerCache
-from sparse_jax.config import Algorithm, BaseSparseAttentionConfig, _fail, check_positive_int, register_algorithm
+from sparse_jax.config import Algorithm, BaseSparseAttentionConfig, fail_field, check_positive_int, register_algorithm
 from sparse_jax.selection import AttnSelection, KeepSelection, keep_all
 
 POOLINGS = ("avgpool", "maxpool")
@@ -65,11 +65,11 @@ class SnapKVSparseAttentionConfig(BaseSparseAttentionConfig):
     name = type(self).__name__
     check_positive_int(self, "max_capacity_prompt", "window_size", "kernel_size")
     if self.window_size >= self.max_capacity_prompt:
-      _fail(name, "window_size", self.window_size, f"must be < max_capacity_prompt={self.max_capacity_prompt}")
+      fail_field(name, "window_size", self.window_size, f"must be < max_capacity_prompt={self.max_capacity_prompt}")
     if self.kernel_size % 2 == 0:
-      _fail(name, "kernel_size", self.kernel_size, "must be odd")
+      fail_field(name, "kernel_size", self.kernel_size, "must be odd")
     if self.pooling not in POOLINGS:
-      _fail(name, "pooling", self.pooling, f"must be one of {list(POOLINGS)}")
+      fail_field(name, "pooling", self.pooling, f"must be one of {list(POOLINGS)}")
 
   @property
   def prompt_budget(self) -> int:
@@ -170,4 +170,6 @@ def page_scores(cfg: SnapKVSparseAttentionConfig, spec, q: jax.Array, layer: Lay
 
 register_algorithm(Algorithm(name="snapkv", config_cls=SnapKVSparseAttentionConfig, aux_spec=aux_spec,
                              predict_kv=predict_kv, update_aux=update_aux, predict_attn=predict_attn,
-                             page_scores=page_scores))
+                             page_scores=page_scores, kept_prompt_tokens=lambda cfg, n: min(n, cfg.max_capacity_prompt),
+                             with_budget=lambda cfg, b: dataclasses.replace(cfg, max_capacity_prompt=b),
+                             min_final_chunk=lambda cfg: cfg.window_size))

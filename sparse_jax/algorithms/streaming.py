@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from sparse_jax.algorithms.snapkv import keep_top_prefix_and_window
 from sparse_jax.cache import AuxPoolSpec, LayerCache
-from sparse_jax.config import Algorithm, BaseSparseAttentionConfig, _fail, check_positive_int, register_algorithm
+from sparse_jax.config import Algorithm, BaseSparseAttentionConfig, fail_field, check_positive_int, register_algorithm
 from sparse_jax.selection import AttnSelection, KeepSelection
 
 
@@ -61,7 +61,7 @@ class StreamingSparseAttentionConfig(BaseSparseAttentionConfig):
   def __post_init__(self):
     check_positive_int(self, "window", "block_size")
     if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or self.sink_tokens < 0:
-      _fail(type(self).__name__, "sink_tokens", self.sink_tokens, "must be an integer >= 0")
+      fail_field(type(self).__name__, "sink_tokens", self.sink_tokens, "must be an integer >= 0")
 
   @property
   def prompt_budget(self) -> int:
@@ -140,4 +140,5 @@ def page_scores(cfg: StreamingSparseAttentionConfig, spec, q: jax.Array, layer: 
 
 register_algorithm(Algorithm(name="streaming", config_cls=StreamingSparseAttentionConfig, aux_spec=aux_spec,
                              predict_kv=predict_kv, update_aux=update_aux, predict_attn=predict_attn,
-                             page_scores=page_scores))
+                             page_scores=page_scores, kept_prompt_tokens=lambda cfg, n: min(n, cfg.prompt_budget),
+                             with_budget=lambda cfg, b: dataclasses.replace(cfg, window=max(1, b - cfg.sink_tokens))))
