@@ -7,7 +7,7 @@ same run. The peer is the same engine with the pure-XLA reference attention.
 
 Two layouts of the same engine step, in the same run (`--layouts`): `bench` (`--steps` steps
 per call, the page table at its full width) and `serving` (what the serving engine compiles:
-`--serving_steps` steps per call, the table at `Engine.decode_table_width`, a power of two).
+`--serving_steps` steps per call, the table at `Engine.page_table_width`, a power of two).
 
   python bench/bench_decode.py --contexts=4096,16384,32768 --batch=8 --out=$OUT/decode.json
   python bench/bench_decode.py --smoke     # CPU, tiny model, interpret mode (or SMOKE=1)
@@ -132,19 +132,19 @@ def main(_):
     active = jnp.ones((b,), bool)
     remaining = jnp.full((b,), 1 << 30, jnp.int32)
     ignore = jnp.ones((b,), bool)
-    samp = eng._sampling_state()
-    history = eng._history
+    samp = eng.sampling_state()
+    history = eng.history
     compiled = {}  # (steps per call, table width) -> compiled step (every context has the same shapes)
     for ctx in ctxs:
       cache = fill(cache, ctx)
       _mem(f"{backend} ctx={ctx} filled")
       per_step = {}
       widths = {"bench": (steps, n_pages),
-                "serving": (FLAGS.serving_steps, eng.decode_table_width(ctx + extra))}
+                "serving": (FLAGS.serving_steps, eng.page_table_width(ctx + extra))}
       for key in sorted({widths[name] for name in FLAGS.layouts} | {(1, n_pages)}, reverse=True):
         n, width = key
         if key not in compiled:
-          compiled[key] = _compile(eng._decode_fn, (eng.params, cache, table, tokens, active, remaining, ignore, samp,
+          compiled[key] = _compile(eng.decode_fn, (eng.params, cache, table, tokens, active, remaining, ignore, samp,
                                                     history), dict(n_pages=width, num_steps=n),
                                    f"{backend}_steps{n}_pages{width}")
         run = lambda c, h, step_fn=compiled[key]: step_fn(eng.params, c, table, tokens, active, remaining, ignore,

@@ -12,7 +12,7 @@
 `--smoke` shrinks every size (CPU with XLA_FLAGS=--xla_force_host_platform_device_count=2).
 
 The decode benchmark, like bench/bench_decode.py, runs the engine's own jitted multi-step decode
-(`Engine._decode_fn`, cache donated) on a cache filled with random K/V (and random aux pools)
+(`Engine.decode_fn`, cache donated) on a cache filled with random K/V (and random aux pools)
 whose lengths are set directly: no prefill of 64K-128K tokens. Points:
   * dense @ ctx: every sequence holds ctx tokens;
   * rocket @ ctx: configs/rocket.yaml after its prompt compression: each sequence holds
@@ -152,10 +152,10 @@ def check_case(name: str, smoke: bool, backend: str, sizes=(1, 2)) -> dict:
                 pool_local_shape=list(pool.addressable_shards[0].data.shape), layers=model.config.num_hidden_layers)
     if tp > 1:
       n_pages = min(eng.max_pages_per_seq, 8)
-      text = eng._decode_fn.lower(eng.params, eng.cache, jnp.asarray(eng.allocator.table()),
-                                  jnp.zeros(4, jnp.int32), jnp.ones(4, bool), jnp.ones(4, jnp.int32),
-                                  jnp.ones(4, bool), eng._sampling_state(), n_pages=n_pages,
-                                  num_steps=4).compile().as_text()
+      text = eng.decode_fn.lower(eng.params, eng.cache, jnp.asarray(eng.allocator.table()),
+                                 jnp.zeros(4, jnp.int32), jnp.ones(4, bool), jnp.ones(4, jnp.int32),
+                                 jnp.ones(4, bool), eng.sampling_state(), eng.history, n_pages=n_pages,
+                                 num_steps=4).compile().as_text()
       info.update(_collectives(text, pool.shape))
     res["hlo"][str(tp)] = info
     res["seconds"][str(tp)] = time.perf_counter() - t0
@@ -229,7 +229,7 @@ def cmd_decode(args) -> int:
   import models
   from bench import common, model_config
   from sparse_jax.config import KvCacheConfig, load_llm_api_options
-  from sparse_jax.engine import Engine, _pow2_at_least
+  from sparse_jax.engine import Engine
   from sparse_jax.llm import default_backend
 
   t_begin = time.perf_counter()
@@ -307,14 +307,14 @@ def cmd_decode(args) -> int:
         jax.block_until_ready(cache.k[-1])
         current = engine_kind
         print(f"# {engine_kind} engine: pool {b} x {max_pages} pages of {page} tokens, "
-              f"{eng._page_bytes(dtype.type) * b * max_pages / 1e9:.1f} GB, filled in {time.perf_counter() - t0:.1f}s",
+              f"{eng.page_bytes(dtype.type) * b * max_pages / 1e9:.1f} GB, filled in {time.perf_counter() - t0:.1f}s",
               flush=True)
       table = jnp.asarray(eng.allocator.table())
       end = start + decoded
       if algo == "dense" and backend == "pallas":
         n_pages = eng.max_pages_per_seq  # the kernel skips pages past each length: one compile for all
       else:
-        n_pages = min(eng.max_pages_per_seq, _pow2_at_least(math.ceil(end / page)))  # the engine's bucket
+        n_pages = eng.page_table_width(end)
       rep = cache.lengths.sharding
       cache = cache.replace(lengths=jax.device_put(np.full(b, start, np.int32), rep),
                             positions=jax.device_put(np.full(b, pos, np.int32), cache.positions.sharding))
@@ -322,17 +322,18 @@ def cmd_decode(args) -> int:
       active = jnp.ones((b,), bool)
       remaining = jnp.full((b,), 1 << 30, jnp.int32)
       ignore = jnp.ones((b,), bool)
-      samp = eng._sampling_state()
+      samp = eng.sampling_state()
       t0 = time.perf_counter()
-      compiled = eng._decode_fn.lower(eng.params, cache, table, tokens, active, remaining, ignore, samp,
-                                      n_pages=n_pages, num_steps=steps).compile()
+      history = eng.history
+      compiled = eng.decode_fn.lower(eng.params, cache, table, tokens, active, remaining, ignore, samp, history,
+                                     n_pages=n_pages, num_steps=steps).compile()
       compile_s = time.perf_counter() - t0
       compile_est = max(compile_est, compile_s + 5)
       coll = _collectives(compiled.as_text(), cache.k[0].shape) if args.tp > 1 else {}
       times = []
       for i in range(calls):
         t0 = time.perf_counter()
-        cache, out, *_ = compiled(eng.params, cache, table, tokens, active, remaining, ignore, samp)
+        cache, history, out, *_ = compiled(eng.params, cache, table, tokens, active, remaining, ignore, samp, history)
         jax.block_until_ready(out)
         if i:
           times.append(time.perf_counter() - t0)

@@ -48,11 +48,11 @@ def main(_):
   from sparse_jax import LLM, SamplingParams, tasks
   from sparse_jax.config import KvCacheConfig, load_llm_api_options
   from sparse_jax.defaults import default_model_path
-  from sparse_jax.eval import _raw_tokenizer, default_max_tokens, load_samples, score_sample, with_budget
+  from sparse_jax.eval import default_max_tokens, eval_tokenizer, load_samples, score_sample, with_budget
 
   t_start = time.monotonic()
   model = FLAGS.model or default_model_path()
-  counter = tasks.TokenCounter(_raw_tokenizer(model))
+  counter = tasks.TokenCounter(eval_tokenizer(model).backend)
   dense_ctx = [int(c) for c in FLAGS.dense_contexts]
   sweep_ctx = [int(c) for c in FLAGS.sweep_contexts]
   longest = max(dense_ctx + sweep_ctx)

@@ -52,7 +52,7 @@ def main(_):
   from pallas_kernels import _compat
   from sparse_jax.bench import load_options
   from sparse_jax.config import KvCacheConfig
-  from sparse_jax.engine import Engine, _pow2_at_least
+  from sparse_jax.engine import Engine
 
   _compat.silence_triton_deprecations()
   if FLAGS.smoke:
@@ -75,7 +75,7 @@ def main(_):
     print(f"\n=== {name}: pool {pool / 1e9:.2f} GB, weights "
           f"{sum(x.nbytes for x in jax.tree_util.tree_leaves(eng.params)) / 1e9:.2f} GB", flush=True)
     table = jnp.asarray(eng.allocator.table())
-    samp = eng._sampling_state(np.array([0]))
+    samp = eng.sampling_state(np.array([0]))
     c = eng.chunk_size
     if chunked_cfg:
       last = max((FLAGS.input_len - 1) // c * c, 2 * c)
@@ -83,10 +83,10 @@ def main(_):
     else:
       programs = [("one-shot", False, True, FLAGS.input_len, 0)]
     for label, chunked, final, t, start in programs:
-      n_pages = min(eng.max_pages_per_seq, _pow2_at_least(math.ceil((start + t) / page)))  # as the engine does
-      lowered = eng._prefill_fn.lower(
+      n_pages = eng.page_table_width(start + t)
+      lowered = eng.prefill_fn.lower(
           eng.params, eng.cache, table, jnp.zeros((1, t), jnp.int32), jnp.array([t], jnp.int32),
-          jnp.array([0], jnp.int32), jnp.array([start], jnp.int32), samp, n_pages=n_pages, chunked=chunked,
+          jnp.array([0], jnp.int32), jnp.array([start], jnp.int32), samp, eng.history, n_pages=n_pages, chunked=chunked,
           final=final)
       compiled = lowered.compile()
       m = compiled.memory_analysis()

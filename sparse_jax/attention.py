@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparse_jax import rope as rope_lib
-from sparse_jax.cache import LayerCache, gather_tokens, token_slots, write_tokens
+from sparse_jax.cache import (AuxPoolSpec, CacheLayout, LayerCache, PagedKVCache, gather_tokens, token_slots,
+                              write_tokens)
 from sparse_jax.config import BaseSparseAttentionConfig, get_algorithm
 from pallas_kernels import _compat
 from pallas_kernels._compat import shard_map
@@ -27,6 +28,28 @@ BACKENDS = ("reference", "pallas")
 TP_AXIS = "tp"
 IMPORTANCE = "page_importance"  # aux pool [1, num_pages, 1] float32: summed page scores
 _MASK = -1e30
+
+
+# -- eviction importance: the algorithm's page_scores summed per page over layers and steps --
+
+def with_importance_pool(layout: CacheLayout) -> CacheLayout:
+  """`layout` plus the eviction-importance aux pool (one float32 per page)."""
+  return dataclasses.replace(layout, aux_specs={
+      **layout.aux_specs, IMPORTANCE: AuxPoolSpec(heads=1, entry_shape=(1,), dtype=jnp.float32)})
+
+
+def clear_importance(cache: PagedKVCache, page_ids: jax.Array) -> PagedKVCache:
+  """Zeroes the importance of pages page_ids int32[N] (out of range = ignored) in every layer."""
+  pools = tuple(p.at[0, page_ids, 0].set(0.0, mode="drop") for p in cache.aux[IMPORTANCE])
+  return cache.replace(aux={**cache.aux, IMPORTANCE: pools})
+
+
+def sequence_importance(cache: PagedKVCache) -> jax.Array:
+  """float32[batch_slots, max_pages]: each logical page's importance summed over layers (+inf
+  where the page table holds no page, so such entries are never chosen for eviction)."""
+  rows = cache.page_table
+  importance = sum(p[0, jnp.clip(rows, 0), 0] for p in cache.aux[IMPORTANCE])
+  return jnp.where(rows >= 0, importance, jnp.inf)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from sparse_jax.config import get_algorithm
+
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
@@ -165,11 +167,8 @@ def dataset_workload(path: str, tokenizer, output_len: int, vocab: int, num: int
 # -- sizing ------------------------------------------------------------------------------------
 
 def kept_prompt_tokens(sparse, prompt_len: int) -> int:
-  """Prompt tokens a request still holds after prefill (prompt compression keeps `prompt_budget`)."""
-  budget = getattr(sparse, "prompt_budget", None)
-  if sparse is not None and type(sparse).compacts_prompt and budget:
-    return min(prompt_len, int(budget))
-  return prompt_len
+  """Prompt tokens a request still holds after prefill (its algorithm's kept_prompt_tokens)."""
+  return prompt_len if sparse is None else get_algorithm(sparse).kept_prompt_tokens(sparse, prompt_len)
 
 
 def plan_batch(pool_pages: int, page_size: int, request_tokens: int, steady_tokens: int) -> int:
@@ -366,9 +365,9 @@ def run_point(args: BenchArgs, model, tokenizer, dtype: str, source: Workload | 
                 extra_llm_api_options=options_name if options is not None else None,
                 tensor_parallel_size=args.tensor_parallel_size)
   probe = LLM(model, kv_cache_config=dataclasses.replace(kv, max_tokens=page), max_batch_size=1, **common)
-  page_bytes = probe.engine._page_bytes(probe.engine.kv_dtype)
+  page_bytes = probe.engine.page_bytes(probe.engine.kv_dtype)
   # Under tensor parallelism each device holds its KV heads' share of a page; free memory is per device.
-  device_page_bytes = probe.engine._page_bytes(probe.engine.kv_dtype, per_device=True)
+  device_page_bytes = probe.engine.page_bytes(probe.engine.kv_dtype, per_device=True)
   del probe
   steady_tokens = max(kept_prompt_tokens(sparse, len(p)) + m for p, m in zip(workload.prompts, workload.max_tokens))
   full_pages = math.ceil(request_tokens / page)

@@ -265,8 +265,9 @@ _REGISTRY: dict[str, Algorithm] = {}
 def register_algorithm(algorithm: Algorithm) -> Algorithm:
   if algorithm.name in _REGISTRY:
     raise ValueError(f"sparse attention algorithm {algorithm.name!r} is registered twice")
-  if getattr(algorithm.config_cls, "algorithm", None) != algorithm.name:
-    raise ValueError(f"{algorithm.config_cls.__name__}.algorithm must be {algorithm.name!r}")
+  cls = algorithm.config_cls
+  if not (isinstance(cls, type) and issubclass(cls, BaseSparseAttentionConfig)) or cls.algorithm != algorithm.name:
+    raise ValueError(f"{cls!r} must subclass BaseSparseAttentionConfig with algorithm = {algorithm.name!r}")
   _REGISTRY[algorithm.name] = algorithm
   return algorithm
 

@@ -35,7 +35,7 @@ def main(_):
   model = FLAGS.model or default_model_path()
   t0 = time.perf_counter()
   dense = LLM(model, backend=FLAGS.backend, max_batch_size=1, max_seq_len=FLAGS.context_length + 64)
-  sample = tasks.generate_samples(FLAGS.task, FLAGS.context_length, 1, FLAGS.seed, dense.tokenizer._tok,
+  sample = tasks.generate_samples(FLAGS.task, FLAGS.context_length, 1, FLAGS.seed, dense.tokenizer.backend,
                                   split="eval")[0]
   prompt_ids = dense.tokenizer.encode(sample["prompt"])
   page = dense.kv_cache_config.tokens_per_block

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_jax.attention import Runtime
+from sparse_jax.attention import Runtime, clear_importance, sequence_importance, with_importance_pool
 from sparse_jax.cache import CacheExhaustedError, PageAllocator, create_cache_for
-from sparse_jax.config import BaseSparseAttentionConfig, ConfigError, KvCacheConfig, is_int, is_real
+from sparse_jax.config import BaseSparseAttentionConfig, ConfigError, KvCacheConfig, get_algorithm, is_int, is_real
 from sparse_jax.sampling import MAX_TOP_LOGPROBS, SampledLogprobs, SamplingState, TokenHistory, sample
 
 log = logging.getLogger("sparse_jax.engine")
@@ -183,7 +183,8 @@ def _free_memory_bytes() -> int | None:
   return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
-def _pow2_at_least(n: int, lo: int = 1) -> int:
+def pow2_at_least(n: int, lo: int = 1) -> int:
+  """The smallest power of two >= n (and >= lo): compiled shapes are bucketed to these."""
   return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
@@ -228,7 +229,7 @@ class Engine:
       parallel.shard_model(model, mesh, shard_kv)
     self.tensor_parallel_size = tensor_parallel_size
     self._kv_shards = tensor_parallel_size if shard_kv else 1  # devices each KV-head pool is split over
-    self.decode_budget = getattr(sparse_attention_config, "decode_budget", None)
+    self.decode_budget = None if sparse_attention_config is None else sparse_attention_config.decode_budget
     if self.decode_budget is not None and mesh is not None:
       raise ValueError("decode_budget (eviction) is not supported with tensor_parallel_size > 1 yet")
     self.runtime = Runtime(backend=backend, sparse=sparse_attention_config, interpret=interpret, mesh=mesh,
@@ -256,10 +257,7 @@ class Engine:
       raise ValueError(f"sparse_attention_config.dense_layers={sparse_attention_config.dense_layers} exceeds the "
                        f"model's {self.layout.num_layers} layers")
     if self.decode_budget is not None:
-      from sparse_jax.attention import IMPORTANCE
-      from sparse_jax.cache import AuxPoolSpec
-      self.layout = dataclasses.replace(self.layout, aux_specs={
-          **self.layout.aux_specs, IMPORTANCE: AuxPoolSpec(heads=1, entry_shape=(1,), dtype=jnp.float32)})
+      self.layout = with_importance_pool(self.layout)
     self.max_pages_per_seq = math.ceil(self.max_seq_len / self.page_size)
     kv_dtype = kv_dtype if kv_cache_config.dtype == "auto" else jnp.dtype(kv_cache_config.dtype).type
     self.kv_dtype = kv_dtype
@@ -290,14 +288,14 @@ class Engine:
     self._slot_len = np.zeros(max_batch_size, np.int64)  # host mirror of cache.lengths
     self._last_token = np.zeros(max_batch_size, np.int32)
     self._samp = self._empty_sampling()
-    self._history = TokenHistory.zeros(max_batch_size, model.config.vocab_size)
+    self.history = TokenHistory.zeros(max_batch_size, model.config.vocab_size)
     self.stats = collections.Counter()
     self.peak_pages = 0
-    self._prefill_fn = jax.jit(self._prefill_impl, static_argnames=("n_pages", "chunked", "final", "with_logprobs"),
-                               donate_argnames=("cache", "history"))
-    self._evict_fn = jax.jit(self._evict_impl, donate_argnames=("cache",))
-    self._decode_fn = jax.jit(self._decode_impl, static_argnames=("n_pages", "num_steps", "dense", "with_logprobs"),
+    self.prefill_fn = jax.jit(self._prefill_impl, static_argnames=("n_pages", "chunked", "final", "with_logprobs"),
                               donate_argnames=("cache", "history"))
+    self._evict_fn = jax.jit(self._evict_impl, donate_argnames=("cache",))
+    self.decode_fn = jax.jit(self._decode_impl, static_argnames=("n_pages", "num_steps", "dense", "with_logprobs"),
+                             donate_argnames=("cache", "history"))
     self._set_history_fn = jax.jit(_set_history_row, donate_argnames=("history",))
 
   def _attach_predictors(self, model, sparse) -> None:
@@ -309,7 +307,12 @@ class Engine:
       attn.predictor = algo.build_predictor(sparse, attn.spec(self.page_size, self.runtime), i)
 
   # -- sizing -------------------------------------------------------------------------
-  def _page_bytes(self, kv_dtype, per_device: bool = False) -> int:
+  def page_table_width(self, tokens: int) -> int:
+    """Page-table columns a compiled step over sequences of up to `tokens` tokens gets: a power
+    of two (so a handful of compilations serve every length), at most max_pages_per_seq."""
+    return min(self.max_pages_per_seq, pow2_at_least(math.ceil(tokens / self.page_size)))
+
+  def page_bytes(self, kv_dtype, per_device: bool = False) -> int:
     """Bytes of one page (K, V and aux pools of every layer); `per_device`: what one device holds
     under tensor parallelism (pools with one entry per KV head are split, the others replicated)."""
     shards = self._kv_shards if per_device else 1
@@ -328,18 +331,18 @@ class Engine:
       stats = jax.devices()[0].memory_stats() or {}
       free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
       # `free` is one device's: size by the share of a page each device holds.
-      pages = min(full, int(free * cfg.free_gpu_memory_fraction) // self._page_bytes(kv_dtype, per_device=True))
+      pages = min(full, int(free * cfg.free_gpu_memory_fraction) // self.page_bytes(kv_dtype, per_device=True))
     else:
       pages = min(full, max(self.max_pages_per_seq, math.ceil(131072 / self.page_size)))
     if pages <= 0:
       raise CacheExhaustedError(f"the KV pool would hold no page of {self.page_size} tokens "
                                 f"(kv_cache_config={cfg})")
-    need = pages * self._page_bytes(kv_dtype, per_device=True)
+    need = pages * self.page_bytes(kv_dtype, per_device=True)
     free = _free_memory_bytes()
     if free is not None and need > free:
       why = (f"kv_cache_config.max_tokens={cfg.max_tokens}" if cfg.max_tokens is not None else
              f"max_batch_size={self.max_batch_size} x max_seq_len={self.max_seq_len}")
-      raise ConfigError(f"{why} needs a KV pool of {pages} pages x {self._page_bytes(kv_dtype, per_device=True)} "
+      raise ConfigError(f"{why} needs a KV pool of {pages} pages x {self.page_bytes(kv_dtype, per_device=True)} "
                         f"bytes = {need / 2**30:.1f} GiB per device, more than the {free / 2**30:.1f} GiB free; "
                         "lower it")
     if pages >= 2**31:
@@ -477,12 +480,12 @@ class Engine:
   def _restore_cache(self, exc: BaseException) -> bool:
     """After a failed step: if the donated KV pool was consumed, fails every running request and
     rebuilds the pool. True if it did."""
-    donated = jax.tree.leaves((self.cache, self._history))
+    donated = jax.tree.leaves((self.cache, self.history))
     if not any(getattr(x, "is_deleted", lambda: False)() for x in donated):
       return False
     self._fail(list(self._running.values()), exc, "a step that lost the KV cache")
     self.cache = self._make_cache()
-    self._history = TokenHistory.zeros(self.max_batch_size, self.model_config.vocab_size)
+    self.history = TokenHistory.zeros(self.max_batch_size, self.model_config.vocab_size)
     self.allocator.clear_cache()  # cached prefix pages pointed into the lost pool
     return True
 
@@ -547,7 +550,7 @@ class Engine:
       if not p.ignore_eos:
         stop_mask[[t for t in self.eos_token_ids if 0 <= t < vocab]] = True
       counts = np.bincount(np.asarray(req.output_ids, np.int64), minlength=vocab).astype(np.int32)
-      self._history = self._set_history_fn(self._history, slot, prompt_mask, counts, stop_mask)
+      self.history = self._set_history_fn(self.history, slot, prompt_mask, counts, stop_mask)
 
   def _empty_sampling(self) -> dict[str, np.ndarray]:
     s = self.max_batch_size
@@ -556,7 +559,9 @@ class Engine:
                 presence_penalty=np.zeros(s, np.float32), frequency_penalty=np.zeros(s, np.float32),
                 repetition_penalty=np.ones(s, np.float32), min_tokens=np.zeros(s, np.int32))
 
-  def _sampling_state(self, rows: np.ndarray | None = None) -> SamplingState:
+  def sampling_state(self, rows: np.ndarray | None = None) -> SamplingState:
+    """The device sampling parameters of every batch slot (or of `rows`), as decode_fn /
+    prefill_fn take them."""
     s = self._samp
     pick = (lambda a: a[rows]) if rows is not None else (lambda a: a)
     return SamplingState(**{k: jnp.asarray(pick(v)) for k, v in s.items()})
@@ -575,7 +580,7 @@ class Engine:
     for req in admitted:
       t = length_bucket(len(req.prompt_ids))
       if current and (t != length_bucket(len(current[0].prompt_ids)) or
-                      _pow2_at_least(len(current) + 1) * t > self.max_prefill_tokens):
+                      pow2_at_least(len(current) + 1) * t > self.max_prefill_tokens):
         groups.append(current)
         current = []
       current.append(req)
@@ -586,7 +591,7 @@ class Engine:
 
   def _prefill_group(self, group: list[Request]) -> None:
     t = length_bucket(max(len(r.prompt_ids) for r in group))
-    rows = _pow2_at_least(len(group))
+    rows = pow2_at_least(len(group))
     tokens = np.zeros((rows, t), np.int32)
     lengths = np.zeros(rows, np.int32)
     slots = np.full(rows, self.max_batch_size, np.int32)  # padding rows: out-of-range slot
@@ -595,10 +600,10 @@ class Engine:
       lengths[i] = len(req.prompt_ids)
       slots[i] = req.slot
     samp_rows = np.array([r.slot for r in group] + [group[0].slot] * (rows - len(group)))
-    n_pages = min(self.max_pages_per_seq, _pow2_at_least(math.ceil(t / self.page_size)))
-    self.cache, self._history, first, counts, logprobs = self._prefill_fn(
+    n_pages = self.page_table_width(t)
+    self.cache, self.history, first, counts, logprobs = self.prefill_fn(
         self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(tokens), jnp.asarray(lengths),
-        jnp.asarray(slots), jnp.zeros(rows, jnp.int32), self._sampling_state(samp_rows), self._history,
+        jnp.asarray(slots), jnp.zeros(rows, jnp.int32), self.sampling_state(samp_rows), self.history,
         n_pages=n_pages, chunked=False, final=True, with_logprobs=_wants_logprobs(group))
     self._after_prefill(group, np.asarray(first), np.asarray(counts), int(lengths.sum()), _host(logprobs))
 
@@ -608,19 +613,20 @@ class Engine:
     is at least the algorithm's window long (it supplies the compression's queries)."""
     n, c = len(req.prompt_ids), self.chunk_size
     bounds = list(range(0, n, c)) + [n]
-    window = getattr(self.runtime.sparse, "window_size", 0) or 0
+    sparse = self.runtime.sparse
+    window = 0 if sparse is None else get_algorithm(sparse).min_final_chunk(sparse)
     if len(bounds) > 2 and bounds[-1] - bounds[-2] < window:
       bounds[-2] = max(bounds[-3] + 1, n - window)
     for i in range(len(bounds) - 1):
       start, end = bounds[i], bounds[i + 1]
       tokens = np.zeros((1, c), np.int32)
       tokens[0, :end - start] = req.prompt_ids[start:end]
-      n_pages = min(self.max_pages_per_seq, _pow2_at_least(math.ceil(max(end, start + c) / self.page_size)))
+      n_pages = self.page_table_width(max(end, start + c))
       final = end == n
-      self.cache, self._history, first, counts, logprobs = self._prefill_fn(
+      self.cache, self.history, first, counts, logprobs = self.prefill_fn(
           self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(tokens),
           jnp.asarray([end - start], jnp.int32), jnp.asarray([req.slot], jnp.int32), jnp.asarray([start], jnp.int32),
-          self._sampling_state(np.array([req.slot])), self._history, n_pages=n_pages, chunked=True, final=final,
+          self.sampling_state(np.array([req.slot])), self.history, n_pages=n_pages, chunked=True, final=final,
           with_logprobs=final and _wants_logprobs([req]))
       self.stats["prefill_chunks"] += 1
       sparse = self.runtime.algorithm
@@ -648,11 +654,6 @@ class Engine:
         self._last_token[slot] = first[i]
         self._emit_isolated(req, [int(first[i])], [_token_logprobs(logprobs, req, i)])
 
-  def decode_table_width(self, tokens: int) -> int:
-    """Page-table columns a decode step compiles for when its longest sequence reaches `tokens`
-    (a power of two, so that few widths are compiled; at most max_pages_per_seq)."""
-    return min(self.max_pages_per_seq, _pow2_at_least(math.ceil(tokens / self.page_size)))
-
   def _decode(self, only: list[int] | None = None) -> None:
     slots = sorted(self._running) if only is None else only
     active = np.zeros(self.max_batch_size, bool)
@@ -665,13 +666,13 @@ class Engine:
       ignore_eos[s] = req.params.ignore_eos
     steps = self.decode_chunk_size
     need = max(int(self._slot_len[s]) + steps for s in slots)
-    n_pages = self.decode_table_width(need)
+    n_pages = self.page_table_width(need)
     dense = self._dense_below is not None and need <= self._dense_below
-    out = self._decode_fn(self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(self._last_token),
-                          jnp.asarray(active), jnp.asarray(remaining), jnp.asarray(ignore_eos),
-                          self._sampling_state(), self._history, n_pages=n_pages, num_steps=steps, dense=dense,
-                          with_logprobs=_wants_logprobs(self._running.values()))
-    self.cache, self._history, tokens, counters, last, importance, logprobs = out
+    out = self.decode_fn(self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(self._last_token),
+                         jnp.asarray(active), jnp.asarray(remaining), jnp.asarray(ignore_eos),
+                         self.sampling_state(), self.history, n_pages=n_pages, num_steps=steps, dense=dense,
+                         with_logprobs=_wants_logprobs(self._running.values()))
+    self.cache, self.history, tokens, counters, last, importance, logprobs = out
     tokens, counters, last = np.asarray(tokens), np.asarray(counters), np.asarray(last)
     logprobs = _host(logprobs)  # fields [steps, S, ...]
     self.stats["decode_calls"] += 1
@@ -714,14 +715,12 @@ class Engine:
       self._slot_len[s] -= n * ps
       self.stats["evicted_pages"] += n
     if recycled:
-      ids = np.full(_pow2_at_least(len(recycled)), self.allocator.num_pages, np.int32)
+      ids = np.full(pow2_at_least(len(recycled)), self.allocator.num_pages, np.int32)
       ids[:len(recycled)] = recycled
       self.cache = self._evict_fn(self.cache, jnp.asarray(deltas), jnp.asarray(ids))
 
   def _evict_impl(self, cache, deltas, recycled):
-    from sparse_jax.attention import IMPORTANCE
-    pools = tuple(p.at[0, recycled, 0].set(0.0, mode="drop") for p in cache.aux[IMPORTANCE])
-    return cache.replace(lengths=cache.lengths - deltas, aux={**cache.aux, IMPORTANCE: pools})
+    return clear_importance(cache.replace(lengths=cache.lengths - deltas), recycled)
 
   # -- per-request bookkeeping ------------------------------------------------------------
   def _emit_isolated(self, req: Request, new_ids: list[int], logprobs: list | None = None) -> None:
@@ -846,10 +845,7 @@ class Engine:
     _, view, tokens, _, _, counters, history, out, lp_out = jax.lax.while_loop(cond, body, carry)
     importance = None
     if self.runtime.evict:  # per slot and logical page, summed over layers
-      from sparse_jax.attention import IMPORTANCE
-      rows = view.page_table
-      importance = sum(p[0, jnp.clip(rows, 0), 0] for p in view.aux[IMPORTANCE])
-      importance = jnp.where(rows >= 0, importance, jnp.inf)
+      importance = sequence_importance(view)
     return view.replace(page_table=table), history, out, counters, tokens, importance, lp_out
 
 

@@ -18,8 +18,8 @@ reply, as RULER does. --context_length counts the task text; the template adds i
 
 Without --sweep_budgets one configuration runs: the YAML's sparse algorithm, or dense
 attention without a YAML. With it, dense runs once as the reference and every algorithm of
-every YAML (comma list) runs at each token budget B, its budget fields overridden
-(`with_budget`: RocketKV prompt_budget=B and topk=B // page_size, ...). Printed: one JSON
+every YAML (comma list) runs at each token budget B, the config scaled by its algorithm's
+`with_budget` hook (RocketKV: prompt_budget=B and topk=B // page_size, ...). Printed: one JSON
 line per point, then (last line) a JSON summary with every point.
 """
 from __future__ import annotations
@@ -34,47 +34,23 @@ from typing import Any, Sequence
 from absl import flags
 
 from sparse_jax import tasks
+from sparse_jax.config import get_algorithm
 
 EVAL_TASKS = tasks.RULER_TASKS + ("longbench_v2",)
 
 
 # -- budgets ----------------------------------------------------------------------------------
 
-def _set(field, value):
-  return lambda cfg, budget: {field: value(cfg, budget)}
-
-
-def _has(*fields):
-  return lambda cfg: all(f in {x.name for x in dataclasses.fields(cfg) if x.init} for f in fields)
-
-
-# (applies?, {field: value}) rules, tried in order; every applicable rule contributes. A token
-# budget B means: keep B prompt tokens, or attend to B tokens per decode step (in blocks).
-BUDGET_RULES = (
-    (_has("prompt_budget"), _set("prompt_budget", lambda c, b: b)),
-    (_has("max_capacity_prompt"), _set("max_capacity_prompt", lambda c, b: b)),
-    (_has("index_topk"), _set("index_topk", lambda c, b: b)),
-    (_has("topk", "page_size"), _set("topk", lambda c, b: max(1, b // c.page_size))),
-    (_has("topk", "block_size"), _set("topk", lambda c, b: max(1, b // c.block_size))),
-    (_has("window", "sink_tokens"), _set("window", lambda c, b: max(1, b - c.sink_tokens))),
-)
-
-
 def with_budget(cfg, budget: int):
-  """`cfg` (a sparse-attention config) with its token-budget fields set for `budget` tokens;
-  other fields unchanged. Raises ValueError when the algorithm has no known budget field."""
-  if not isinstance(budget, int) or budget <= 0:
+  """`cfg` (a sparse-attention config) scaled to a token budget of `budget` tokens by its
+  algorithm's `with_budget` hook (keep B prompt tokens, or attend to B tokens per decode step).
+  Raises ValueError when the algorithm has no budget to scale."""
+  if not isinstance(budget, int) or isinstance(budget, bool) or budget <= 0:
     raise ValueError(f"budget={budget!r} must be a positive integer")
-  changes = {}
-  for applies, fields in BUDGET_RULES:
-    if applies(cfg):
-      for key, value in fields(cfg, budget).items():
-        changes.setdefault(key, value)
-  if not changes:
-    raise ValueError(f"algorithm {cfg.algorithm!r} ({type(cfg).__name__}) has no token-budget field this sweep "
-                     f"knows (prompt_budget, max_capacity_prompt, index_topk, topk with page_size/block_size, "
-                     f"window with sink_tokens)")
-  return dataclasses.replace(cfg, **changes)
+  scale = get_algorithm(cfg).with_budget
+  if scale is None:
+    raise ValueError(f"algorithm {cfg.algorithm!r} ({type(cfg).__name__}) has no token budget to sweep")
+  return scale(cfg, budget)
 
 
 # -- samples --------------------------------------------------------------------------------------
@@ -238,7 +214,7 @@ def evaluate(*, task: str, context_length: int, num_samples: int, seed: int = 0,
   if apply_chat_template not in ("auto", "true", "false"):
     raise ValueError(f"--apply_chat_template={apply_chat_template!r}: expected auto, true or false")
   model = model or default_model_path()
-  tokenizer = _tokenizer(model, chat_template)
+  tokenizer = eval_tokenizer(model, chat_template)
   chat = tokenizer.has_chat_template if apply_chat_template == "auto" else apply_chat_template == "true"
   if chat and not tokenizer.has_chat_template:
     raise ValueError(f"--apply_chat_template=true but {model} has no chat template; pass --chat_template=FILE")
@@ -311,7 +287,7 @@ def evaluate(*, task: str, context_length: int, num_samples: int, seed: int = 0,
   return result
 
 
-def _tokenizer(model_dir: str, chat_template: str | None):
+def eval_tokenizer(model_dir: str, chat_template: str | None = None):
   """The checkpoint's tokenizer (with --chat_template instead of its own template, if given)."""
   import models
   tokenizer = models.load_tokenizer(model_dir)

@@ -1,5 +1,6 @@
 """Contract of every registered GQA algorithm: selections sorted, unique, in range, -1 padded,
 counts right, shapes fixed by configuration, for prompts shorter, equal and longer than the budget."""
+import dataclasses
 import functools
 import os
 import tempfile
@@ -12,7 +13,8 @@ from hypothesis import given, settings, strategies as st
 
 from sparse_jax.attention import AttentionSpec, Runtime
 from sparse_jax.cache import LayerCache, write_tokens, token_slots
-from sparse_jax.config import registered_algorithms
+from sparse_jax.algorithms.dsa import DSASparseAttentionConfig
+from sparse_jax.config import KvCacheConfig, registered_algorithms
 from sparse_jax.algorithms.rocket import RocketSparseAttentionConfig
 from sparse_jax.algorithms import indexer as indexer_lib
 from sparse_jax.algorithms.hybrid import HybridSparseAttentionConfig
@@ -115,27 +117,29 @@ def check_sorted_unique_padded(idx, count, upper, what):
 def test_predict_kv_contract(name, data):
   cfg = CONTRACT_CONFIGS[name]
   algo = registered_algorithms()[name]
-  budget = getattr(cfg, "prompt_budget", None)
+  budget = algo.kept_prompt_tokens(cfg, T)
   lengths = np.array(data.draw(st.lists(st.sampled_from(
-      [1, 5, budget - 1, budget, budget + 1, T - 1, T] if budget else [1, T]) | st.integers(1, T), min_size=3, max_size=3)),
-      np.int32)
+      [1, 5, budget - 1, budget, budget + 1, T - 1, T] if budget < T else [1, T]) | st.integers(1, T),
+      min_size=3, max_size=3)), np.int32)
   seed = data.draw(st.integers(0, 2 ** 16))
   q = jax.random.normal(jax.random.PRNGKey(seed), (3, T, Q_HEADS, D))
   k = jax.random.normal(jax.random.PRNGKey(seed + 1), (3, T, KV_HEADS, D))
   sel = _predict_kv(name, q, k, jnp.asarray(lengths), **predictor_kwargs(name, jax.random.PRNGKey(seed + 2), 3, T))
   if not cfg.compacts_prompt:
     assert sel is None, f"{name} compresses no prompt, but predict_kv returned a selection"
+    assert all(algo.kept_prompt_tokens(cfg, int(n)) == n for n in lengths), "nothing compacted: every token kept"
     return
   # Prompts of T > budget tokens are compressible: a compacting algorithm must select.
-  assert budget is not None and budget < T and sel is not None, f"{name}: no KeepSelection for {T}-token prompts"
+  assert budget < T and sel is not None, f"{name}: no KeepSelection for {T}-token prompts"
   idx, counts = np.asarray(sel.indices), np.asarray(sel.counts)
   assert idx.shape == (3, KV_HEADS, budget) and counts.shape == (3,)
   for i, length in enumerate(lengths):
-    assert counts[i] == min(length, budget)
+    assert counts[i] == min(length, budget) == algo.kept_prompt_tokens(cfg, int(length)), "kept_prompt_tokens"
     for h in range(KV_HEADS):
       check_sorted_unique_padded(idx[i, h], counts[i], length, f"{name} row {i} head {h}")
-      if length > budget and getattr(cfg, "window_size", 0):
-        assert set(range(length - cfg.window_size, length)) <= set(idx[i, h].tolist()), "window must be kept"
+      window = algo.min_final_chunk(cfg)
+      if length > budget and window:
+        assert set(range(length - window, length)) <= set(idx[i, h].tolist()), "the query window must be kept"
 
 
 @functools.lru_cache(maxsize=None)
@@ -207,3 +211,32 @@ def test_shapes_do_not_depend_on_data(name):
     shapes.add(tuple(None if s is None else tuple(a.shape for a in jax.tree_util.tree_leaves(s)) for s in (keep, sel)))
   assert len(shapes) == 1, shapes
   assert predict_kv._cache_size() == 1 and predict_attn._cache_size() == 1, "recompiled for new values"
+
+
+BUDGET_CONFIGS = {**CONTRACT_CONFIGS, "dsa": DSASparseAttentionConfig(index_topk=64)}
+
+
+def test_every_algorithm_has_a_budget_case():
+  assert set(registered_algorithms()) <= set(BUDGET_CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(BUDGET_CONFIGS))
+@pytest.mark.parametrize("budget", [16, 40, 100, 4096])
+def test_budget_scaling_keeps_a_valid_config(name, budget):
+  cfg = BUDGET_CONFIGS[name]
+  algo = registered_algorithms()[name]
+  if algo.with_budget is None:
+    return
+  scaled = algo.with_budget(cfg, budget)
+  assert type(scaled) is type(cfg)
+  scaled.validate_with(KvCacheConfig(tokens_per_block=PAGE), False)
+  assert dataclasses.replace(scaled) == scaled, "the scaled config must pass its own validation"
+  kept = algo.kept_prompt_tokens(scaled, 10 * budget)
+  assert kept == 10 * budget or kept <= budget, f"{name} keeps {kept} prompt tokens at budget {budget}"
+  assert algo.with_budget(scaled, budget) == scaled, "scaling twice to the same budget changes nothing more"
+
+
+def test_min_final_chunk_fits_the_kept_prompt():
+  for name, cfg in CONTRACT_CONFIGS.items():
+    algo = registered_algorithms()[name]
+    assert 0 <= algo.min_final_chunk(cfg) <= algo.kept_prompt_tokens(cfg, T), name

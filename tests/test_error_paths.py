@@ -76,7 +76,7 @@ def test_engine_failures_are_500s_and_sse_error_events(client, app, monkeypatch)
   def failing(*args, **kwargs):
     raise RuntimeError("injected decode failure")
 
-  monkeypatch.setattr(engine, "_decode_fn", failing)
+  monkeypatch.setattr(engine, "decode_fn", failing)
   err = error_of(client.post("/v1/completions", json=BODY), 500)
   assert err["message"] == "decode failed: RuntimeError: injected decode failure" and err["type"] == "server_error"
 

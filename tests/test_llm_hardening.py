@@ -113,7 +113,7 @@ def test_a_request_failing_in_prefill_fails_alone(llm, monkeypatch):
 
 def test_a_request_failing_in_decode_fails_alone_and_the_others_finish(llm, monkeypatch):
   engine = llm.engine
-  real = engine._decode_fn
+  real = engine.decode_fn
   finished = record_finishes(engine, monkeypatch)
 
   def faulty(*args, **kwargs):
@@ -122,7 +122,7 @@ def test_a_request_failing_in_decode_fails_alone_and_the_others_finish(llm, monk
       raise RuntimeError("injected decode failure")
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(engine, "_decode_fn", faulty)
+  monkeypatch.setattr(engine, "decode_fn", faulty)
   with pytest.raises(RequestError, match="prompt 1: decode failed: RuntimeError: injected decode failure"):
     llm.generate([PROMPTS[0], "w55 w9", PROMPTS[2]], GREEDY)
   monkeypatch.undo()
@@ -134,7 +134,7 @@ def test_a_request_failing_in_decode_fails_alone_and_the_others_finish(llm, monk
 
 def test_a_step_that_loses_the_kv_cache_fails_the_running_requests_and_rebuilds_it(llm, monkeypatch):
   engine = llm.engine
-  real = engine._decode_fn
+  real = engine.decode_fn
   calls = []
 
   def consuming(params, cache, *args, **kwargs):
@@ -145,7 +145,7 @@ def test_a_step_that_loses_the_kv_cache_fails_the_running_requests_and_rebuilds_
       raise RuntimeError("injected device failure")
     return real(params, cache, *args, **kwargs)
 
-  monkeypatch.setattr(engine, "_decode_fn", consuming)
+  monkeypatch.setattr(engine, "decode_fn", consuming)
   with pytest.raises(RequestError, match="lost the KV cache failed: RuntimeError: injected device failure"):
     llm.generate(PROMPTS[:2], GREEDY)
   monkeypatch.undo()

@@ -154,11 +154,11 @@ def test_no_recompilation_between_decode_steps():
   llm = LLM(model, dtype="float32", sparse_attention_config=rk, kv_cache_config=KvCacheConfig(tokens_per_block=16),
             max_batch_size=2, max_seq_len=1024, decode_chunk_size=4)
   llm.generate([list(range(1, 90))], SamplingParams(max_tokens=3, ignore_eos=True))
-  compiled = llm.engine._decode_fn._cache_size()
+  compiled = llm.engine.decode_fn._cache_size()
   out = llm.generate([list(range(2, 91))], SamplingParams(max_tokens=40, ignore_eos=True))
   assert len(out[0].outputs[0].token_ids) == 40
   assert llm.engine.stats["decode_calls"] >= 10
-  assert llm.engine._decode_fn._cache_size() == compiled, "decode recompiled between steps"
+  assert llm.engine.decode_fn._cache_size() == compiled, "decode recompiled between steps"
 
 
 def test_rejects_block_reuse_with_reason():

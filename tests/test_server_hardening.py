@@ -155,7 +155,7 @@ def test_long_prompts_are_tokenized_off_the_event_loop_and_prechecked(served, mo
 def test_a_request_failing_in_the_engine_is_a_500_and_the_others_finish(served, monkeypatch):
   engine = served["llm"].engine
   marker = tuple(served["llm"].tokenizer.encode(MARKER_PROMPT))
-  real = engine._decode_fn
+  real = engine.decode_fn
 
   def faulty(*args, **kwargs):
     active = np.asarray(args[4])
@@ -163,7 +163,7 @@ def test_a_request_failing_in_the_engine_is_a_500_and_the_others_finish(served, 
       raise RuntimeError("injected decode failure")
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(engine, "_decode_fn", faulty)
+  monkeypatch.setattr(engine, "decode_fn", faulty)
   bodies = [{**GREEDY, "prompt": MARKER_PROMPT}, GREEDY, GREEDY]
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
     bad, *good = pool.map(lambda b: post(served, "/v1/completions", b), bodies)

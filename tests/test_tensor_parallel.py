@@ -92,7 +92,7 @@ for name, model, sparse in (("rocket", tiny_llama(7, heads=8, kv_heads=4, head_d
   dev = jax.devices()[0]
   held = sum(s.data.nbytes for x in jax.tree_util.tree_leaves((eng.cache.k, eng.cache.v, eng.cache.aux))
              for s in x.addressable_shards if s.device == dev)
-  rows[name] = dict(total=eng._page_bytes(eng.kv_dtype), per_device=eng._page_bytes(eng.kv_dtype, per_device=True),
+  rows[name] = dict(total=eng.page_bytes(eng.kv_dtype), per_device=eng.page_bytes(eng.kv_dtype, per_device=True),
                     held_per_page=held / eng.allocator.num_pages)
 print(json.dumps(rows))
 """

@@ -55,9 +55,9 @@ def run(kv_heads, sparse, sizes, backend=None):
     pool = eng.cache.k[0]
     hlo[tp] = dict(pool_shards=len(pool.addressable_shards), pool_local_shape=list(pool.addressable_shards[0].data.shape))
     if tp > 1 and not backend:   # the collectives are the same whatever the backend
-      text = eng._decode_fn.lower(eng.params, eng.cache, jnp.asarray(eng.allocator.table()),
+      text = eng.decode_fn.lower(eng.params, eng.cache, jnp.asarray(eng.allocator.table()),
                                   jnp.zeros(4, jnp.int32), jnp.ones(4, bool), jnp.ones(4, jnp.int32),
-                                  jnp.ones(4, bool), eng._sampling_state(), eng._history, n_pages=8, num_steps=4).compile().as_text()
+                                  jnp.ones(4, bool), eng.sampling_state(), eng.history, n_pages=8, num_steps=4).compile().as_text()
       gathers = [l for l in text.splitlines() if "all-gather" in l and "=" in l]
       hlo[tp].update(all_reduce=len(re.findall(r"= [^=]*all-reduce(-start)?\(", text)),
                      all_gather_lines=gathers[:5], layers=model.config.num_hidden_layers)
