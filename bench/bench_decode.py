@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "llama-3.1-8b", "model shape: a name in bench/model_configs or a config.json path")
+flags.DEFINE_string("config", "llama-3.1-8b", "model shape: a name in configs/models or a config.json path")
 flags.DEFINE_list("contexts", ["4096", "16384", "32768"], "tokens already in the cache per sequence")
 flags.DEFINE_integer("batch", 8, "sequences decoded together")
 flags.DEFINE_integer("steps", 32, "decode steps per jitted call (per host round trip)")

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "tiny-llama", "model shape (bench/model_configs name); random weights")
+flags.DEFINE_string("config", "tiny-llama", "model shape (configs/models name); random weights")
 flags.DEFINE_integer("prompt", 4096, "prompt tokens")
 flags.DEFINE_integer("generate", 8192, "generated tokens")
 flags.DEFINE_integer("prompt_budget", 1024, "RocketKV prompt budget")

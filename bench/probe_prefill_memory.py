@@ -22,7 +22,7 @@ flags.DEFINE_integer("input_len", 130560, "prompt tokens")
 flags.DEFINE_integer("output_len", 512, "generated tokens (pool sizing)")
 flags.DEFINE_integer("batch", 2, "sequences the pool holds at full length")
 flags.DEFINE_list("options", ["configs/rocket_chunked.yaml"], "options YAMLs ('dense' = none)")
-flags.DEFINE_string("config", "llama-3.1-8b", "model shape (bench/model_configs)")
+flags.DEFINE_string("config", "llama-3.1-8b", "model shape (configs/models)")
 flags.DEFINE_integer("top", 12, "largest HLO arrays to print per program")
 flags.DEFINE_bool("smoke", False, "tiny model on the CPU")
 

@@ -5,7 +5,7 @@
 #      split o_proj / down_proj sums in another order). Also the compiled tp2 decode step's
 #      collectives: all-reduces per layer, no all-gather of the KV cache ("CHECK ..." lines).
 #   2. decode throughput, tp1 vs tp2, Llama-3.1-70B layer shapes with 16 layers
-#      (bench/model_configs/llama-3.1-70b-16l.json, random bf16 weights, 31.6 GB), batch 2, at 64K
+#      (configs/models/llama-3.1-70b-16l.json, random bf16 weights, 31.6 GB), batch 2, at 64K
 #      and 128K context: dense, RocketKV (configs/rocket.yaml after prompt compression) and RocketKV
 #      without compression (one process per parallel size; see bench/bench_tp.py).
 #   3. a summary (speed-up tp2/tp1, scaling efficiency = tp2 tok/s / (2 x tp1 tok/s)) on stdout.

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels.common import is_power_of_two
 
 
 def _token_addresses(pt_ref, slot, keep_ref, count, chunk_index, *, chunk, page_size):
@@ -231,10 +232,6 @@ def _check_inputs(pools, page_table, slots, keep_indices, keep_counts):
   chex.assert_shape(keep_indices, (n, heads, None))
 
 
-def _is_power_of_two(x: int) -> bool:
-  return x > 0 and (x & (x - 1)) == 0
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("backend", "interpret", "method", "chunk", "feature_block",
@@ -287,9 +284,9 @@ def compact_pages(
     raise ValueError(f"backend must be 'pallas' or 'reference', got {backend!r}")
   if method not in ("inplace", "two_pass"):
     raise ValueError(f"method must be 'inplace' or 'two_pass', got {method!r}")
-  if not _is_power_of_two(chunk):
+  if not is_power_of_two(chunk):
     raise ValueError(f"chunk must be a power of two, got {chunk}")
-  if not _is_power_of_two(feature_block):
+  if not is_power_of_two(feature_block):
     raise ValueError(f"feature_block must be a power of two, got {feature_block}")
   interpret = _compat.resolve_interpret(interpret)
 

@@ -29,9 +29,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _compat
+from pallas_kernels.common import check_backend
 from pallas_kernels.dsa_topk import digit_histogram, first_pass_histograms, order_key
 
-BACKENDS = ("pallas", "reference")
 FP8_BLOCK = 128
 
 
@@ -151,8 +151,7 @@ def dsa_indexer_scores(q: jax.Array, w: jax.Array, k_pool: jax.Array, k_scale_po
   backend: "pallas" or "reference"; interpret: None = interpret mode only off-GPU.
   block: tokens per inner step; span: tokens per program (powers of two).
   """
-  if backend not in BACKENDS:
-    raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+  check_backend(backend)
   _check(q, w, k_pool, k_scale_pool, page_table, lengths)
   if backend == "reference":
     return dsa_indexer_scores_reference(q, w, k_pool, k_scale_pool, page_table, lengths,

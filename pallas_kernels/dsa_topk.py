@@ -44,8 +44,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _compat
+from pallas_kernels.common import check_backend
 
-BACKENDS = ("pallas", "reference")
 KERNELS = ("row", "chunked")
 _PASSES = 4
 _INT32_MIN = np.int32(-2 ** 31)
@@ -400,8 +400,7 @@ def dsa_topk(scores: jax.Array, k: int, *, histograms: jax.Array | None = None, 
   block: keys per inner step; chunks ("chunked" only): programs per row; num_warps: None =
     8 for "row", 4 for "chunked".
   """
-  if backend not in BACKENDS:
-    raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+  check_backend(backend)
   if kernel not in KERNELS:
     raise ValueError(f"kernel={kernel!r}; expected one of {KERNELS}")
   if scores.ndim != 2:

@@ -39,10 +39,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _compat
+from pallas_kernels.common import check_backend
 from pallas_kernels.sparse_mla_decode import (gather_rows_zeroed, merge_splits, plan_splits, softmax_step,
                                               sparse_mla_decode_reference)
 
-BACKENDS = ("pallas", "reference")
 
 
 def _kernel(q_ref, lat_ref, rope_ref, pt_ref, len_ref, o_ref, lse_ref, *, block_h, block_k, per_split, page_size,
@@ -126,8 +126,7 @@ def mla_decode(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array, page_
   num_splits: token ranges per row and head block (None: about two programs per SM of an
   H100, at least 256 tokens each); num_warps / num_stages: Triton's.
   """
-  if backend not in BACKENDS:
-    raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+  check_backend(backend)
   _check(q, latent_pool, rope_pool, page_table, lengths)
   if backend == "reference":
     return mla_decode_reference(q, latent_pool, rope_pool, page_table, lengths, scale)

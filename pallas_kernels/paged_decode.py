@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels.common import MASK_VALUE, is_power_of_two, pow2_at_most
 
 _LOG2E = math.log2(math.e)
-_NEG = _compat.NEG_INF_FINITE
 
 
 def attend_units(q_ref, k_ref, v_ref, load_ids, kv_len, start, end, *, block_g,
@@ -74,7 +74,7 @@ def attend_units(q_ref, k_ref, v_ref, load_ids, kv_len, start, end, *, block_g,
     ok = token_ok.reshape(block_tokens)[None, :]  # [1, block_tokens]
 
     s = _compat.dot(q, k, trans_b=True, precision=precision) * qk_scale_log2
-    s = jnp.where(ok, s, _NEG)  # [block_g, block_tokens] f32
+    s = jnp.where(ok, s, MASK_VALUE)  # [block_g, block_tokens] f32
     m_next = jnp.maximum(m_prev, s.max(axis=1))
     correction = jnp.exp2(m_prev - m_next)
     p = jnp.where(ok, jnp.exp2(s - m_next[:, None]), 0.0)
@@ -85,7 +85,7 @@ def attend_units(q_ref, k_ref, v_ref, load_ids, kv_len, start, end, *, block_g,
     return o_next, m_next, l_next
 
   o0 = jnp.zeros((block_g, head_dim), jnp.float32)
-  m0 = jnp.full((block_g,), _NEG, jnp.float32)
+  m0 = jnp.full((block_g,), MASK_VALUE, jnp.float32)
   l0 = jnp.zeros((block_g,), jnp.float32)
   return lax.fori_loop(0, num_iters, body, (o0, m0, l0))
 
@@ -235,7 +235,7 @@ def default_num_splits(batch: int, kv_heads: int, max_units: int,
   iterations = pl.cdiv(max_units, units_per_block)
   want = pl.cdiv(4 * core_count, batch * kv_heads)
   splits = max(1, min(want, iterations // 2, 64))
-  return 1 << (splits.bit_length() - 1)
+  return pow2_at_most(splits)
 
 
 def check_decode_inputs(q, k_pages, v_pages, unit_ids, kv_lens):
@@ -269,10 +269,6 @@ def check_decode_inputs(q, k_pages, v_pages, unit_ids, kv_lens):
   if not jnp.issubdtype(kv_lens.dtype, jnp.integer):
     raise ValueError(f"kv_lens must be int32, got {kv_lens.dtype}")
   chex.assert_shape(unit_ids, (batch, kv_heads, None))
-
-
-def _is_power_of_two(x: int) -> bool:
-  return x > 0 and (x & (x - 1)) == 0
 
 
 @functools.partial(
@@ -332,14 +328,14 @@ def paged_decode_attention(
 
   batch = q.shape[0]
   kv_heads, _, unit_size, _ = k_pages.shape
-  if not _is_power_of_two(unit_size):
+  if not is_power_of_two(unit_size):
     raise ValueError(f"unit_size (k_pages.shape[2]) must be a power of two, got {unit_size}")
-  if not _is_power_of_two(head_dim) or head_dim < 16:
+  if not is_power_of_two(head_dim) or head_dim < 16:
     raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
   if units_per_block is None:
     units_per_block = default_units_per_block(unit_size)
   block_tokens = units_per_block * unit_size
-  if not _is_power_of_two(units_per_block) or block_tokens < 16:
+  if not is_power_of_two(units_per_block) or block_tokens < 16:
     raise ValueError(
         "units_per_block must be a power of two with units_per_block * unit_size >= 16,"
         f" got units_per_block={units_per_block}, unit_size={unit_size}")

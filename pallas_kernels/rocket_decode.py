@@ -57,7 +57,6 @@ from pallas_kernels.rocket_score import (
 )
 
 _LOG2E = math.log2(math.e)
-_NEG = _compat.NEG_INF_FINITE
 _INF_BITS = 0x7F800000  # float32 +inf: above every probability's bit pattern
 
 

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels.common import MASK_VALUE, pow2_at_most
 
-_NEG = _compat.NEG_INF_FINITE
 _EPILOGUE_CHUNK = 256
 
 
@@ -110,7 +110,7 @@ def group_mean_softmax(raw_ref, n_valid, chunk: int, heads: range | None = None)
 
   def load(h, i):
     t = i * chunk + jnp.arange(chunk, dtype=jnp.int32)
-    return t, jnp.where(t < n_valid, raw_ref[h, pl.ds(i * chunk, chunk)], _NEG)
+    return t, jnp.where(t < n_valid, raw_ref[h, pl.ds(i * chunk, chunk)], MASK_VALUE)
 
   def stats(i, carry):
     ms, ls = carry
@@ -122,7 +122,7 @@ def group_mean_softmax(raw_ref, n_valid, chunk: int, heads: range | None = None)
       new_ms.append(m)
     return tuple(new_ms), tuple(new_ls)
 
-  init = (tuple(jnp.float32(_NEG) for _ in range(group)),
+  init = (tuple(jnp.float32(MASK_VALUE) for _ in range(group)),
           tuple(jnp.float32(0.0) for _ in range(group)))
   ms, ls = lax.fori_loop(0, pl.cdiv(n_valid, chunk), stats, init)
   inv = [1.0 / (group * jnp.maximum(l, 1e-30)) for l in ls]
@@ -304,7 +304,7 @@ def default_num_splits(batch: int, kv_heads: int, max_blocks: int, blocks_per_it
     core_count = _compat.device_core_count()
   want = pl.cdiv(4 * core_count, batch * kv_heads)
   splits = max(1, min(want, pl.cdiv(max_blocks, blocks_per_iter), 32))
-  return 1 << (splits.bit_length() - 1)
+  return pow2_at_most(splits)
 
 
 @functools.partial(

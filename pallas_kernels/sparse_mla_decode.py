@@ -29,8 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _compat
+from pallas_kernels.common import check_backend
 
-BACKENDS = ("pallas", "reference")
 
 
 def gather_rows_zeroed(ref, rows, width, ok):
@@ -185,8 +185,7 @@ def sparse_mla_decode(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array
   head block (None: enough to fill an H100); num_warps: None = 8 for 32+ heads per program
   (the [block_h, R] float32 accumulator and the resident query need the registers), else 4.
   """
-  if backend not in BACKENDS:
-    raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+  check_backend(backend)
   _check(q, latent_pool, rope_pool, page_table, token_ids)
   if backend == "reference":
     return sparse_mla_decode_reference(q, latent_pool, rope_pool, page_table, token_ids, scale)

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels.common import check_backend
 
 from pallas_kernels.sparse_mla_decode import attend_tokens, gather_latents
 
-BACKENDS = ("pallas", "reference")
 
 
 def _kernel(q_ref, lat_ref, rope_ref, pt_ref, ids_ref, o_ref, *, queries, block_h, block_k, page_size, scale):
@@ -79,8 +79,7 @@ def sparse_mla_prefill(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Arra
                        num_stages: int = 2) -> jax.Array:
   """Absorbed MLA attention of each prompt query over its own token ids (see module docstring).
   num_warps: None = 8 for 32+ heads per program, else 4."""
-  if backend not in BACKENDS:
-    raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+  check_backend(backend)
   _check(q, latent_pool, rope_pool, page_table, token_ids)
   if backend == "reference":
     return sparse_mla_prefill_reference(q, latent_pool, rope_pool, page_table, token_ids, scale)

@@ -22,12 +22,11 @@ from sparse_jax.cache import (AuxPoolSpec, CacheLayout, LayerCache, PagedKVCache
 from sparse_jax.config import BaseSparseAttentionConfig, get_algorithm
 from pallas_kernels import _compat
 from pallas_kernels._compat import shard_map
+from pallas_kernels.common import MASK_VALUE, check_backend, on_gpu
 from sparse_jax.selection import dense_units, pool_as_units, to_units, topk_selection, unit_size_for
 
-BACKENDS = ("reference", "pallas")
 TP_AXIS = "tp"
 IMPORTANCE = "page_importance"  # aux pool [1, num_pages, 1] float32: summed page scores
-_MASK = -1e30
 
 
 # -- eviction importance: the algorithm's page_scores summed per page over layers and steps --
@@ -70,8 +69,7 @@ class Runtime:
   predict: bool = True      # False: keep aux pools current but attend densely (short sequences, dense layers)
 
   def __post_init__(self):
-    if self.backend not in BACKENDS:
-      raise ValueError(f"backend={self.backend!r}; expected one of {BACKENDS}")
+    check_backend(self.backend)
 
   def per_kv_shard(self, fn, in_kinds, out_kinds):
     """Runs `fn` on each tensor-parallel shard's KV heads (shard_map), or as is without a mesh.
@@ -130,6 +128,7 @@ class AttentionSpec:
 
   @property
   def group_size(self) -> int:
+    """Query heads per KV head."""
     return self.q_heads // self.kv_heads
 
 
@@ -144,7 +143,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
   """
   batch, t, q_heads, d = q.shape
   kv_heads = k.shape[2]
-  if backend == "pallas" and _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) and d == v.shape[-1]:
+  if backend == "pallas" and on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) and d == v.shape[-1]:
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn",
                                         key_value_seq_lengths=lengths, query_seq_lengths=lengths)
   group = q_heads // kv_heads
@@ -155,7 +154,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
   def block(q_blk, q_pos):
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k, preferred_element_type=jnp.float32) * scale
     mask = (key_pos[None, :] <= q_pos[:, None])[None, None, None] & key_ok[:, None, None, None, :]
-    probs = jax.nn.softmax(jnp.where(mask, logits, _MASK), axis=-1)
+    probs = jax.nn.softmax(jnp.where(mask, logits, MASK_VALUE), axis=-1)
     return jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v)
 
   if t <= query_chunk:
@@ -189,10 +188,10 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_lens: jax.Ar
 
   def block(q_blk, q_pos):
     l_ctx = jnp.einsum("bqhgd,bhud->bhgqu", q_blk, k_ctx, preferred_element_type=jnp.float32) * scale
-    l_ctx = jnp.where(ctx_ok[:, :, None, None, :], l_ctx, _MASK)
+    l_ctx = jnp.where(ctx_ok[:, :, None, None, :], l_ctx, MASK_VALUE)
     l_own = jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k, preferred_element_type=jnp.float32) * scale
     own_mask = (own_pos[None, :] <= q_pos[:, None])[None, None, None] & own_ok[:, None, None, None, :]
-    l_own = jnp.where(own_mask, l_own, _MASK)
+    l_own = jnp.where(own_mask, l_own, MASK_VALUE)
     probs = jax.nn.softmax(jnp.concatenate([l_ctx, l_own], axis=-1), axis=-1)
     u = k_ctx.shape[2]
     return (jnp.einsum("bhgqu,bhud->bqhgd", probs[..., :u].astype(v.dtype), v_ctx) +
@@ -298,7 +297,7 @@ def sparse_chunk_attention(q, k, v, chunk_lens, k_ctx, v_ctx, ctx_lens, scale: f
   flash-attention calls merged by their log-sum-exps (`chunk_attention_split`; cuDNN on GPUs,
   XLA's fused attention elsewhere), else the jnp reference."""
   if backend == "pallas" and q.shape[-1] == v.shape[-1]:
-    implementation = "cudnn" if _on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    implementation = "cudnn" if on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
     return chunk_attention_split(q, k, v, chunk_lens, k_ctx, v_ctx, ctx_lens, scale, implementation=implementation)
   return chunk_attention(q, k, v, chunk_lens, k_ctx, v_ctx, ctx_lens, scale)
 
@@ -310,10 +309,6 @@ def gather_units(pool: jax.Array, unit_ids: jax.Array, unit_size: int) -> jax.Ar
   heads = units.shape[0]
   g = units[jnp.arange(heads)[None, :, None], jnp.clip(unit_ids, 0)]  # [n, H, M, u, D]
   return g.reshape(*unit_ids.shape[:2], -1, units.shape[-1])
-
-
-def _on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
 
 
 def paged_decode(q: jax.Array, layer: LayerCache, unit_ids: jax.Array, kv_lens: jax.Array, unit_size: int,

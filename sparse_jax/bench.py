@@ -76,7 +76,7 @@ class BenchArgs:
     if self.weights not in ("checkpoint", "random"):
       raise ValueError(f"--weights={self.weights!r}: must be checkpoint or random")
     if self.weights == "random" and not self.config:
-      raise ValueError("--weights=random needs --config=<config.json path or a name in bench/model_configs>")
+      raise ValueError("--weights=random needs --config=<config.json path or a name in configs/models>")
     if self.weights == "checkpoint" and not self.model:
       raise ValueError("--model=<checkpoint directory> is required (or --weights=random --config=...)")
     for name in ("output_len", "concurrency", "decode_chunk_size", "max_batch_cap"):
@@ -320,17 +320,9 @@ def build_model(args: BenchArgs):
 
 
 def load_model_config(name: str) -> dict:
-  """A config.json dict: a path, or a name in the repository's bench/model_configs."""
-  try:
-    from bench import model_config  # the shared lookup (bench/ is in the repository, not the package)
-  except ImportError:
-    model_config = None
-  if model_config is not None:
-    return model_config(name)
-  if not os.path.exists(name):
-    raise FileNotFoundError(f"--config={name!r}: no such config.json (bench/model_configs is not importable here)")
-  with open(name) as f:
-    return json.load(f)
+  """A config.json dict: a path, or the name of a shape shipped in configs/models."""
+  import configs
+  return configs.model_config(name)
 
 
 def load_options(entry: str):
@@ -617,7 +609,7 @@ def define_flags():
   flags.DEFINE_string("model", "", "Hugging Face checkpoint directory (with --weights=checkpoint)")
   flags.DEFINE_enum("weights", "checkpoint", ["checkpoint", "random"], "random: --config's architecture, "
                     "random weights, no tokenizer (synthetic token ids)")
-  flags.DEFINE_string("config", "", "config.json path or a name in bench/model_configs (with --weights=random)")
+  flags.DEFINE_string("config", "", "config.json path or a name in configs/models (with --weights=random)")
   flags.DEFINE_list("input_len", ["128"], "prompt tokens of the synthetic dataset; a comma list sweeps")
   flags.DEFINE_integer("output_len", 128, "tokens generated per request (synthetic; dataset default)")
   flags.DEFINE_integer("num_requests", 0, "requests per point (0: one per batch slot; dataset: all lines)")

@@ -18,7 +18,6 @@ import hashlib
 import math
 from typing import Any, Mapping, Sequence
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -467,7 +466,3 @@ def gather_tokens(pool: jax.Array, page_table_rows: jax.Array, max_tokens: int) 
   g = g.reshape(pool.shape[0], pages.shape[0], n_pages * page_size, *pool.shape[3:])[:, :, :max_tokens]
   return jnp.moveaxis(g, 1, 0)
 
-
-def check_cache_compatible(cache: PagedKVCache, *, num_layers: int, kv_heads: int) -> None:
-  chex.assert_equal(cache.num_layers, num_layers)
-  chex.assert_equal(cache.k[0].shape[0], kv_heads)

@@ -24,6 +24,8 @@ from typing import Any, Callable, ClassVar, Mapping
 import numpy as np
 import yaml
 
+from pallas_kernels.common import BACKENDS, is_power_of_two
+
 
 class ConfigError(ValueError):
   """A configuration value is invalid; the message names the field and value."""
@@ -31,10 +33,6 @@ class ConfigError(ValueError):
 
 def fail_field(cls_name: str, field: str, value: Any, why: str) -> None:
   raise ConfigError(f"{cls_name}.{field}={value!r}: {why}")
-
-
-def is_power_of_two(x: int) -> bool:
-  return is_int(x) and x > 0 and (x & (x - 1)) == 0
 
 
 def is_int(value: Any) -> bool:
@@ -331,15 +329,15 @@ class LlmApiOptions:
       fail_field("LlmApiOptions", "kv_cache_config", self.kv_cache_config, "must be a KvCacheConfig")
     if not isinstance(self.enable_chunked_prefill, bool):
       fail_field("LlmApiOptions", "enable_chunked_prefill", self.enable_chunked_prefill, "must be true or false")
-    if self.backend is not None and self.backend not in BACKENDS:
-      fail_field("LlmApiOptions", "backend", self.backend, f"must be one of {list(BACKENDS)}")
+    if self.backend is not None and self.backend not in BACKEND_CHOICES:
+      fail_field("LlmApiOptions", "backend", self.backend, f"must be one of {list(BACKEND_CHOICES)}")
     for field in ("max_batch_size", "max_seq_len", "tensor_parallel_size"):
       check_int(field, getattr(self, field), optional=True)
     if self.sparse_attention_config is not None:
       self.sparse_attention_config.validate_with(self.kv_cache_config, self.enable_chunked_prefill)
 
 
-BACKENDS = ("auto", "pallas", "reference")
+BACKEND_CHOICES = ("auto", *BACKENDS)  # auto: pallas on a GPU, else reference
 _TOP_LEVEL_KEYS = ("sparse_attention_config", "kv_cache_config", "enable_chunked_prefill", "backend",
                    "max_batch_size", "max_seq_len", "tensor_parallel_size")
 

@@ -74,12 +74,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from pallas_kernels.common import MASK_VALUE
 from sparse_jax.algorithms.indexer import (IndexerSparseAttentionConfig, LightningIndexer, block_logsumexp,
                                            index_scores, init_indexers, save_indexers)
 from sparse_jax.algorithms.oracle import block_sum, select_topk_blocks, selection_recall
 from sparse_jax.attention import causal_attention
 
-_MASK = -1e30
 Batch = tuple[np.ndarray, np.ndarray]  # tokens int32[B, T], lengths int32[B]
 
 
@@ -96,7 +96,7 @@ def group_attention(q: jax.Array, k: jax.Array, lengths: jax.Array, scale: float
   qg = q.reshape(b, t, kv_heads, q_heads // kv_heads, d)
   logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * scale
   mask = _causal_mask(t, lengths)[:, None, None]  # [B, 1, 1, T, T]
-  probs = jax.nn.softmax(jnp.where(mask, logits, _MASK), axis=-1)
+  probs = jax.nn.softmax(jnp.where(mask, logits, MASK_VALUE), axis=-1)
   return jnp.where(mask, probs, 0.0).mean(axis=2)
 
 
@@ -139,7 +139,7 @@ def kl_loss(logits: jax.Array, p: jax.Array, lengths: jax.Array) -> jax.Array:
   logits, p: float32[B, kv_heads, T, T]; lengths: int32[B]."""
   t = p.shape[-1]
   mask = _causal_mask(t, lengths)[:, None]
-  log_q = jax.nn.log_softmax(jnp.where(mask, logits, _MASK), axis=-1)
+  log_q = jax.nn.log_softmax(jnp.where(mask, logits, MASK_VALUE), axis=-1)
   kl = jnp.sum(jnp.where(mask & (p > 0), p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0), axis=-1)
   valid = (jnp.arange(t)[None, :] < lengths[:, None])[:, None, :]  # [B, 1, T]
   return jnp.sum(jnp.where(valid, kl, 0.0)) / (jnp.maximum(jnp.sum(valid), 1) * p.shape[1])

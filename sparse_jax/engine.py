@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels.common import pow2_at_least
 from sparse_jax.attention import Runtime, clear_importance, sequence_importance, with_importance_pool
 from sparse_jax.cache import CacheExhaustedError, PageAllocator, create_cache_for
 from sparse_jax.config import BaseSparseAttentionConfig, ConfigError, KvCacheConfig, get_algorithm, is_int, is_real
@@ -183,11 +184,6 @@ def _free_memory_bytes() -> int | None:
   return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
-def pow2_at_least(n: int, lo: int = 1) -> int:
-  """The smallest power of two >= n (and >= lo): compiled shapes are bucketed to these."""
-  return max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-
-
 def length_bucket(n: int, lo: int = 16) -> int:
   """Padded prompt length: the next of 2^k * {1, 1.25, 1.5, 1.75} (at most 25% padding)."""
   if n <= lo:
@@ -299,7 +295,6 @@ class Engine:
     self._set_history_fn = jax.jit(_set_history_row, donate_argnames=("history",))
 
   def _attach_predictors(self, model, sparse) -> None:
-    from sparse_jax.config import get_algorithm
     algo = get_algorithm(sparse)
     if algo.build_predictor is None or not hasattr(model, "attention_layers"):
       return

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Awaitable, Sequence
 
 import jax
 
-from sparse_jax.config import (BACKENDS, BaseSparseAttentionConfig, ConfigError, KvCacheConfig, LlmApiOptions,
+from sparse_jax.config import (BACKEND_CHOICES, BaseSparseAttentionConfig, ConfigError, KvCacheConfig, LlmApiOptions,
                                check_int, load_llm_api_options)
 from sparse_jax.engine import (Engine, QueueFullError, Request, RequestError,  # noqa: F401 (errors re-exported)
                                SamplingParams)
@@ -115,8 +115,8 @@ def _check_arguments(*, kv_cache_config, enable_chunked_prefill, backend, max_ba
     raise ConfigError(f"kv_cache_config must be a KvCacheConfig, got {type(kv_cache_config).__name__}")
   if enable_chunked_prefill is not None and not isinstance(enable_chunked_prefill, bool):
     raise ConfigError(f"enable_chunked_prefill={enable_chunked_prefill!r}: must be True, False or None")
-  if backend is not None and backend not in BACKENDS:
-    raise ConfigError(f"backend={backend!r}: must be one of {list(BACKENDS)} or None")
+  if backend is not None and backend not in BACKEND_CHOICES:
+    raise ConfigError(f"backend={backend!r}: must be one of {list(BACKEND_CHOICES)} or None")
   for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len),
                       ("tensor_parallel_size", tensor_parallel_size)):
     check_int(name, value, optional=True)

@@ -30,13 +30,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.common import MASK_VALUE, pow2_at_most
 from sparse_jax import rope as rope_lib
 from sparse_jax.attention import RMSNorm, Runtime, causal_attention
 from sparse_jax.cache import LayerCache, gather_tokens, token_slots, write_tokens
 from sparse_jax.config import ConfigError, MlaOps, get_algorithm
-
-_MASK = -1e30
-
 
 @dataclasses.dataclass(frozen=True)
 class IndexerSpec:
@@ -295,7 +293,7 @@ class MLAttention(nnx.Module):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.scale
     pos = jnp.arange(t)
     ok = picked[:, None] & (pos[None, None, None, :] <= pos[None, None, :, None])
-    probs = jax.nn.softmax(jnp.where(ok, logits, _MASK), axis=-1)
+    probs = jax.nn.softmax(jnp.where(ok, logits, MASK_VALUE), axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
     return self._output_expanded(out)
 
@@ -366,7 +364,7 @@ class MLAttention(nnx.Module):
     kr = gather_tokens(layer.v, rows, width)[:, 0].astype(jnp.float32)           # [n, S, r]
     q = self.absorbed_query(p).astype(jnp.float32)                               # [n, T, H, R + r]
     chunk = max(1, min(t, (1 << 27) // max(1, n * self.num_heads * width)))
-    chunk = 1 << (chunk.bit_length() - 1)
+    chunk = pow2_at_most(chunk)
     n_chunks = -(-t // chunk)
     pad = n_chunks * chunk - t
     qc = jnp.moveaxis(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(n, n_chunks, chunk, *q.shape[2:]), 1, 0)
@@ -379,7 +377,7 @@ class MLAttention(nnx.Module):
       logits = (jnp.einsum("bqhr,bsr->bqhs", qi[..., :self.kv_lora_rank], lat, precision=hp)
                 + jnp.einsum("bqhr,bsr->bqhs", qi[..., self.kv_lora_rank:], kr, precision=hp)) * self.scale
       ok = (key_pos[None, None, :] <= pi[:, :, None]) & (key_pos[None, None, :] < stored[:, None, None])
-      probs = jax.nn.softmax(jnp.where(ok[:, :, None, :], logits, _MASK), axis=-1)
+      probs = jax.nn.softmax(jnp.where(ok[:, :, None, :], logits, MASK_VALUE), axis=-1)
       return jnp.einsum("bqhs,bsr->bqhr", probs, lat, precision=hp)
 
     out = jnp.moveaxis(jax.lax.map(one, (qc, pc)), 0, 1).reshape(n, n_chunks * chunk, self.num_heads, -1)

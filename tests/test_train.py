@@ -229,7 +229,7 @@ def test_train_step_lowers_to_cudnn_flash_attention_for_cuda(monkeypatch):
   import sparse_jax.attention as attention
   monkeypatch.setattr(fa, "check_cudnn_version", lambda: 91000)
   monkeypatch.setattr(fa, "check_compute_capability", lambda capability: True)
-  monkeypatch.setattr(attention, "_on_gpu", lambda: True)
+  monkeypatch.setattr(attention, "on_gpu", lambda: True)
   from flax import nnx
   cfg = train.smoke_config("unused", model=TINY)
   graphdef, params = nnx.split(train.build_model(cfg, jnp.bfloat16), nnx.Param)

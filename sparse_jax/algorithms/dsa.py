@@ -45,6 +45,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import pow2_at_most
 from sparse_jax.cache import AuxPoolSpec, LayerCache, gather_tokens, write_tokens
 from sparse_jax.config import Algorithm, BaseSparseAttentionConfig, ConfigError, MlaOps, fail_field, register_algorithm
 from sparse_jax.selection import dense_token_ids
@@ -220,7 +221,7 @@ def select_prefill(cfg: DSASparseAttentionConfig, ix, q: jax.Array, w: jax.Array
 
   def sparse(_):
     chunk = max(1, min(t, (1 << 27) // max(1, n * h * s_len)))
-    chunk = 1 << (chunk.bit_length() - 1)
+    chunk = pow2_at_most(chunk)
     n_chunks = -(-t // chunk)
     pad = n_chunks * chunk - t
     qc = jnp.pad(q.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(n, n_chunks, chunk, h, d)

@@ -73,11 +73,6 @@ class HybridSparseAttentionConfig(BaseSparseAttentionConfig):
     if self.minmax_dtype not in quest.MINMAX_DTYPES:
       fail_field(name, "minmax_dtype", self.minmax_dtype, f"must be one of {sorted(quest.MINMAX_DTYPES)}")
 
-  @property
-  def token_budget(self) -> int:
-    """Tokens each KV head attends to per decode step."""
-    return self.topk * self.page_size
-
 
 def aux_spec(cfg: HybridSparseAttentionConfig, spec) -> dict[str, AuxPoolSpec]:
   return quest.aux_spec(cfg, spec)

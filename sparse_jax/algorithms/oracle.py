@@ -27,12 +27,10 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import MASK_VALUE
 from sparse_jax.cache import AuxPoolSpec, LayerCache, gather_tokens
 from sparse_jax.config import Algorithm, BaseSparseAttentionConfig, check_positive_int, register_algorithm
 from sparse_jax.selection import AttnSelection, KeepSelection, topk_selection
-
-_MASK = -1e30
-
 
 @dataclasses.dataclass(frozen=True)
 class OracleSparseAttentionConfig(BaseSparseAttentionConfig):
@@ -92,7 +90,7 @@ def token_probs(q: jax.Array, layer: LayerCache, page_table: jax.Array, lengths:
   qg = q.reshape(batch, kv_heads, q_heads // kv_heads, d)
   logits = jnp.einsum("bhgd,bhtd->bhgt", qg, keys, preferred_element_type=jnp.float32) * scale
   valid = (jnp.arange(max_tokens)[None, :] < lengths[:, None])[:, None, None, :]
-  probs = jax.nn.softmax(jnp.where(valid, logits, _MASK), axis=-1)
+  probs = jax.nn.softmax(jnp.where(valid, logits, MASK_VALUE), axis=-1)
   return jnp.where(valid, probs, 0.0).mean(axis=2)
 
 

@@ -38,6 +38,7 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import MASK_VALUE
 from sparse_jax.algorithms import rocket
 from sparse_jax.algorithms.oracle import select_topk_blocks
 from sparse_jax.cache import AuxPoolSpec, LayerCache
@@ -46,9 +47,6 @@ from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, ConfigError
 from sparse_jax.selection import AttnSelection, KeepSelection, page_importance
 
 MINMAX_DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
-_MASK = -1e30
-
-
 @dataclasses.dataclass(frozen=True)
 class QuestSparseAttentionConfig(BaseSparseAttentionConfig):
   """Quest settings (YAML `algorithm: quest`).
@@ -72,11 +70,6 @@ class QuestSparseAttentionConfig(BaseSparseAttentionConfig):
       fail_field(name, "page_size", self.page_size, "must be a power of two")
     if self.minmax_dtype not in MINMAX_DTYPES:
       fail_field(name, "minmax_dtype", self.minmax_dtype, f"must be one of {sorted(MINMAX_DTYPES)}")
-
-  @property
-  def token_budget(self) -> int:
-    """Tokens each KV head attends to per decode step."""
-    return self.topk * self.page_size
 
 
 def aux_spec(cfg: QuestSparseAttentionConfig, spec) -> dict[str, AuxPoolSpec]:
@@ -125,7 +118,7 @@ def page_probs(cfg: QuestSparseAttentionConfig, spec, q: jax.Array, layer: Layer
   n = jnp.arange(raw.shape[-1], dtype=jnp.int32)
   stored = jnp.take_along_axis(page_table, n[None, :] // per_page, axis=1) >= 0
   valid = (n[None, :] < ((lengths + cfg.page_size - 1) // cfg.page_size)[:, None]) & stored  # [B, N]
-  probs = jax.nn.softmax(jnp.where(valid[:, None, None, :], raw, _MASK), axis=-1).sum(axis=2)
+  probs = jax.nn.softmax(jnp.where(valid[:, None, None, :], raw, MASK_VALUE), axis=-1).sum(axis=2)
   return jnp.where(valid[:, None, :], probs, -jnp.inf)
 
 

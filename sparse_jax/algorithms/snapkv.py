@@ -35,15 +35,13 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import MASK_VALUE
 from sparse_jax.algorithms import oracle
 from sparse_jax.cache import AuxPoolSpec, LayerCache
 from sparse_jax.config import Algorithm, BaseSparseAttentionConfig, fail_field, check_positive_int, register_algorithm
 from sparse_jax.selection import AttnSelection, KeepSelection, keep_all
 
 POOLINGS = ("avgpool", "maxpool")
-_MASK = -1e30
-
-
 @dataclasses.dataclass(frozen=True)
 class SnapKVSparseAttentionConfig(BaseSparseAttentionConfig):
   """SnapKV settings (YAML `algorithm: snapkv`).
@@ -117,7 +115,7 @@ def snapkv_scores(cfg: SnapKVSparseAttentionConfig, q: jax.Array, k: jax.Array, 
   key_pos = jnp.arange(t)
   causal = (key_pos[None, None, :] <= win_pos[:, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
   causal = causal[:, None, None]  # [n, 1, 1, W, T]
-  probs = jnp.where(causal, jax.nn.softmax(jnp.where(causal, logits, _MASK), axis=-1), 0.0)
+  probs = jnp.where(causal, jax.nn.softmax(jnp.where(causal, logits, MASK_VALUE), axis=-1), 0.0)
   prefix = key_pos[None, :] < (lengths - w)[:, None]  # [n, T]
   scores = jnp.where(prefix[:, None, :], probs.sum(axis=(2, 3)), 0.0)  # [n, kv_heads, T]
   pad = cfg.kernel_size // 2
