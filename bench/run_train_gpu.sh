@@ -16,8 +16,8 @@
 # The trainer stops training by itself --reserve_s before --time_budget_s (counted from process
 # start), evaluates (teacher-forced greedy exact match, 8 samples per task at 4K/16K/32K) and saves;
 # it also saves every 150 s, so a kill leaves a model. $OUT/model gets config.json,
-# generation_config.json, tokenizer.json, tokenizer_config.json, model.safetensors.index.json, two
-# bf16 shards under 15 MB and training_log.json (console log, loss curve, gate and evals).
+# generation_config.json, tokenizer.json, tokenizer_config.json, model.safetensors (bf16) and
+# training_log.json (console log, loss curve, gate and evals).
 #
 # Then: cp $OUT/model/* sparse_jax/assets/default_model/
 set -euo pipefail

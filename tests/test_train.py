@@ -99,9 +99,9 @@ def test_phase_mixtures_pick_each_phase_tasks_and_gate():
     train.TrainConfig(output_dir="x", curriculum=((256, 0.5), (512, 0.5)), phase_mixtures=((2, keys),))
   with pytest.raises(ValueError, match="phase_mixtures"):
     train.TrainConfig(output_dir="x", curriculum=((256, 0.5), (512, 0.5)), phase_mixtures=((1, (("nope", 1.0),)),))
-  assert train._phase_mixture("1=niah_multikey:0.6,kv_lookup:0.4") == (1, (("niah_multikey", 0.6), ("kv_lookup", 0.4)))
+  assert train.parse_phase_mixture("1=niah_multikey:0.6,kv_lookup:0.4") == (1, (("niah_multikey", 0.6), ("kv_lookup", 0.4)))
   with pytest.raises(ValueError, match="PHASE="):
-    train._phase_mixture("niah_multikey:0.6")
+    train.parse_phase_mixture("niah_multikey:0.6")
 
 
 def test_loss_decreases_on_fixed_batch(counter):
@@ -190,10 +190,26 @@ def test_sharded_save_loads_the_same(trained, tmp_path):
     train.write_weights(shard_dir, tensors, max_shard_bytes=1000)
 
 
+def test_flags_carry_the_config_defaults_and_values():
+  from absl import flags
+  from sparse_jax.train import config as train_config
+  values = flags.FlagValues()
+  train_config.define_flags("test", values)
+  values(["prog"])
+  assert train_config.config_from_flag_values("out", {n: values[n].value for n in values}) == \
+      train.TrainConfig(output_dir="out")
+  values(["prog", "--curriculum=256:0.5:4096,512:0.5", "--phase_mixture=1=kv_lookup:1", "--gate_tasks=niah_single",
+          "--eval_lengths=512", "--num_heads=4", "--warmup_mixture=niah_single:1", "--max_shard_bytes=1000"])
+  cfg = train_config.config_from_flag_values("out", {n: values[n].value for n in values})
+  assert cfg.curriculum == ((256, 0.5, 4096), (512, 0.5)) and cfg.phase_mixtures == ((1, (("kv_lookup", 1.0),)),)
+  assert cfg.gate_tasks == ("niah_single",) and cfg.eval_lengths == (512,) and cfg.model.num_heads == 4
+  assert cfg.warmup_mixture == (("niah_single", 1.0),) and cfg.max_shard_bytes == 1000
+
+
 def test_default_model_parameter_budget():
   shape = train.ModelShape()
   assert 10e6 < shape.num_params() < 16e6
-  assert shape.num_params() * 2 <= 2 * 15_000_000  # two bf16 shards under the 15 MB file limit
+  assert shape.num_params() * 2 <= train.DEFAULT_MAX_SHARD_BYTES  # one bf16 safetensors file
   model = models.build_model(shape.hf_config(), abstract=True)
   from flax import nnx
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -205,8 +221,8 @@ def test_failing_new_length_falls_back_to_the_previous_one(tmp_path, monkeypatch
   undone from the host snapshot and training goes on at the previous length."""
   real_get = train.Compiler.get
 
-  def get(self, key, block):
-    fn = real_get(self, key, block)
+  def get(self, key, block, timeout=None):
+    fn = real_get(self, key, block, timeout)
     if key == ("train", 512) and fn is not None:
       def boom(*args):
         raise RuntimeError("RESOURCE_EXHAUSTED: simulated")

@@ -1,0 +1,3 @@
+from sparse_jax.cli import run_tool
+
+run_tool("train")
