@@ -333,11 +333,36 @@ def load_options(entry: str):
   return entry, load_llm_api_options(entry)
 
 
+def size_point(args: BenchArgs, batch_spec: str, page: int, request_tokens: int, steady_tokens: int,
+               device_page_bytes: int) -> tuple[int, int, int | None]:
+  """(batch, KV pool pages, largest batch that fits or None) of one point: batch_spec "max"
+  fits the pool (--kv_max_tokens, else the device's free memory) and caps the batch at
+  --max_batch_cap; a number is the batch, its pool planned for it (or --kv_max_tokens)."""
+  if batch_spec != "max":
+    batch = int(batch_spec)
+    return batch, (math.ceil(args.kv_max_tokens / page) if args.kv_max_tokens else
+                   plan_pool(batch, page, request_tokens, steady_tokens)), None
+  if args.kv_max_tokens:
+    pool_pages = math.ceil(args.kv_max_tokens / page)
+  else:
+    free = device_free_bytes()
+    if free is None:
+      import jax
+      raise ValueError("--max_batch_size=max needs --kv_max_tokens on a device that reports no free memory "
+                       f"({jax.devices()[0].platform})")
+    pool_pages = int(free * args.kv_memory_fraction) // device_page_bytes
+  batch_fit = plan_batch(pool_pages, page, request_tokens, steady_tokens)
+  if batch_fit == 0:
+    raise ValueError(f"one request of {request_tokens} tokens ({math.ceil(request_tokens / page)} pages) does not "
+                     f"fit the KV pool of {pool_pages} pages")
+  batch = min(batch_fit, args.max_batch_cap)
+  return batch, min(pool_pages, plan_pool(batch, page, request_tokens, steady_tokens)), batch_fit
+
+
 def run_point(args: BenchArgs, model, tokenizer, dtype: str, source: Workload | int, batch_spec: str,
               options_name: str, options, compiles: CompileCounter) -> dict[str, Any]:
   """One engine sized for this point, warm-up, then the timed run. `source` is a dataset's
   workload or a synthetic prompt length (then `--num_requests`, or one request per batch slot)."""
-  import jax
   from sparse_jax.config import KvCacheConfig
   from sparse_jax.llm import LLM
   sparse = options.sparse_attention_config if options is not None else None
@@ -362,27 +387,8 @@ def run_point(args: BenchArgs, model, tokenizer, dtype: str, source: Workload | 
   device_page_bytes = probe.engine.page_bytes(probe.engine.kv_dtype, per_device=True)
   del probe
   steady_tokens = max(kept_prompt_tokens(sparse, len(p)) + m for p, m in zip(workload.prompts, workload.max_tokens))
-  full_pages = math.ceil(request_tokens / page)
-  batch_fit = None
-  if batch_spec == "max":
-    if args.kv_max_tokens:
-      pool_pages = math.ceil(args.kv_max_tokens / page)
-    else:
-      free = device_free_bytes()
-      if free is None:
-        raise ValueError("--max_batch_size=max needs --kv_max_tokens on a device that reports no free memory "
-                         f"({jax.devices()[0].platform})")
-      pool_pages = int(free * args.kv_memory_fraction) // device_page_bytes
-    batch_fit = plan_batch(pool_pages, page, request_tokens, steady_tokens)
-    if batch_fit == 0:
-      raise ValueError(f"one request of {request_tokens} tokens ({full_pages} pages) does not fit the KV pool "
-                       f"of {pool_pages} pages")
-    batch = min(batch_fit, args.max_batch_cap)
-    pool_pages = min(pool_pages, plan_pool(batch, page, request_tokens, steady_tokens))
-  else:
-    batch = int(batch_spec)
-    pool_pages = (math.ceil(args.kv_max_tokens / page) if args.kv_max_tokens else
-                  plan_pool(batch, page, request_tokens, steady_tokens))
+  batch, pool_pages, batch_fit = size_point(args, batch_spec, page, request_tokens, steady_tokens,
+                                            device_page_bytes)
   if not isinstance(source, Workload):
     workload = synthetic_workload(source, args.output_len, args.num_requests or batch, vocab, args.seed)
   num = len(workload.prompts)
