@@ -42,6 +42,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -522,7 +523,7 @@ class Server:
     """The chat completions layout of `entries` (Update.logprobs items)."""
     def item(token_id: int, logprob: float) -> dict[str, Any]:
       text = self.token_text(token_id)
-      return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+      return {"token": text, "logprob": logprob, "bytes": list(token_bytes(self.tokenizer, token_id, text))}
     return {"content": [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in alts]}
                         for t, lp, _, alts in entries]}
 
@@ -584,6 +585,34 @@ class Server:
     for s in streams:
       if s.request is not None:
         self.engine.abort(s.request)
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a SentencePiece byte-fallback token
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+  """Byte-level BPE's (GPT-2's) printable character for each byte, inverted: character -> byte."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+               *range(ord("\u00ae"), ord("\u00ff") + 1)]
+  others = [b for b in range(256) if b not in printable]
+  return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def token_bytes(tokenizer, token_id: int, text: str) -> bytes:
+  """The UTF-8 bytes a token stands for (the chat logprobs' `bytes`). `text`: the token decoded
+  alone; when it is only part of a character (decoded as U+FFFD), the bytes come from the
+  vocabulary's spelling of the token: a byte-fallback piece `<0xE2>` or byte-level BPE characters."""
+  if "\ufffd" not in text or tokenizer is None:
+    return text.encode("utf-8", "replace")
+  piece = tokenizer.backend.id_to_token(token_id)
+  if piece is not None:
+    if m := _BYTE_PIECE.fullmatch(piece):
+      return bytes([int(m.group(1), 16)])
+    alphabet = _byte_level_alphabet()
+    if all(ch in alphabet for ch in piece):
+      return bytes(alphabet[ch] for ch in piece)
+  return text.encode("utf-8", "replace")
 
 
 def _lone_surrogate(text: str) -> int | None:

@@ -20,7 +20,8 @@ import uvicorn
 
 from models import Tokenizer
 from sparse_jax import KvCacheConfig, LLM, SamplingParams
-from sparse_jax.serve import create_app, describe_validation_errors, stream_safe_prefix
+from sparse_jax.serve import (_byte_level_alphabet, create_app, describe_validation_errors, stream_safe_prefix,
+                               token_bytes)
 from tests.model_fixtures import tiny_llama
 
 WORDS = [f"w{i}" for i in range(56)]
@@ -369,3 +370,22 @@ def test_validation_messages_and_stream_holdback_units():
   assert stream_safe_prefix("abc de", ["de f"]) == "abc "
   assert stream_safe_prefix("abc d\ufffd", []) == "abc d"
   assert stream_safe_prefix("abc", ["xyz"]) == "abc"
+
+
+def test_chat_logprob_bytes_of_partial_characters():
+  """A token that is part of a character decodes alone to U+FFFD; its `bytes` are the real ones
+  (byte-level BPE and SentencePiece byte fallback), so a client can join them into the text."""
+  from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+  alphabet = _byte_level_alphabet()
+  byte_level = HFTokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+  byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  byte_level.decoder = decoders.ByteLevel()
+  fallback = HFTokenizer(models.WordLevel({"<0xE2>": 0, "<0x98>": 1, "<0x83>": 2, "<unk>": 3}, unk_token="<unk>"))
+  fallback.decoder = decoders.ByteFallback()
+  for backend, ids in ((byte_level, byte_level.encode("\u00e9 \u2603").ids), (fallback, [0, 1, 2])):
+    tok = Tokenizer(backend)
+    texts = [tok.decode([i], skip_special_tokens=False) for i in ids]
+    assert "\ufffd" in texts
+    assert b"".join(token_bytes(tok, i, t) for i, t in zip(ids, texts)).decode() == tok.decode(ids)
+  assert token_bytes(Tokenizer(fallback), 3, "w1") == b"w1"  # a whole token: its text's bytes
