@@ -80,7 +80,8 @@ def _kernel(q_ref, w_ref, k_ref, scale_ref, pt_ref, len_ref, o_ref, hist_ref, *,
       for j in range(n_scale_blocks):
         kq = gather_rows(k_ref, slot, j * chunk, chunk, ok)                                   # [block, chunk]
         part = jax.lax.dot_general(kq.astype(q[j].dtype), q[j], (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32)                       # [block, Hp]
+                                   preferred_element_type=jnp.float32,                       # [block, Hp]
+                                   precision=jax.lax.Precision.HIGHEST if q[j].dtype == jnp.float32 else None)
         if scale_ref is not None:
           s = plt.load(scale_ref.at[slot, j], mask=ok, other=0.0)                              # [block]
           part = part * s[:, None]

@@ -48,15 +48,18 @@ def softmax_step(q_lat, q_rope, lat, kr, ok, carry, scale):
   returns the updated carry. The latent is both the key (with the rope part) and the value.
   """
   acc, m, l = carry
-  s = jax.lax.dot_general(q_lat, lat, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  s = s + jax.lax.dot_general(q_rope, kr, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  hp = jax.lax.Precision.HIGHEST if lat.dtype == jnp.float32 else None   # float32 in float32, not TF32
+  s = jax.lax.dot_general(q_lat, lat, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=hp)
+  s = s + jax.lax.dot_general(q_rope, kr, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                              precision=hp)
   s = jnp.where(ok[None, :], s * scale, -jnp.inf)
   m_new = jnp.maximum(m, jnp.max(s, axis=1))
   m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)            # all-masked so far: keep exp finite
   p = jnp.exp(s - m_safe[:, None])
   alpha = jnp.exp(m - m_safe)
   l = alpha * l + jnp.sum(p, axis=1)
-  acc = alpha[:, None] * acc + jax.lax.dot(p.astype(lat.dtype), lat, preferred_element_type=jnp.float32)
+  acc = alpha[:, None] * acc + jax.lax.dot(p.astype(lat.dtype), lat, preferred_element_type=jnp.float32,
+                                           precision=hp)
   return acc, m_new, l
 
 

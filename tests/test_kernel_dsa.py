@@ -217,6 +217,15 @@ def _bench_args():
           lambda q, lat, r, pt, l: mla_decode(q, lat, r, pt, l, 0.1, interpret=False),
           (s((batch, 128, 576), jnp.bfloat16), s((pages, page, 512), jnp.bfloat16), s((pages, page, 64), jnp.bfloat16),
            s((batch, n // page), jnp.int32), s((batch,), jnp.int32))),
+      # float32 (the engine's float32 checks on a GPU): full-precision dots, not TF32.
+      "mla_decode float32": (
+          lambda q, lat, r, pt, l: mla_decode(q, lat, r, pt, l, 0.1, interpret=False),
+          (s((batch, 128, 576), jnp.float32), s((pages, page, 512), jnp.float32), s((pages, page, 64), jnp.float32),
+           s((batch, n // page), jnp.int32), s((batch,), jnp.int32))),
+      "dsa_indexer_scores float32": (
+          lambda q, w, k, pt, l: dsa_indexer_scores(q, w, k, None, pt, l, interpret=False),
+          (s((batch, 64, 128), jnp.float32), s((batch, 64), jnp.float32), s((pages, page, 128), jnp.float32),
+           s((batch, n // page), jnp.int32), s((batch,), jnp.int32))),
       "sparse_mla_prefill": (
           lambda q, lat, r, pt, ids: sparse_mla_prefill(q, lat, r, pt, ids, 0.1, interpret=False),
           (s((1, 128, 128, 576), jnp.bfloat16), s((pages, page, 512), jnp.bfloat16), s((pages, page, 64), jnp.bfloat16),
@@ -228,7 +237,8 @@ def _bench_args():
                                            ("dsa_topk chunked+histograms", 5), ("dsa_indexer_scores", 1),
                                            ("dsa_indexer_scores+topk_histograms", 1),
                                            ("dsa_indexer_scores+topk_histograms, bf16 cache", 1), ("sparse_mla_decode", 1),
-                                           ("mla_decode", 1), ("sparse_mla_prefill", 1)])
+                                           ("mla_decode", 1), ("mla_decode float32", 1),
+                                           ("dsa_indexer_scores float32", 1), ("sparse_mla_prefill", 1)])
 def test_kernels_lower_to_triton_at_bench_shapes(name, launches):
   """backend="pallas" really is the Triton kernel (no fallback), and the Pallas -> Triton-IR
   lowering accepts it for CUDA at the benchmark shapes (power-of-two tiles, fp8 loads, ...)."""
