@@ -8,6 +8,9 @@ same run. The peer is the same engine with the pure-XLA reference attention.
 Two layouts of the same engine step, in the same run (`--layouts`): `bench` (`--steps` steps
 per call, the page table at its full width) and `serving` (what the serving engine compiles:
 `--serving_steps` steps per call, the table at `Engine.page_table_width`, a power of two).
+For dense Pallas rows, the attention kernel alone at the layout's table width (one layer's
+pools, times the layers): its share of the step and its % of the copy ceiling, so a gap between
+the kernel's bandwidth and the whole step's is attributed to the attention or to the rest.
 
   python bench/bench_decode.py --contexts=4096,16384,32768 --batch=8 --out=$OUT/decode.json
   python bench/bench_decode.py --smoke     # CPU, tiny model, interpret mode (or SMOKE=1)
@@ -81,7 +84,8 @@ def main(_):
   from sparse_jax.config import KvCacheConfig, load_llm_api_options
   from sparse_jax.engine import Engine
 
-  if FLAGS.smoke or os.environ.get("SMOKE") == "1":
+  smoke = FLAGS.smoke or os.environ.get("SMOKE") == "1"
+  if smoke:
     FLAGS.config, FLAGS.contexts, FLAGS.batch, FLAGS.iters, FLAGS.page_size = "tiny-llama", ["48"], 2, 2, 16
     FLAGS.steps, FLAGS.serving_steps, FLAGS.backends = 4, 2, ["pallas"]
   cfg = model_config(FLAGS.config)
@@ -123,6 +127,21 @@ def main(_):
     n_pages = eng.max_pages_per_seq
     cache, eng.cache = eng.cache, None
     _mem(f"{backend} engine + pool")
+
+    def attention_alone(cache, table, lengths):
+      """Device time (us) of one layer's dense decode attention as the step runs it (the dense
+      units of `table`, the paged decode kernel on layer 0's pools)."""
+      from bench.common import time_fn
+      from pallas_kernels.paged_decode import paged_decode_attention
+      from sparse_jax.attention import Runtime, pool_as_units
+      from sparse_jax.selection import dense_units
+      kv_heads, _, page, head_dim = cache.k[0].shape
+      q = jnp.full((b, model.config.num_attention_heads, head_dim), 0.01, jnp.bfloat16)
+      kwargs = Runtime(backend=backend).kernel_kwargs()
+      fn = jax.jit(lambda q, k, v, pt, ln: paged_decode_attention(
+          q, pool_as_units(k, page), pool_as_units(v, page), *dense_units(pt, ln, kv_heads), scale=head_dim ** -0.5,
+          **kwargs))
+      return time_fn(fn, q, cache.k[0], cache.v[0], table, lengths, iters=FLAGS.iters, loop=not smoke).us
 
     def fill(cache, ctx):
       cache = random_fill_cache(cache, aux=False)
@@ -173,16 +192,27 @@ def main(_):
                    host_overhead_pct=100 * max(0.0, single - step) / single,
                    tokens_per_s=b / step, bytes_per_step_gb=bytes_step / 1e9, tb_per_s=bytes_step / step / 1e12,
                    pct_of_ceiling=100 * bytes_step / step / ceiling, sparse=sparse.algorithm if sparse else "dense")
+        if backend == "pallas" and sparse is None:   # where the step's time goes: the attention kernel alone
+          us = attention_alone(cache, table[:, :width], jnp.full((b,), ctx + extra // 2, jnp.int32))
+          layers = len(cache.k)
+          row.update(attention_ms_per_step=us * layers / 1e3, attention_pct_of_step=100 * us * layers / 1e3 / row["step_ms"],
+                     attention_tb_per_s=kv_bytes / layers / us / 1e6,
+                     attention_pct_of_ceiling=100 * kv_bytes / layers / (us * 1e-6) / ceiling)
+          print(f"  {backend} ctx={ctx} {layout}: attention kernel alone {us:.1f} us per layer x {layers} = "
+                f"{row['attention_ms_per_step']:.2f} ms/step ({row['attention_pct_of_step']:.0f}% of the step, "
+                f"{row['attention_pct_of_ceiling']:.0f}% of the ceiling)", flush=True)
         rows.append(row)
     del cache, eng
   print("\n| backend | layout | steps/call | table width | context | batch | ms/step | tokens/s | GB read/step "
-        "| TB/s | % ceiling | host overhead |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "| TB/s | % ceiling | host overhead | attention alone (ms/step, % of step, % ceiling) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['backend']} | {r['layout']} | {r['steps_per_call']} | {r['table_width']} | {r['context']} | "
           f"{r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | "
           f"{r['bytes_per_step_gb']:.1f} | {r['tb_per_s']:.2f} | {r['pct_of_ceiling']:.0f}% | "
-          f"{r['host_overhead_pct']:.1f}% |")
+          f"{r['host_overhead_pct']:.1f}% | " + (
+              f"{r['attention_ms_per_step']:.2f}, {r['attention_pct_of_step']:.0f}%, {r['attention_pct_of_ceiling']:.0f}% |"
+              if "attention_ms_per_step" in r else "- |"))
   result = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, config=FLAGS.config,
                 copy_ceiling_tb_s=ceiling / 1e12, weight_bytes=weight_bytes, rows=rows)
   if FLAGS.out:

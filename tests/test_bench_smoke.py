@@ -37,6 +37,7 @@ def test_decode_measures_the_bench_and_serving_layouts(tmp_path):
   assert [(r["backend"], r["layout"]) for r in rows] == [("pallas", "bench"), ("pallas", "serving")]
   assert [r["steps_per_call"] for r in rows] == [4, 2]
   assert all(r["step_ms"] > 0 for r in rows)
+  assert all(r["attention_ms_per_step"] > 0 and r["attention_pct_of_step"] > 0 for r in rows)
 
 
 def test_dsa_checks_every_kernel_and_times_each_op_with_its_peers(tmp_path):
