@@ -16,8 +16,8 @@ empty rows, permuted pages, -1 padded tables), then at the benchmarks' sizes:
                  (cuDNN on a GPU) vs one float32 softmax: padding query rows exactly 0,
                  empty contexts (-inf statistics), huge finite values in every unread slot
 
-Engine: greedy tokens of every registered algorithm (the golden cases of
-tests/test_golden_outputs.py: the embedded default model, a tiny DeepSeek-V3.2 for DSA) with
+Engine: greedy tokens of every registered algorithm (the golden-output cases of
+tests/engine_cases.py: the embedded default model, a tiny DeepSeek-V3.2 for DSA) with
 backend="pallas" equal those of backend="reference", in float32.
 
 Prints "CHECK <what>: ... OK|FAIL" lines and "CHECK SUMMARY"; writes check_kernels.json to
@@ -229,9 +229,8 @@ def check_chunk_merge(smoke, results) -> bool:
 def check_engine(smoke, interpret, algorithms, results) -> bool:
   from sparse_jax import LLM, KvCacheConfig, SamplingParams
   from sparse_jax.defaults import DEFAULT_MODEL_DIR
-  from tests import test_golden_outputs as golden
-  from tests.model_fixtures import tiny_llama
-  from tests.test_dsa import tiny_deepseek
+  from tests import engine_cases as golden
+  from tests.model_fixtures import tiny_deepseek, tiny_llama
   cases = {name: (cfg, kw, False) for name, (cfg, kw) in golden.CASES.items()}
   cases.update({name: (cfg, {}, True) for name, cfg in golden.MLA_CASES.items()})
   unknown = set(algorithms or ()) - set(cases)
@@ -253,7 +252,7 @@ def check_engine(smoke, interpret, algorithms, results) -> bool:
         llm = LLM(model, dtype="float32", backend=backend, interpret=interpret if backend == "pallas" else None,
                   max_batch_size=2, max_seq_len=512, sparse_attention_config=cfg, decode_chunk_size=8,
                   kv_cache_config=KvCacheConfig(tokens_per_block=golden.PAGE), **kwargs)
-        prompts = golden._prompts(vocab or llm.model.config.vocab_size)
+        prompts = golden.prompts(vocab or llm.model.config.vocab_size)
         outs = llm.generate(prompts, SamplingParams(max_tokens=golden.NEW_TOKENS, ignore_eos=True))
         tokens[backend] = [o.outputs[0].token_ids for o in outs]
       return tokens["pallas"] == tokens["reference"]

@@ -108,3 +108,16 @@ def test_check_chunk_merge_fails_a_merge_that_drops_the_context(monkeypatch):
   monkeypatch.setattr(attention, "merge_by_lse", lambda parts: merge(parts[:1]))
   assert not check_kernels_gpu.check_chunk_merge(True, results)
   assert [r["ok"] for r in results] == [True, False]
+
+
+def test_check_kernels_needs_no_pytest():
+  """The GPU check's engine part imports its cases and tiny models without pytest (a GPU
+  machine may have only the CUDA extra installed)."""
+  code = ("import sys; sys.modules['pytest'] = None\n"
+          "from bench import check_kernels_gpu\n"
+          "from tests import engine_cases\n"
+          "from tests.model_fixtures import tiny_deepseek, tiny_llama\n"
+          "assert engine_cases.CASES and engine_cases.MLA_CASES\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,46 +7,15 @@ Re-record (only for an intended behaviour change): GOLDEN_RECORD=1 python -m pyt
 import json
 import os
 
-import numpy as np
 import pytest
 
 from sparse_jax import LLM, KvCacheConfig, SamplingParams
 from sparse_jax.config import registered_algorithms
-from sparse_jax.algorithms.dsa import DSASparseAttentionConfig
-from sparse_jax.algorithms.hybrid import HybridSparseAttentionConfig
-from sparse_jax.algorithms.indexer import IndexerSparseAttentionConfig
-from sparse_jax.algorithms.oracle import OracleSparseAttentionConfig
-from sparse_jax.algorithms.quest import QuestSparseAttentionConfig
-from sparse_jax.algorithms.rocket import RocketSparseAttentionConfig
-from sparse_jax.algorithms.snapkv import SnapKVSparseAttentionConfig
-from sparse_jax.algorithms.streaming import StreamingSparseAttentionConfig
 from sparse_jax.defaults import DEFAULT_MODEL_DIR
+from tests.engine_cases import CASES, MLA_CASES, NEW_TOKENS, PAGE, prompts
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "greedy_outputs.json")
 RECORD = os.environ.get("GOLDEN_RECORD") == "1"
-PROMPT_LEN, NEW_TOKENS, PAGE = (200, 170), 8, 16
-
-# name -> (sparse config, LLM keyword arguments); budgets well below the prompt so every sparse path runs.
-CASES = {
-    "dense": (None, {}),
-    "rocket": (RocketSparseAttentionConfig(prompt_budget=96, window_size=16, kernel_size=7, topr=1.0, topk=8, page_size=4), {}),
-    "rocket_chunked": (RocketSparseAttentionConfig(prompt_budget=96, window_size=16, kernel_size=7, topr=1.0, topk=8,
-                                                   page_size=4, prefill_budget=64),
-                       dict(enable_chunked_prefill=True, max_num_tokens=64)),
-    "quest": (QuestSparseAttentionConfig(topk=4, page_size=16), {}),
-    "hybrid": (HybridSparseAttentionConfig(topk=4, page_size=16, sink_blocks=1, recent_blocks=1), {}),
-    "quest_dense_layers": (QuestSparseAttentionConfig(topk=4, page_size=16, dense_layers=2), {}),
-    "quest_evicting": (QuestSparseAttentionConfig(topk=4, page_size=16, decode_budget=3 * PAGE), {}),
-    "snapkv": (SnapKVSparseAttentionConfig(max_capacity_prompt=96, window_size=16, kernel_size=7), {}),
-    "streaming": (StreamingSparseAttentionConfig(sink_tokens=4, window=60, block_size=16), {}),
-    "oracle": (OracleSparseAttentionConfig(topk=4, block_size=16), {}),
-    "indexer": (IndexerSparseAttentionConfig(
-        weights_path=os.path.join(os.path.dirname(DEFAULT_MODEL_DIR), "default_model_indexer.safetensors"),
-        topk=4, block_size=16, index_k_dtype="float32"), {}),
-}
-MLA_CASES = {
-    "dsa": DSASparseAttentionConfig(index_topk=24),
-}
 
 
 def test_every_algorithm_has_a_golden_case():
@@ -56,13 +25,8 @@ def test_every_algorithm_has_a_golden_case():
   assert not missing, f"add a golden case for {sorted(missing)}"
 
 
-def _prompts(vocab):
-  rng = np.random.default_rng(0)
-  return [rng.integers(3, vocab, n).tolist() for n in PROMPT_LEN]
-
-
 def _generate(llm, vocab):
-  outs = llm.generate(_prompts(vocab), SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+  outs = llm.generate(prompts(vocab), SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
   return [o.outputs[0].token_ids for o in outs]
 
 
@@ -89,7 +53,7 @@ def test_greedy_outputs_unchanged(name):
 
 @pytest.mark.parametrize("name", sorted(MLA_CASES))
 def test_mla_greedy_outputs_unchanged(name):
-  from tests.test_dsa import tiny_deepseek
+  from tests.model_fixtures import tiny_deepseek
   model = tiny_deepseek(5)
   llm = LLM(model, dtype="float32", backend="reference", max_batch_size=2, max_seq_len=512,
             sparse_attention_config=MLA_CASES[name], decode_chunk_size=8,
