@@ -134,6 +134,32 @@ def test_longbench_v2_release_file_with_filters_and_categories(checkpoint, tmp_p
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_samples"] == 2
 
 
+def test_chat_template_flags(checkpoint, tmp_path, capsys):
+  """A checkpoint without a template: --apply_chat_template=true is refused naming --chat_template;
+  --chat_template=FILE renders each prompt as the user's message with RULER's answer prefix
+  starting the reply, so the prompt grows by exactly the template's text."""
+  with pytest.raises(ValueError, match="has no chat template; pass --chat_template"):
+    eval_lib.evaluate(task="niah_single", context_length=128, num_samples=1, model=checkpoint,
+                      apply_chat_template="true", progress=False)
+  template = tmp_path / "chat.jinja"
+  template.write_text("{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}"
+                      "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+  runs = {}
+  for mode in ("false", "auto"):
+    runs[mode] = eval_lib.evaluate(task="niah_single", context_length=128, num_samples=1, model=checkpoint,
+                                   backend="reference", max_tokens=2, progress=False, apply_chat_template=mode,
+                                   chat_template=str(template))
+  assert runs["false"]["summary"]["chat_template"] is False and runs["auto"]["summary"]["chat_template"] is True
+  import models
+  tokenizer = models.load_tokenizer(checkpoint)
+  sample = eval_lib.load_samples("niah_single", 128, 1, 0, tasks.TokenCounter(tokenizer.backend))[0]
+  question, prefix = tasks.split_answer_prefix(sample.prompt)
+  assert prefix.startswith("The special magic number for") and question + tasks.ANSWER_SUFFIX + " " + prefix == sample.prompt
+  expected = tokenizer.encode(f"<<user>>{question}<<assistant>>{prefix}", add_special_tokens=False)
+  assert runs["auto"]["samples"][0]["prompt_tokens"] == len(expected)
+  assert runs["false"]["samples"][0]["prompt_tokens"] == len(tokenizer.encode(sample.prompt))
+
+
 def test_bad_arguments(checkpoint):
   with pytest.raises(ValueError, match="--task='nope'"):
     eval_lib.evaluate(task="nope", context_length=256, num_samples=1, model=checkpoint)
