@@ -13,6 +13,8 @@ them), three ways in the same run:
               lax.top_k, sorted token ids, a take_along_axis gather, einsum attention.
 
 Bytes: the valid KT entries + the selected tokens' K and V + q and output, per layer.
+Ops per layer: the compiled step's entry operations other than parameters, constants, tuples
+and bitcasts, divided by the layers (on a GPU each is a kernel launch: what the fusion saves).
 
   python bench/bench_rocket_step.py --out=$OUT/rocket_step.json
   python bench/bench_rocket_step.py --smoke     # CPU, tiny shapes, interpret mode (or SMOKE=1)
@@ -24,6 +26,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -165,6 +168,20 @@ def step_fn(cfg, spec, variant):
   return jax.jit(step)
 
 
+_NOT_LAUNCHED = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+
+
+def entry_ops(fn, *args) -> int:
+  """Operations of the compiled step's entry computation other than parameters, constants,
+  tuples and bitcasts: on a GPU each is one kernel launch (a fusion, a Triton or library call,
+  a copy, a sort)."""
+  text = fn.lower(*args).compile().as_text()
+  entry = text[text.index("\nENTRY"):]
+  body = entry[:entry.index("\n}")].splitlines()[1:]
+  ops = [re.search(r"=.*?\s([a-z][a-z0-9-]*)\(", line) for line in body]
+  return sum(1 for m in ops if m and m.group(1) not in _NOT_LAUNCHED)
+
+
 def main(_):
   import jax
   import jax.numpy as jnp
@@ -194,7 +211,8 @@ def main(_):
         outs[variant] = fn(layer_caches, table, lengths, q)
         t = time_fn(fn, layer_caches, table, lengths, q, loop=False, iters=20)
         us = t.us / layers
-        row = dict(point, us_per_layer=round(us, 2), **bandwidth(per_layer, us, ceiling), timing=t.as_dict())
+        row = dict(point, us_per_layer=round(us, 2), **bandwidth(per_layer, us, ceiling), timing=t.as_dict(),
+                   ops_per_layer=round(entry_ops(fn, layer_caches, table, lengths, q) / layers, 2))
       except Exception as e:  # a failing variant is a row, not a lost run
         row = dict(point, error=f"{type(e).__name__}: {e}"[:500])
       if variant in outs and "fused" in outs:
@@ -204,14 +222,15 @@ def main(_):
     del layer_caches
   print(f"\ncopy ceiling {ceiling / 1e12:.2f} TB/s")
   print("| rocket page | prompt budget | layers | fused us/layer | pallas us/layer | xla_lean us/layer "
-        "| fused vs pallas | fused vs xla_lean | fused % ceiling |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        "| fused vs pallas | fused vs xla_lean | fused % ceiling | ops per layer (fused / pallas / xla_lean) |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for i in range(0, len(rows), len(VARIANTS)):
     f, p, x = rows[i:i + len(VARIANTS)]
     us = [r.get("us_per_layer", r.get("error", "")[:40]) for r in (f, p, x)]
     ratio = lambda r: f"{r['us_per_layer'] / f['us_per_layer']:.2f}x" if "us_per_layer" in r and "us_per_layer" in f else ""
     print(f"| {f['rocket_page_size']} | {f['prompt_budget']} | {f['layers']} | {us[0]} | {us[1]} | {us[2]} "
-          f"| {ratio(p)} | {ratio(x)} | {f.get('pct_ceiling', '')}% |")
+          f"| {ratio(p)} | {ratio(x)} | {f.get('pct_ceiling', '')}% "
+          f"| {' / '.join(str(r.get('ops_per_layer', '-')) for r in (f, p, x))} |")
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(dict(info, copy_ceiling_tb_s=ceiling / 1e12, rows=rows), f, indent=1)

@@ -26,6 +26,7 @@ def test_rocket_step_measures_every_variant_and_they_agree(tmp_path):
     assert "error" not in row, row
     assert row["us_per_layer"] > 0
     assert row["max_abs_diff_vs_fused"] <= 2e-2  # bf16 outputs of the same selection
+    assert row["ops_per_layer"] > 0
   assert "fused vs pallas" in proc.stdout  # the table
 
 
