@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.loading import CheckpointError, ModelType, register_model_type
+from models.loading import CheckpointError, ModelType, llama_hf_name, register_model_type
 from sparse_jax.attention import RMSNorm, Runtime
 from sparse_jax.cache import CacheLayout
 from sparse_jax.decoder import CachedDecoder
@@ -255,21 +255,10 @@ class DeepseekV32ForCausalLM(CachedDecoder, nnx.Module):
   def __init__(self, config: DeepseekV32Config, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs | None = None):
     rngs = rngs or nnx.Rngs(0)
     param_dtype = param_dtype or dtype
-    self.config = config
-    self.dtype = dtype
-    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                                  embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                            for i in range(config.num_hidden_layers)])
-    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
-    self.lm_head = None if config.tie_word_embeddings else _linear(rngs, dtype, param_dtype, config.hidden_size,
-                                                                   config.vocab_size)
+    self.init_backbone(config, lambda i: DecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   # -- geometry the engine needs to build a cache ---------------------------------
-  @property
-  def num_layers(self) -> int:
-    return self.config.num_hidden_layers
-
   @property
   def kv_heads(self) -> int:
     return 1
@@ -312,12 +301,6 @@ class DeepseekV32ForCausalLM(CachedDecoder, nnx.Module):
   def attention_layers(self) -> list[MLAttention]:
     return [layer.self_attn for layer in self.layers]
 
-  def logits(self, h: jax.Array) -> jax.Array:
-    h = self.norm(h)
-    if self.lm_head is None:
-      return self.embed_tokens.attend(h).astype(jnp.float32)
-    return self.lm_head(h).astype(jnp.float32)
-
   # -- no cache -------------------------------------------------------------------
   def __call__(self, input_ids: jax.Array, lengths: jax.Array | None = None, backend: str = "reference",
                return_hidden: bool = False, index_topk: int | None = None) -> jax.Array:
@@ -345,17 +328,11 @@ def _hf_name(path: tuple) -> tuple[str, bool] | None:
   """
   parts = [str(p) for p in path]
   leaf = parts[-1]
-  if parts[0] == "lm_head":
-    return "lm_head.weight", True
-  if leaf == "embedding":
-    return "model." + ".".join(parts[:-1]) + ".weight", False
   if len(parts) >= 4 and parts[-2] == "experts" and leaf in ("gate_proj", "up_proj", "down_proj"):
     return f"model.{'.'.join(parts[:-2])}.experts.0.{leaf}.weight", False
-  if leaf == "kernel":
-    return "model." + ".".join(parts[:-1]) + ".weight", True
-  if leaf in ("bias", "weight", "e_score_correction_bias"):
+  if leaf == "e_score_correction_bias":
     return "model." + ".".join(parts), False
-  return None
+  return llama_hf_name(path)
 
 
 def _ignored(name: str) -> bool:

@@ -126,24 +126,10 @@ class LlamaForCausalLM(CachedDecoder, nnx.Module):
   def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs | None = None):
     rngs = rngs or nnx.Rngs(0)
     param_dtype = param_dtype or dtype
-    self.config = config
-    self.dtype = dtype
-    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                                  embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.layers = nnx.List([DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                            for _ in range(config.num_hidden_layers)])
-    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
-    if config.tie_word_embeddings:
-      self.lm_head = None
-    else:
-      self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
-                                param_dtype=param_dtype, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.init_backbone(config, lambda i: DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   # -- geometry the engine needs to build a cache ---------------------------------
-  @property
-  def num_layers(self) -> int:
-    return self.config.num_hidden_layers
-
   @property
   def kv_heads(self) -> int:
     return self.config.num_key_value_heads
@@ -185,12 +171,6 @@ class LlamaForCausalLM(CachedDecoder, nnx.Module):
 
   def attention_layers(self) -> list[SparseAttention]:
     return [layer.self_attn for layer in self.layers]
-
-  def logits(self, h: jax.Array) -> jax.Array:
-    h = self.norm(h)
-    if self.lm_head is None:
-      return self.embed_tokens.attend(h).astype(jnp.float32)
-    return self.lm_head(h).astype(jnp.float32)
 
   # -- no cache -------------------------------------------------------------------
   def __call__(self, input_ids: jax.Array, lengths: jax.Array | None = None, backend: str = "reference",

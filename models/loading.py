@@ -243,7 +243,9 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = jnp.float32, param_dty
 
 # -- built-in architectures --------------------------------------------------------------
 
-def _llama_hf_name(path: tuple) -> tuple[str, bool] | None:
+def llama_hf_name(path: tuple) -> tuple[str, bool] | None:
+  """Our parameter path -> (Hugging Face tensor name, transpose?) in the Llama layout
+  (`model.` + the path; Linear kernels transposed to [out, in]); None for no tensor."""
   parts = [str(p) for p in path]
   leaf = parts[-1]
   if parts[0] == "lm_head":
@@ -271,7 +273,7 @@ def _register_builtin() -> None:
         config_from_hf=llama.LlamaConfig.from_hf,
         build=lambda config, dtype, param_dtype, rngs: llama.LlamaForCausalLM(
             config, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-        hf_name=_llama_hf_name,
+        hf_name=llama_hf_name,
         # A tied checkpoint may still carry lm_head.weight; rotary caches are not parameters.
         ignored=lambda n: n == "lm_head.weight" or n.endswith("rotary_emb.inv_freq")))
   import importlib.util

@@ -1,22 +1,51 @@
 """The cached forward shared by our decoder models (the engine's `prefill` / `decode` contract).
 
-A model mixes in `CachedDecoder` and provides `embed_tokens`, `layers` (each called as
-`layer(h, attend)`, where `attend(attn, x)` runs its attention layer against the cache) and
-`logits(h)`; its attention layers provide `prefill(x, lengths, layer_cache, rows, runtime,
+A model mixes in `CachedDecoder` and builds its backbone with `init_backbone`: `embed_tokens`,
+`layers` (each called as `layer(h, attend)`, where `attend(attn, x)` runs its attention layer
+against the cache), `norm` and `lm_head` (None when tied to the embedding), under the Hugging
+Face parameter names; its attention layers provide `prefill(x, lengths, layer_cache, rows, runtime,
 starts, final) -> (out, layer_cache, counts)` and `decode(x, positions, layer_cache, page_table,
 lengths, active, runtime) -> (out, layer_cache)`.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import chex
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from sparse_jax.attention import Runtime
+from sparse_jax.attention import RMSNorm, Runtime
 from sparse_jax.cache import PagedKVCache
 
 
 class CachedDecoder:
+  def init_backbone(self, config: Any, make_layer: Callable[[int], nnx.Module], *, dtype, param_dtype,
+                    rngs: nnx.Rngs) -> None:
+    """The embedding, config.num_hidden_layers decoder layers (make_layer(i)), the final norm
+    and, unless tie_word_embeddings, the LM head (initialised in that order)."""
+    self.config = config
+    self.dtype = dtype
+    self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                  embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.layers = nnx.List([make_layer(i) for i in range(config.num_hidden_layers)])
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+    self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
+        config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+  @property
+  def num_layers(self) -> int:
+    return self.config.num_hidden_layers
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """float32 logits of hidden states h [..., hidden] (final norm, then the LM head or the tied embedding)."""
+    h = self.norm(h)
+    if self.lm_head is None:
+      return self.embed_tokens.attend(h).astype(jnp.float32)
+    return self.lm_head(h).astype(jnp.float32)
+
   def prefill(self, tokens: jax.Array, lengths: jax.Array, slots: jax.Array, cache: PagedKVCache,
               runtime: Runtime = Runtime(), starts: jax.Array | None = None,
               final: bool = True) -> tuple[jax.Array, PagedKVCache]:
