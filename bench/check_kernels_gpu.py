@@ -250,8 +250,8 @@ def check_engine(smoke, interpret, algorithms, results) -> bool:
     def run():
       for backend in ("reference", "pallas"):
         llm = LLM(model, dtype="float32", backend=backend, interpret=interpret if backend == "pallas" else None,
-                  max_batch_size=2, max_seq_len=512, sparse_attention_config=cfg, decode_chunk_size=8,
-                  kv_cache_config=KvCacheConfig(tokens_per_block=golden.PAGE), **kwargs)
+                  max_batch_size=2, max_seq_len=512, sparse_attention_config=cfg,
+                  kv_cache_config=KvCacheConfig(tokens_per_block=golden.PAGE), **{**golden.DEFAULTS, **kwargs})
         prompts = golden.prompts(vocab or llm.model.config.vocab_size)
         outs = llm.generate(prompts, SamplingParams(max_tokens=golden.NEW_TOKENS, ignore_eos=True))
         tokens[backend] = [o.outputs[0].token_ids for o in outs]

@@ -16,8 +16,10 @@ from sparse_jax.algorithms.streaming import StreamingSparseAttentionConfig
 from sparse_jax.defaults import DEFAULT_MODEL_DIR
 
 PROMPT_LEN, NEW_TOKENS, PAGE = (200, 170), 8, 16
+DEFAULTS = dict(decode_chunk_size=8)  # LLM keyword arguments a case may override
 
-# name -> (sparse config, LLM keyword arguments); budgets well below the prompt so every sparse path runs.
+# name -> (sparse config, LLM keyword arguments over DEFAULTS); budgets well below the prompt so
+# every sparse path runs.
 CASES = {
     "dense": (None, {}),
     "rocket": (RocketSparseAttentionConfig(prompt_budget=96, window_size=16, kernel_size=7, topr=1.0, topk=8, page_size=4), {}),
@@ -27,7 +29,9 @@ CASES = {
     "quest": (QuestSparseAttentionConfig(topk=4, page_size=16), {}),
     "hybrid": (HybridSparseAttentionConfig(topk=4, page_size=16, sink_blocks=1, recent_blocks=1), {}),
     "quest_dense_layers": (QuestSparseAttentionConfig(topk=4, page_size=16, dense_layers=2), {}),
-    "quest_evicting": (QuestSparseAttentionConfig(topk=4, page_size=16, decode_budget=3 * PAGE), {}),
+    # Decode chunks of 4: the sequences are still running after the first one, so eviction runs.
+    "quest_evicting": (QuestSparseAttentionConfig(topk=4, page_size=16, decode_budget=3 * PAGE),
+                       dict(decode_chunk_size=4)),
     "snapkv": (SnapKVSparseAttentionConfig(max_capacity_prompt=96, window_size=16, kernel_size=7), {}),
     "streaming": (StreamingSparseAttentionConfig(sink_tokens=4, window=60, block_size=16), {}),
     "oracle": (OracleSparseAttentionConfig(topk=4, block_size=16), {}),

@@ -91,5 +91,8 @@ def test_chunked_prefill_at_full_budget_matches_dense(dense_generation):  # noqa
   llm = LLM(tiny_llama(4), dtype="float32", sparse_attention_config=cfg, enable_chunked_prefill=True,
             max_num_tokens=16, kv_cache_config=KvCacheConfig(tokens_per_block=8), max_batch_size=2,
             max_seq_len=128, decode_chunk_size=4)
+  llm.engine._dense_below = None  # decode runs the prediction, which selects every page
   outs = llm.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
   assert [o.outputs[0].token_ids for o in outs] == expected
+  stats = llm.engine.stats
+  assert stats["prefill_chunks"] == 6 and stats["sparse_decode_calls"] == stats["decode_calls"] > 0
