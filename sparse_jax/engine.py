@@ -32,7 +32,7 @@ from flax import nnx
 
 from pallas_kernels.common import pow2_at_least
 from sparse_jax.attention import Runtime, clear_importance, sequence_importance, with_importance_pool
-from sparse_jax.cache import CacheExhaustedError, PageAllocator, create_cache_for
+from sparse_jax.cache import CacheExhaustedError, PageAllocator, PagedKVCache, create_cache_for
 from sparse_jax.config import BaseSparseAttentionConfig, ConfigError, KvCacheConfig, get_algorithm, is_int, is_real
 from sparse_jax.sampling import MAX_TOP_LOGPROBS, SampledLogprobs, SamplingState, TokenHistory, sample
 
@@ -195,6 +195,20 @@ def length_bucket(n: int, lo: int = 16) -> int:
   return 2 * base
 
 
+def _shard_model(model: nnx.Module, tensor_parallel_size: int):
+  """(mesh, whether the KV heads are split) after sharding `model` over tensor_parallel_size
+  devices; (None, False) for one device."""
+  if tensor_parallel_size == 1:
+    return None, False
+  from sparse_jax import parallel
+  if tensor_parallel_size < 1:
+    raise ValueError(f"tensor_parallel_size={tensor_parallel_size} must be >= 1")
+  shard_kv = parallel.check_divisible(model, tensor_parallel_size)
+  mesh = parallel.make_mesh(tensor_parallel_size)
+  parallel.shard_model(model, mesh, shard_kv)
+  return mesh, shard_kv
+
+
 class Engine:
   """Owns the model, the paged cache, the allocator and the request queue.
 
@@ -215,14 +229,7 @@ class Engine:
       raise ValueError(f"decode_chunk_size={decode_chunk_size} must be positive")
     self.model_config = model.config
     self.tokenizer = tokenizer
-    mesh, shard_kv = None, False
-    if tensor_parallel_size != 1:
-      from sparse_jax import parallel
-      if tensor_parallel_size < 1:
-        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} must be >= 1")
-      shard_kv = parallel.check_divisible(model, tensor_parallel_size)
-      mesh = parallel.make_mesh(tensor_parallel_size)
-      parallel.shard_model(model, mesh, shard_kv)
+    mesh, shard_kv = _shard_model(model, tensor_parallel_size)
     self.tensor_parallel_size = tensor_parallel_size
     self._kv_shards = tensor_parallel_size if shard_kv else 1  # devices each KV-head pool is split over
     self.decode_budget = None if sparse_attention_config is None else sparse_attention_config.decode_budget
@@ -259,15 +266,8 @@ class Engine:
     self.kv_dtype = kv_dtype
     num_pages = self._pool_pages(kv_cache_config, kv_dtype)
     self.allocator = PageAllocator(num_pages, self.page_size, max_batch_size, self.max_pages_per_seq)
-    make_cache = functools.partial(create_cache_for, self.layout, num_pages=num_pages, page_size=self.page_size,
-                                   batch_slots=max_batch_size, max_pages_per_seq=self.max_pages_per_seq,
-                                   dtype=kv_dtype)
-    if mesh is not None:
-      from sparse_jax import parallel
-      shardings = parallel.cache_shardings(jax.eval_shape(make_cache), mesh, shard_kv)
-      make_cache = jax.jit(make_cache, out_shardings=shardings)  # born sharded: no full copy on one device
-    self._make_cache = make_cache  # also rebuilds the pool after a failed step consumed the donated one
-    self.cache = make_cache()
+    self._make_cache = self._cache_factory(num_pages, mesh, shard_kv)  # also rebuilds a pool a failed step consumed
+    self.cache = self._make_cache()
     if sparse_attention_config is not None:
       self._attach_predictors(model, sparse_attention_config)
     self.graphdef, self.params = nnx.split(model)
@@ -293,6 +293,17 @@ class Engine:
     self.decode_fn = jax.jit(self._decode_impl, static_argnames=("n_pages", "num_steps", "dense", "with_logprobs"),
                              donate_argnames=("cache", "history"))
     self._set_history_fn = jax.jit(_set_history_row, donate_argnames=("history",))
+
+  def _cache_factory(self, num_pages: int, mesh, shard_kv: bool) -> Callable[[], PagedKVCache]:
+    """A function building the empty page pool (under tensor parallelism born sharded: no full
+    copy on one device)."""
+    make_cache = functools.partial(create_cache_for, self.layout, num_pages=num_pages, page_size=self.page_size,
+                                   batch_slots=self.max_batch_size, max_pages_per_seq=self.max_pages_per_seq,
+                                   dtype=self.kv_dtype)
+    if mesh is None:
+      return make_cache
+    from sparse_jax import parallel
+    return jax.jit(make_cache, out_shardings=parallel.cache_shardings(jax.eval_shape(make_cache), mesh, shard_kv))
 
   def _attach_predictors(self, model, sparse) -> None:
     algo = get_algorithm(sparse)
