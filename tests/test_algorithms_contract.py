@@ -185,6 +185,7 @@ def _fill_fn(name):
 
 
 def _filled(name, key, lengths, table):
+  _predictor(name)  # built outside the trace: a predictor first built inside jit would cache tracers
   return _fill_fn(name)(key, lengths, table)
 
 
