@@ -40,8 +40,8 @@ from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import _compat
 from pallas_kernels.common import check_backend
-from pallas_kernels.sparse_mla_decode import (gather_rows_zeroed, merge_splits, plan_splits, softmax_step,
-                                              sparse_mla_decode_reference)
+from pallas_kernels.sparse_mla_decode import (check_decode_pools, gather_rows_zeroed, softmax_step,
+                                              sparse_mla_decode_reference, split_decode_call, store_split)
 
 
 
@@ -70,49 +70,23 @@ def _kernel(q_ref, lat_ref, rope_ref, pt_ref, len_ref, o_ref, lse_ref, *, block_
   init = (jnp.zeros((block_h, rank), jnp.float32), jnp.full((block_h,), -jnp.inf, jnp.float32),
           jnp.zeros((block_h,), jnp.float32))
   acc, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
-  o_ref[row, split, heads, :] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
-  lse_ref[row, split, heads] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+  store_split(o_ref, lse_ref, row, split, heads, acc, m, l)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_h", "block_k", "num_splits", "num_warps",
                                              "num_stages"))
 def _pallas(q, latent_pool, rope_pool, page_table, lengths, *, scale, interpret, block_h, block_k, num_splits,
             num_warps, num_stages):
-  batch, heads, _ = q.shape
-  num_pages, page_size, rank = latent_pool.shape
-  n_tokens = page_table.shape[1] * page_size
-  heads_pad = max(16, pl.cdiv(heads, block_h) * block_h)        # a tensor-core tile needs >= 16 rows
-  block_h = min(block_h, heads_pad)
-  q = jnp.pad(q, ((0, 0), (0, heads_pad - heads), (0, 0)))
-  head_blocks = heads_pad // block_h
-  splits = plan_splits(batch, head_blocks, n_tokens, block_k, num_splits)
-  per_split = pl.cdiv(pl.cdiv(n_tokens, splits), block_k) * block_k
-  splits = pl.cdiv(n_tokens, per_split)
-  kernel = functools.partial(_kernel, block_h=block_h, block_k=block_k, per_split=per_split, page_size=page_size,
-                             scale=scale)
-  out, lse = pl.pallas_call(
-      kernel,
-      # Split partials in q's dtype (bf16 on the GPU; the merge weights stay float32).
-      out_shape=(jax.ShapeDtypeStruct((batch, splits, heads_pad, rank), q.dtype),
-                 jax.ShapeDtypeStruct((batch, splits, heads_pad), jnp.float32)),
-      grid=(batch, splits, head_blocks),
-      compiler_params=_compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret, name="mla_decode",
-  )(q, latent_pool.reshape(num_pages * page_size, rank), rope_pool.reshape(num_pages * page_size, -1),
-    page_table, jnp.minimum(lengths.astype(jnp.int32), n_tokens))
-  out = out[:, 0] if splits == 1 else merge_splits(out, lse, q.dtype)
-  return out[:, :heads].astype(q.dtype)
+  n_tokens = page_table.shape[1] * latent_pool.shape[1]
+  return split_decode_call(_kernel, q, latent_pool, rope_pool, page_table,
+                           (jnp.minimum(lengths.astype(jnp.int32), n_tokens),), n_tokens=n_tokens, name="mla_decode",
+                           scale=scale, interpret=interpret, block_h=block_h, block_k=block_k,
+                           num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
 
 
 def _check(q, latent_pool, rope_pool, page_table, lengths):
-  batch, _, dim = q.shape
-  chex.assert_rank((latent_pool, rope_pool), 3)
-  rank, rope_dim = latent_pool.shape[-1], rope_pool.shape[-1]
-  if dim != rank + rope_dim:
-    raise ValueError(f"q's last dim {dim} must be kv_lora_rank + rope_dim = {rank} + {rope_dim}")
-  chex.assert_equal_shape_prefix((latent_pool, rope_pool), 2)
-  chex.assert_shape(page_table, (batch, None))
-  chex.assert_shape(lengths, (batch,))
+  check_decode_pools(q, latent_pool, rope_pool, page_table)
+  chex.assert_shape(lengths, (q.shape[0],))
 
 
 def mla_decode(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array, page_table: jax.Array,

@@ -110,8 +110,13 @@ def _kernel(q_ref, lat_ref, rope_ref, pt_ref, ids_ref, count_ref, o_ref, lse_ref
   stop = jnp.minimum(start + per_split, count_ref[row])
   acc, m, l = attend_tokens(q_lat, q_rope, lat_ref, rope_ref, ids_ref, pt_ref, ids_row=row, pt_row=row,
                             start=start, stop=stop, block_k=block_k, page_size=page_size, scale=scale)
-  out = acc / jnp.where(l > 0, l, 1.0)[:, None]
-  o_ref[row, split, heads, :] = out.astype(o_ref.dtype)
+  store_split(o_ref, lse_ref, row, split, heads, acc, m, l)
+
+
+def store_split(o_ref, lse_ref, row, split, heads, acc, m, l):
+  """Write a split's normalised output acc / l and its log-sum-exp m + log l (-inf and zeros
+  for a split that saw no token)."""
+  o_ref[row, split, heads, :] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
   lse_ref[row, split, heads] = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
 
 
@@ -137,44 +142,62 @@ def plan_splits(batch: int, head_blocks: int, n_ids: int, block_k: int, num_spli
                                              "num_stages"))
 def _pallas(q, latent_pool, rope_pool, page_table, token_ids, *, scale, interpret, block_h, block_k, num_splits,
             num_warps, num_stages):
-  batch, heads, dim = q.shape
+  counts = jnp.sum(token_ids >= 0, axis=1).astype(jnp.int32)
+  return split_decode_call(_kernel, q, latent_pool, rope_pool, page_table, (token_ids, counts),
+                           n_tokens=token_ids.shape[1], name="sparse_mla_decode", scale=scale, interpret=interpret,
+                           block_h=block_h, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
+                           num_stages=num_stages)
+
+
+def split_decode_call(kernel, q, latent_pool, rope_pool, page_table, row_inputs, *, n_tokens, name, scale,
+                      interpret, block_h, block_k, num_splits, num_warps, num_stages):
+  """Run a flash-decoding `kernel` over grid (row, split, head block) and merge its splits.
+
+  kernel(q, latent rows, rope rows, page_table, *row_inputs, out, lse; block_h, block_k,
+  per_split, page_size, scale) covers token positions [split * per_split, + per_split) of
+  `n_tokens`. Heads are padded to whole blocks of at least 16 (a tensor-core tile needs 16
+  rows) and cut off again. Returns [B, H, R] in q's dtype.
+  """
+  batch, heads, _ = q.shape
   num_pages, page_size, rank = latent_pool.shape
-  n_ids = token_ids.shape[1]
   heads_pad = max(16, pl.cdiv(heads, block_h) * block_h)
   block_h = min(block_h, heads_pad)
   q = jnp.pad(q, ((0, 0), (0, heads_pad - heads), (0, 0)))
   head_blocks = heads_pad // block_h
-  splits = plan_splits(batch, head_blocks, n_ids, block_k, num_splits)
-  per_split = pl.cdiv(pl.cdiv(n_ids, splits), block_k) * block_k
-  splits = pl.cdiv(n_ids, per_split)
-  counts = jnp.sum(token_ids >= 0, axis=1).astype(jnp.int32)
-  kernel = functools.partial(_kernel, block_h=block_h, block_k=block_k, per_split=per_split, page_size=page_size,
+  splits = plan_splits(batch, head_blocks, n_tokens, block_k, num_splits)
+  per_split = pl.cdiv(pl.cdiv(n_tokens, splits), block_k) * block_k
+  splits = pl.cdiv(n_tokens, per_split)
+  kernel = functools.partial(kernel, block_h=block_h, block_k=block_k, per_split=per_split, page_size=page_size,
                              scale=scale)
   # Split partials in q's dtype (bf16 on the GPU: at 2K tokens the partials are as many bytes
   # as the latents read; the merge weights stay float32), float32 for float32 queries.
-  part_dtype = q.dtype
   out, lse = pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct((batch, splits, heads_pad, rank), part_dtype),
+      out_shape=(jax.ShapeDtypeStruct((batch, splits, heads_pad, rank), q.dtype),
                  jax.ShapeDtypeStruct((batch, splits, heads_pad), jnp.float32)),
       grid=(batch, splits, head_blocks),
       compiler_params=_compat.compiler_params(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret, name="sparse_mla_decode",
+      interpret=interpret, name=name,
   )(q, latent_pool.reshape(num_pages * page_size, rank), rope_pool.reshape(num_pages * page_size, -1),
-    page_table, token_ids, counts)
+    page_table, *row_inputs)
   out = out[:, 0] if splits == 1 else merge_splits(out, lse, q.dtype)
   return out[:, :heads].astype(q.dtype)
 
 
-def _check(q, latent_pool, rope_pool, page_table, token_ids):
-  batch, heads, dim = q.shape
+def check_decode_pools(q, latent_pool, rope_pool, page_table):
+  """Shape checks of an absorbed decode's query [B, H, R + r], paged pools and page table."""
+  batch, _, dim = q.shape
   chex.assert_rank((latent_pool, rope_pool), 3)
   rank, rope_dim = latent_pool.shape[-1], rope_pool.shape[-1]
   if dim != rank + rope_dim:
     raise ValueError(f"q's last dim {dim} must be kv_lora_rank + rope_dim = {rank} + {rope_dim}")
   chex.assert_equal_shape_prefix((latent_pool, rope_pool), 2)
   chex.assert_shape(page_table, (batch, None))
-  chex.assert_shape(token_ids, (batch, None))
+
+
+def _check(q, latent_pool, rope_pool, page_table, token_ids):
+  check_decode_pools(q, latent_pool, rope_pool, page_table)
+  chex.assert_shape(token_ids, (q.shape[0], None))
 
 
 def sparse_mla_decode(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array, page_table: jax.Array,
