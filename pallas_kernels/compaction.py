@@ -101,18 +101,8 @@ def _gather_kernel(pt_ref, slot_ref, keep_ref, count_ref, *refs, num_pools: int,
                    page_size: int, feature_blocks: Sequence[int]):
   """Two-pass, pass 1: one program = one (row, head, chunk): kept tokens -> scratch."""
   pool_refs, scratch_refs = refs[:num_pools], refs[num_pools:]
-  budget = keep_ref.shape[0]
-  count = jnp.clip(count_ref[0], 0, budget)
-  c = pl.program_id(2)
-
-  @pl.when(c * chunk < count)
-  def _():
-    src, _ = _token_addresses(pt_ref, slot_ref[0], keep_ref, count, c, chunk=chunk,
-                              page_size=page_size)
-    for pool_ref, scratch_ref, block_f in zip(pool_refs, scratch_refs, feature_blocks):
-      for f in range(pool_ref.shape[-1] // block_f):
-        cols = pl.ds(f * block_f, block_f)
-        scratch_ref[:, cols] = pool_ref[src, cols]
+  _copy_chunk(pt_ref, slot_ref, keep_ref, count_ref, pool_refs, scratch_refs, chunk=chunk, page_size=page_size,
+              feature_blocks=feature_blocks, to_scratch=True)
 
 
 def _scatter_kernel(pt_ref, slot_ref, keep_ref, count_ref, *refs, num_pools: int, chunk: int,
@@ -120,18 +110,29 @@ def _scatter_kernel(pt_ref, slot_ref, keep_ref, count_ref, *refs, num_pools: int
   """Two-pass, pass 2: one program = one (row, head, chunk): scratch -> positions 0..count-1.
   Destinations of different chunks are disjoint and the pool is not read: race-free."""
   scratch_refs, pool_refs = refs[:num_pools], refs[2 * num_pools:]
+  _copy_chunk(pt_ref, slot_ref, keep_ref, count_ref, pool_refs, scratch_refs, chunk=chunk, page_size=page_size,
+              feature_blocks=feature_blocks, to_scratch=False)
+
+
+def _copy_chunk(pt_ref, slot_ref, keep_ref, count_ref, pool_refs, scratch_refs, *, chunk: int, page_size: int,
+                feature_blocks: Sequence[int], to_scratch: bool):
+  """Chunk pl.program_id(2) of the kept tokens, feature block by feature block: pool rows at the
+  kept positions -> scratch (to_scratch), else scratch -> pool rows at positions 0..count-1."""
   budget = keep_ref.shape[0]
   count = jnp.clip(count_ref[0], 0, budget)
   c = pl.program_id(2)
 
   @pl.when(c * chunk < count)
   def _():
-    _, dst = _token_addresses(pt_ref, slot_ref[0], keep_ref, count, c, chunk=chunk,
-                              page_size=page_size)
+    src, dst = _token_addresses(pt_ref, slot_ref[0], keep_ref, count, c, chunk=chunk,
+                                page_size=page_size)
     for pool_ref, scratch_ref, block_f in zip(pool_refs, scratch_refs, feature_blocks):
       for f in range(pool_ref.shape[-1] // block_f):
         cols = pl.ds(f * block_f, block_f)
-        pool_ref[dst, cols] = scratch_ref[:, cols]
+        if to_scratch:
+          scratch_ref[:, cols] = pool_ref[src, cols]
+        else:
+          pool_ref[dst, cols] = scratch_ref[:, cols]
 
 
 def _largest_power_of_two_divisor(x: int) -> int:
