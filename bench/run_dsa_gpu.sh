@@ -14,20 +14,9 @@
 #   bash bench/run_dsa_gpu.sh
 #   SMOKE=1 OUT=/tmp/d bash bench/run_dsa_gpu.sh      # CPU dry run (interpret mode, tiny shapes)
 set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-# 128K-token pools plus the plain-XLA baselines' gathered copies: allocate on demand.
-export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
-OUT="${OUT:-/tmp/sparse_jax_bench_out}"
-export OUT
-mkdir -p "$OUT"
-SMOKE_FLAG=""
-if [ "${SMOKE:-0}" = "1" ]; then SMOKE_FLAG="--smoke"; fi
+source "$(dirname "$0")/kernel_env.sh"
 
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
-python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" 2>&1 \
-  | tee "$OUT/jax.txt"
+record_machine
 t0=$SECONDS
 timeout --signal=TERM --kill-after=10 225 python3 bench/bench_dsa.py --budget-s 200 $SMOKE_FLAG 2>&1 \
   | tee "$OUT/bench_dsa.log"

@@ -11,17 +11,8 @@
 #   bash bench/run_kernels_gpu.sh
 #   SMOKE=1 OUT=/tmp/k bash bench/run_kernels_gpu.sh     # CPU dry run of the script
 set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-# Let XLA take what it needs (128K-token pools, cuDNN workspaces) without preallocating 75%.
-export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-false}"
-OUT="${OUT:-/tmp/sparse_jax_bench_out}"
-export OUT
-mkdir -p "$OUT"
+source "$(dirname "$0")/kernel_env.sh"
 PY=python3
-SMOKE_FLAG=""
-if [ "${SMOKE:-0}" = "1" ]; then SMOKE_FLAG="--smoke"; fi
 
 step() {  # step <name> <timeout seconds> <command...>
   local name=$1 limit=$2
@@ -35,10 +26,7 @@ step() {  # step <name> <timeout seconds> <command...>
 }
 
 : > "$OUT/steps.txt"
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null \
-  | tee "$OUT/gpu.txt"
-$PY -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" \
-  2>&1 | tee "$OUT/jax.txt"
+record_machine
 
 # Check each kernel against its reference in one process (one jax start-up).
 step check 100 $PY -c '
