@@ -19,6 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 import models
 from sparse_jax.algorithms import dsa
@@ -50,15 +51,6 @@ def write_deepseek_checkpoint(directory: str, seed: int = 0, **overrides):
   model.save_pretrained(path)
   model.config._attn_implementation = "eager"
   return path, model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-  """torch's CPU thread pool fights XLA's for the cores: one thread is 50x faster here."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

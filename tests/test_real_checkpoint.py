@@ -6,21 +6,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 import jax.numpy as jnp
 
 import models
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-  """torch's CPU thread pool fights XLA's for the two cores."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
