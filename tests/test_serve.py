@@ -8,6 +8,7 @@ One tiny random Llama with a word-level tokenizer built here, one server under u
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import socket
 import threading
@@ -95,6 +96,26 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
     time.sleep(0.01)
 
 
+@contextlib.contextmanager
+def serving(app):
+  """Runs `app` with uvicorn in a daemon thread on a free 127.0.0.1 port; yields its URL; on exit
+  stops uvicorn and shuts the app's server down."""
+  sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  sock.bind(("127.0.0.1", 0))
+  port = sock.getsockname()[1]
+  server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+  thread.start()
+  wait_until(lambda: server.started, 30, "uvicorn to start")
+  try:
+    yield f"http://127.0.0.1:{port}"
+  finally:
+    server.should_exit = True
+    thread.join(10)
+    app.state.server.shutdown()
+
+
 @pytest.fixture(scope="module")
 def served():
   tok = make_tokenizer()
@@ -117,20 +138,9 @@ def served():
   llm.engine.add_request = recording_add
   app = create_app(llm, "tiny")
   app.state.server.loop.idle_timeout_s = 60.0  # an idle loop must be woken by add_request, not by polling
-  sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-  sock.bind(("127.0.0.1", 0))
-  port = sock.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  wait_until(lambda: server.started, 30, "uvicorn to start")
-  yield dict(llm=llm, url=f"http://127.0.0.1:{port}", prompts=prompts, offline=offline, gate=gate, app=app,
-             created=created, tok=tok)
-  gate.open()
-  server.should_exit = True
-  thread.join(10)
-  app.state.server.shutdown()
+  with serving(app) as url:
+    yield dict(llm=llm, url=url, prompts=prompts, offline=offline, gate=gate, app=app, created=created, tok=tok)
+    gate.open()
 
 
 def post(url: str, path: str, body, timeout: float = 120.0) -> httpx.Response:

@@ -10,18 +10,16 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import socket
 import threading
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 from sparse_jax import KvCacheConfig, LLM, SamplingParams
 from sparse_jax.serve import API_KEY_ENV, api_key_from, create_app
 from tests.model_fixtures import tiny_llama
-from tests.test_serve import VOCAB, make_tokenizer, wait_until
+from tests.test_serve import VOCAB, make_tokenizer, serving, wait_until
 
 KEY = "sk-test-1234"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -40,17 +38,8 @@ def served():
   reference = llm.generate(PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))[0].outputs[0]
   app = create_app(llm, "tiny", api_key=KEY, allowed_origins=["https://ui.example"], max_body_bytes=MAX_BODY,
                    stats_log_interval_s=0.2)
-  sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-  sock.bind(("127.0.0.1", 0))
-  port = sock.getsockname()[1]
-  server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  wait_until(lambda: server.started, 30, "uvicorn to start")
-  yield dict(llm=llm, url=f"http://127.0.0.1:{port}", app=app, reference=reference)
-  server.should_exit = True
-  thread.join(10)
-  app.state.server.shutdown()
+  with serving(app) as url:
+    yield dict(llm=llm, url=url, app=app, reference=reference)
 
 
 def post(served, path, body=None, content=None):
