@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax.algorithms import quest
-from sparse_jax.algorithms.oracle import select_topk_blocks
+from sparse_jax.algorithms.oracle import max_over_queries, select_topk_blocks
 from sparse_jax.cache import AuxPoolSpec, LayerCache
 from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, check_positive_int, fail_field, is_int,
                                is_power_of_two, register_algorithm)
@@ -116,8 +116,7 @@ def chunk_scores(cfg: HybridSparseAttentionConfig, spec, q: jax.Array, layer: La
                  lengths: jax.Array) -> tuple[jax.Array, int]:
   """Scores of the stored context's blocks for several queries per row (q: [batch, samples, q_heads, D]):
   (float32[batch, kv_heads, num_blocks], the max over the queries, -inf = not a block; page_size)."""
-  scores = jax.vmap(lambda qr: block_scores(cfg, spec, qr, layer, page_table, lengths), in_axes=1)(q)
-  return jnp.max(scores, axis=0), cfg.page_size
+  return max_over_queries(block_scores, cfg, spec, q, layer, page_table, lengths), cfg.page_size
 
 
 def page_scores(cfg: HybridSparseAttentionConfig, spec, q: jax.Array, layer: LayerCache, page_table: jax.Array,

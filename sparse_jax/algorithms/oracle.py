@@ -67,6 +67,13 @@ def select_topk_blocks(scores: jax.Array, lengths: jax.Array, block_size: int, t
   return topk_selection(jnp.where(newest, jnp.inf, scores), topk, block_size)
 
 
+def max_over_queries(score_fn, cfg, spec, q: jax.Array, layer: LayerCache, page_table: jax.Array,
+                     lengths: jax.Array) -> jax.Array:
+  """score_fn(cfg, spec, q_one [batch, q_heads, D], layer, page_table, lengths) -> [batch, kv_heads,
+  blocks] for each query of q [batch, samples, q_heads, D]: the elementwise max over the queries."""
+  return jnp.max(jax.vmap(lambda qr: score_fn(cfg, spec, qr, layer, page_table, lengths), in_axes=1)(q), axis=0)
+
+
 def block_sum(token_scores: jax.Array, block_size: int) -> jax.Array:
   """[..., T] -> [..., ceil(T / block_size)]: sum over each block's tokens (zero padded)."""
   t = token_scores.shape[-1]

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.common import MASK_VALUE
 from sparse_jax.algorithms import rocket
-from sparse_jax.algorithms.oracle import select_topk_blocks
+from sparse_jax.algorithms.oracle import max_over_queries, select_topk_blocks
 from sparse_jax.cache import AuxPoolSpec, LayerCache
 from sparse_jax.config import (Algorithm, BaseSparseAttentionConfig, ConfigError, fail_field, check_positive_int,
                                is_power_of_two, register_algorithm)
@@ -137,8 +137,7 @@ def chunk_scores(cfg: QuestSparseAttentionConfig, spec, q: jax.Array, layer: Lay
   """Scores of the stored context's Quest pages for several queries per row (q: [batch, samples, q_heads, D];
   chunked sparse prefill): (float32[batch, kv_heads, num_quest_pages], the max over the queries, -inf = not a
   page; page_size)."""
-  probs = jax.vmap(lambda qr: page_probs(cfg, spec, qr, layer, page_table, lengths), in_axes=1)(q)
-  return jnp.max(probs, axis=0), cfg.page_size
+  return max_over_queries(page_probs, cfg, spec, q, layer, page_table, lengths), cfg.page_size
 
 
 def page_scores(cfg: QuestSparseAttentionConfig, spec, q: jax.Array, layer: LayerCache, page_table: jax.Array,
