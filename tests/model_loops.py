@@ -1,5 +1,6 @@
 """Loops that drive a model directly, without the LLM engine (no torch needed): a cached prefill
-and decode over permuted pages, the no-cache forward, and the Jaccard similarity of id sets."""
+and decode over permuted pages (greedy, or teacher-forced), the no-cache forward, and the
+Jaccard similarity of id sets."""
 from __future__ import annotations
 
 import math
@@ -52,6 +53,28 @@ def cached_generate(model, prompts, steps, sparse, *, page_size=4, seed=0, backe
     all_logits.append(logits)
   out.append(jnp.argmax(logits, axis=-1).astype(jnp.int32))
   return np.stack([np.asarray(o) for o in out], axis=1), np.stack([np.asarray(l) for l in all_logits], axis=1)
+
+
+def prefill_then_decode(model, runtime, alloc, cache, seqs, lens, steps, t_pad):
+  """Teacher-forced: prefills seqs[i][:lens[i]] into slot i (right-padded to t_pad, pages from
+  the PageAllocator `alloc`), then `steps` decode steps feeding each sequence's next token.
+  Returns (logits [1 + steps, n, vocab]: prefill's last, then each step's; the cache)."""
+  n = len(lens)
+  for s, length in enumerate(lens):
+    alloc.ensure(s, length + steps)
+  cache = cache.replace(page_table=jnp.asarray(alloc.table()))
+  tokens = np.zeros((n, t_pad), np.int32)
+  for i, length in enumerate(lens):
+    tokens[i, :length] = seqs[i][:length]
+  logits, cache = jax.jit(model.prefill, static_argnames="runtime")(jnp.asarray(tokens), jnp.asarray(lens),
+                                                                     jnp.arange(n), cache, runtime=runtime)
+  out = [np.asarray(logits)]
+  decode = jax.jit(model.decode, static_argnames="runtime")
+  for step in range(steps):
+    tok = jnp.asarray([seqs[i][lens[i] + step] for i in range(n)], jnp.int32)
+    logits, cache = decode(tok, cache, jnp.ones(n, bool), runtime=runtime)
+    out.append(np.asarray(logits))
+  return np.stack(out), cache
 
 
 def forward(model, ids, **kwargs):

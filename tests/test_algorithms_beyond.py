@@ -26,6 +26,7 @@ from sparse_jax.config import (ConfigError, config_to_dict, get_algorithm, load_
 from sparse_jax.engine import length_bucket
 from sparse_jax.selection import AttnSelection
 from tests.model_fixtures import tiny_llama
+from tests.model_loops import prefill_then_decode
 
 NAMES = ("quest", "snapkv", "streaming", "oracle", "indexer")
 PAGE = 8
@@ -72,21 +73,7 @@ def run_model(model, runtime, seqs):
   alloc._free = [int(p) for p in np.random.default_rng(0).permutation(96)]  # non-contiguous pages
   cache = create_cache_for(model.cache_layout(runtime.sparse, PAGE), num_pages=96, page_size=PAGE, batch_slots=3,
                            max_pages_per_seq=24, dtype=jnp.float32)
-  for s, length in enumerate(LENS):
-    alloc.ensure(s, length + STEPS)
-  cache = cache.replace(page_table=jnp.asarray(alloc.table()))
-  tokens = np.zeros((3, T_PAD), np.int32)
-  for i, length in enumerate(LENS):
-    tokens[i, :length] = seqs[i][:length]
-  logits, cache = jax.jit(model.prefill, static_argnames="runtime")(jnp.asarray(tokens), jnp.asarray(LENS),
-                                                                     jnp.arange(3), cache, runtime=runtime)
-  out = [np.asarray(logits)]
-  decode = jax.jit(model.decode, static_argnames="runtime")
-  for step in range(STEPS):
-    tok = jnp.asarray([seqs[i][LENS[i] + step] for i in range(3)], jnp.int32)
-    logits, cache = decode(tok, cache, jnp.ones(3, bool), runtime=runtime)
-    out.append(np.asarray(logits))
-  return np.stack(out), cache
+  return prefill_then_decode(model, runtime, alloc, cache, seqs, LENS, STEPS, T_PAD)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from sparse_jax.config import ConfigError, load_llm_api_options, load_sparse_att
 from sparse_jax.rope import RopeSpec
 from tests.kernel_platform import INTERPRET
 from tests.model_fixtures import tiny_llama
+from tests.model_loops import prefill_then_decode
 
 EXACT = dict(window_size=8, kernel_size=5, topr=1.0, page_size=4, kt_cache_dtype="float32")
 
@@ -38,21 +39,7 @@ def test_full_budget_equals_dense_for_several_steps():
   results = {}
   for name, rt in (("dense", Runtime()), ("rocket", Runtime(sparse=rk))):
     alloc, cache = _cache(model, page, rt.sparse)
-    for s, l in enumerate(lens):
-      alloc.ensure(s, l + steps)
-    cache = cache.replace(page_table=jnp.asarray(alloc.table()))
-    tokens = np.zeros((3, 96), np.int32)
-    for i, l in enumerate(lens):
-      tokens[i, :l] = seqs[i][:l]
-    logits, cache = jax.jit(model.prefill, static_argnames="runtime")(jnp.asarray(tokens), jnp.asarray(lens),
-                                                                       jnp.arange(3), cache, runtime=rt)
-    out = [np.asarray(logits)]
-    decode = jax.jit(model.decode, static_argnames="runtime")
-    for step in range(steps):
-      tok = jnp.asarray([seqs[i][lens[i] + step] for i in range(3)], jnp.int32)
-      logits, cache = decode(tok, cache, jnp.ones(3, bool), runtime=rt)
-      out.append(np.asarray(logits))
-    results[name] = np.stack(out)
+    results[name], _ = prefill_then_decode(model, rt, alloc, cache, seqs, lens, steps, 96)
   np.testing.assert_allclose(results["rocket"], results["dense"], atol=1e-5, rtol=0)
 
 
