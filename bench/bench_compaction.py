@@ -17,7 +17,6 @@ Bytes moved = read + write of every kept token of every pool (2 x kept bytes).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -90,17 +89,9 @@ def check(names=CHECK_SHAPES, interpret: bool = False) -> bool:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = common.kernel_bench_parser(__doc__, budget_s=70.0)
   parser.add_argument("--shape", default="bench_b8_kv8_d128_p32k_keep2k")
-  parser.add_argument("--smoke", action="store_true",
-                      help="tiny test shape in interpret mode (CPU); exits 0 if it runs")
-  parser.add_argument("--check", action="store_true",
-                      help="only compare the kernel with the reference on this device")
   parser.add_argument("--q-heads", type=int, default=32, help="q heads of the prefill")
-  parser.add_argument("--iters", type=int, default=20)
-  parser.add_argument("--budget-s", type=float, default=70.0)
-  parser.add_argument("--out", default="")
   args = parser.parse_args(argv)
 
   info = common.setup()

@@ -21,7 +21,6 @@ larger selections, dense); the others run the default and that category's best c
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -170,18 +169,9 @@ def check(names=CHECK_SHAPES, interpret: bool = False) -> bool:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = common.kernel_bench_parser(__doc__, budget_s=180.0)
   parser.add_argument("--shapes", default="", help="comma-separated DECODE_SHAPES names")
-  parser.add_argument("--smoke", action="store_true",
-                      help="tiny test shapes in interpret mode (CPU); exits 0 if it runs")
-  parser.add_argument("--check", action="store_true",
-                      help="only compare the kernel with the reference on this device")
   parser.add_argument("--sweep", choices=["full", "quick", "none"], default="full")
-  parser.add_argument("--iters", type=int, default=20)
-  parser.add_argument("--budget-s", type=float, default=180.0,
-                      help="wall-clock budget; optional work is skipped once spent")
-  parser.add_argument("--out", default="", help="JSON directory (default $OUT)")
   args = parser.parse_args(argv)
 
   info = common.setup()

@@ -15,7 +15,6 @@ Bytes = KT bytes of the valid blocks (2 x D x itemsize each) + the float32 outpu
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -94,16 +93,8 @@ def label(c: dict) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--shapes", default="")
-  parser.add_argument("--smoke", action="store_true",
-                      help="tiny test shape in interpret mode (CPU); exits 0 if it runs")
-  parser.add_argument("--check", action="store_true",
-                      help="only compare the kernel with the reference on this device")
-  parser.add_argument("--iters", type=int, default=20)
-  parser.add_argument("--budget-s", type=float, default=50.0)
-  parser.add_argument("--out", default="")
+  parser = common.kernel_bench_parser(__doc__, budget_s=50.0)
+  parser.add_argument("--shapes", default="", help="comma-separated ROCKET_SHAPES names")
   args = parser.parse_args(argv)
 
   info = common.setup()

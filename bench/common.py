@@ -16,6 +16,7 @@ device time of one call:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -34,6 +35,21 @@ from jax import lax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import _compat  # noqa: E402
+
+
+def kernel_bench_parser(doc: str, budget_s: float) -> argparse.ArgumentParser:
+  """The options of a kernel benchmark (--smoke, --check, --iters, --budget-s, --out); the
+  benchmark adds its own (which shapes, sweeps)."""
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny test shapes in interpret mode (CPU); exits 0 if it runs")
+  parser.add_argument("--check", action="store_true",
+                      help="only compare the kernel with the reference on this device")
+  parser.add_argument("--iters", type=int, default=20)
+  parser.add_argument("--budget-s", type=float, default=budget_s,
+                      help="wall-clock budget; optional work is skipped once spent")
+  parser.add_argument("--out", default="", help="JSON directory (default $OUT)")
+  return parser
 
 
 def setup() -> dict[str, Any]:
