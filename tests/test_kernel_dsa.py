@@ -14,7 +14,7 @@ from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.sparse_mla_decode import sparse_mla_decode
 from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill
 from sparse_jax.algorithms import dsa
-from tests.kernel_platform import INTERPRET, lower_for_cuda
+from tests.kernel_platform import INTERPRET, lower_for_cuda, permuted_pages
 
 
 # -- top-k -------------------------------------------------------------------------------------
@@ -107,15 +107,9 @@ def _indexer_case(seed, *, batch, heads, dim, page_size, max_pages, dtype, lengt
   """Random queries/weights and a paged key cache; each row's pages a random permutation of
   the pool, -1 past its length; NaN in every pool slot no row owns (must never be read)."""
   rng = np.random.default_rng(seed)
-  num_pages = batch * max_pages + 3
-  perm = rng.permutation(num_pages)
-  table = np.full((batch, max_pages), -1, np.int32)
-  owned = np.zeros((num_pages, page_size), bool)
-  for b, n in enumerate(lengths):
-    used = -(-n // page_size)
-    table[b, :used] = perm[b * max_pages:b * max_pages + used]
-    for t in range(n):
-      owned[table[b, t // page_size], t % page_size] = True
+  table, owned = permuted_pages(rng, lengths, page_size=page_size, max_pages=max_pages, spare_pages=3,
+                                readable=[range(n) for n in lengths])
+  num_pages = owned.shape[0]
   keys = rng.standard_normal((num_pages, page_size, dim)).astype(np.float32)
   keys[:, :, :3] *= 20.0                                   # outlier channels
   q = jnp.asarray(rng.standard_normal((batch, heads, dim)), jnp.float32)

@@ -8,21 +8,14 @@ import pytest
 
 from pallas_kernels.sparse_mla_decode import sparse_mla_decode, sparse_mla_decode_reference
 from pallas_kernels.sparse_mla_prefill import sparse_mla_prefill, sparse_mla_prefill_reference
-from tests.kernel_platform import INTERPRET
+from tests.kernel_platform import INTERPRET, permuted_pages
 
 
 def _pools(rng, lengths, *, rank, rope_dim, page_size, max_pages, dtype, listed):
   """(latent_pool, rope_pool, page_table): NaN wherever `listed` (per row, a set of tokens) has no token."""
-  batch = len(lengths)
-  num_pages = batch * max_pages + 2
-  perm = rng.permutation(num_pages)
-  table = np.full((batch, max_pages), -1, np.int32)
-  readable = np.zeros((num_pages, page_size), bool)
-  for b, n in enumerate(lengths):
-    used = -(-n // page_size)
-    table[b, :used] = perm[b * max_pages:b * max_pages + used]
-    for t in listed[b]:
-      readable[table[b, t // page_size], t % page_size] = True
+  table, readable = permuted_pages(rng, lengths, page_size=page_size, max_pages=max_pages, spare_pages=2,
+                                   readable=listed)
+  num_pages = readable.shape[0]
   lat = rng.standard_normal((num_pages, page_size, rank)).astype(np.float32)
   rope = rng.standard_normal((num_pages, page_size, rope_dim)).astype(np.float32)
   lat[~readable], rope[~readable] = np.nan, np.nan
