@@ -76,7 +76,7 @@ def main(_):
           f"{sum(x.nbytes for x in jax.tree_util.tree_leaves(eng.params)) / 1e9:.2f} GB", flush=True)
     table = jnp.asarray(eng.allocator.table())
     samp = eng.sampling_state(np.array([0]))
-    c = eng.chunk_size
+    c = eng.max_num_tokens
     if chunked_cfg:
       last = max((FLAGS.input_len - 1) // c * c, 2 * c)
       programs = [("chunk (middle)", True, False, c, last - c), ("chunk (final)", True, True, c, last)]

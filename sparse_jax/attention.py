@@ -67,6 +67,7 @@ class Runtime:
   shard_kv: bool = False    # KV heads split over the mesh (else attention runs replicated)
   evict: bool = False       # accumulate page importance for eviction (aux pool IMPORTANCE)
   predict: bool = True      # False: keep aux pools current but attend densely (short sequences, dense layers)
+  sparse_prefill: bool = True  # a prompt chunk attends to the algorithm's selection of earlier chunks (else all)
 
   def __post_init__(self):
     check_backend(self.backend)
@@ -328,6 +329,32 @@ def compact(layer: LayerCache, page_table_rows: jax.Array, indices: jax.Array, c
   return layer.replace(k=k, v=v)
 
 
+def compact_into(layer: LayerCache, src_rows: jax.Array, dst_rows: jax.Array, indices: jax.Array,
+                 counts: jax.Array) -> LayerCache:
+  """Copies each head's kept tokens to positions 0..count-1 of other pages (K and V), leaving
+  the source pages as they are: a prompt's dense pages stay reusable by the prefix cache.
+
+  src_rows, dst_rows: int32[n, max_pages]; indices: int32[n, kv_heads, budget] logical
+  positions in the source rows (ascending, -1 padded); counts: int32[n].
+  """
+  heads, num_pages, page_size = layer.k.shape[:3]
+  n, _, budget = indices.shape
+  kept = (jnp.arange(budget)[None, None, :] < counts[:, None, None]) & (indices >= 0)
+  src = jnp.clip(indices, 0)
+  src_page = jnp.take_along_axis(src_rows, (src // page_size).reshape(n, -1), axis=1).reshape(src.shape)
+  src_flat = jnp.clip(src_page, 0) * page_size + src % page_size
+  dst_pos = jnp.broadcast_to(jnp.arange(budget, dtype=jnp.int32)[None, None, :], src.shape)
+  dst_page = jnp.take_along_axis(dst_rows, (dst_pos // page_size).reshape(n, -1), axis=1).reshape(src.shape)
+  dst_flat = jnp.where(kept & (dst_page >= 0), dst_page * page_size + dst_pos % page_size, num_pages * page_size)
+  head = jnp.arange(heads)[None, :, None]
+
+  def move(pool):
+    flat = pool.reshape(heads, num_pages * page_size, *pool.shape[3:])
+    return flat.at[head, dst_flat].set(flat[head, src_flat], mode="drop").reshape(pool.shape)
+
+  return layer.replace(k=move(layer.k), v=move(layer.v))
+
+
 # -- the layer --------------------------------------------------------------------
 
 class RMSNorm(nnx.Module):
@@ -406,14 +433,16 @@ class SparseAttention(nnx.Module):
     return self.output(causal_attention(q, k, v, lengths, self.scale, backend=backend))
 
   def prefill(self, x: jax.Array, lengths: jax.Array, layer: LayerCache, page_table_rows: jax.Array,
-              runtime: Runtime, starts: jax.Array | None = None,
-              final: bool = True) -> tuple[jax.Array, LayerCache, jax.Array]:
+              runtime: Runtime, starts: jax.Array | None = None, final: bool = True,
+              compact_rows: jax.Array | None = None) -> tuple[jax.Array, LayerCache, jax.Array]:
     """x: [n, T, hidden] right-padded prompts (or prompt chunks); lengths: int32[n] tokens of x;
     page_table_rows: int32[n, max_pages] (pages already allocated). With `starts` (int32[n]
     tokens already stored: a chunked prefill), x holds positions starts.. and attends to the
     stored context (dense, or the algorithm's selection within `prefill_budget`); `final`
-    marks a prompt's last chunk (prompt compression runs then). Returns (out [n, T, hidden],
-    layer, counts int32[n] = tokens each row now holds)."""
+    marks a prompt's last chunk (prompt compression runs then). `compact_rows` (int32[n,
+    max_pages]): prompt compression writes the kept tokens there instead of in place, so the
+    dense prompt pages stay reusable. Returns (out [n, T, hidden], layer, counts int32[n] =
+    tokens each row now holds)."""
     n, t, _ = x.shape
     chex.assert_shape(lengths, (n,))
     chex.assert_shape(page_table_rows, (n, None))
@@ -422,9 +451,9 @@ class SparseAttention(nnx.Module):
     q, k, v = self.project(x, pos)
     core = functools.partial(prefill_core, scale=self.scale, runtime=runtime, extra=self._predictor_kwargs(x),
                              chunked=starts is not None, final=final)
-    out, layer, counts = runtime.per_kv_shard(core, (True, True, True, False, "layer", False, False),
+    out, layer, counts = runtime.per_kv_shard(core, (True, True, True, False, "layer", False, False, False),
                                               (True, "layer", False))(q, k, v, lengths, layer, page_table_rows,
-                                                                      offset)
+                                                                      offset, compact_rows)
     return self.output(out), layer, counts
 
   def decode(self, x: jax.Array, positions: jax.Array, layer: LayerCache, page_table: jax.Array,
@@ -480,7 +509,7 @@ def _context_for_chunk(q, layer: LayerCache, rows, starts, chunk_lens, scale, ru
   algorithm's top blocks within `prefill_budget`, scored by the max over sampled chunk queries."""
   kv_heads, page_size = layer.k.shape[0], layer.k.shape[2]
   algo = runtime.algorithm
-  if algo is None or algo.chunk_scores is None or not runtime.predict:
+  if algo is None or algo.chunk_scores is None or not runtime.predict or not runtime.sparse_prefill:
     ids, lens = dense_units(rows, starts, kv_heads)
     return ids, lens, page_size
   scores, block_size = chunk_block_scores(q, layer, rows, starts, chunk_lens, _spec_for(q, layer, scale, runtime),
@@ -499,12 +528,14 @@ def write_chunk(layer: LayerCache, k, v, rows, starts, lengths) -> LayerCache:
                        v=write_tokens(layer.v, slots, v.reshape(n * t, kv_heads, -1)))
 
 
-def prefill_core(q, k, v, lengths, layer: LayerCache, rows, starts, *, scale, runtime: Runtime, extra,
-                 chunked: bool = False, final: bool = True):
+def prefill_core(q, k, v, lengths, layer: LayerCache, rows, starts, compact_rows=None, *, scale, runtime: Runtime,
+                 extra, chunked: bool = False, final: bool = True):
   """Per-KV-head part of prefill: attention, cache write, predict_kv + compaction, aux update.
 
   q: [n, T, Hq, D], k, v: [n, T, Hkv, D] roped; lengths: int32[n] tokens of this call;
-  rows: int32[n, max_pages]; starts: int32[n] tokens already stored (chunked prefill).
+  rows: int32[n, max_pages]; starts: int32[n] tokens already stored (chunked prefill);
+  compact_rows: int32[n, max_pages] or None: where compaction writes the kept tokens (None:
+  in place).
   Returns (attention output [n, T, Hq, D], layer, counts int32[n] = tokens each row holds).
   """
   n, t, kv_heads = k.shape[0], k.shape[1], k.shape[2]
@@ -532,16 +563,24 @@ def prefill_core(q, k, v, lengths, layer: LayerCache, rows, starts, *, scale, ru
     else:
       keep = algo.predict_kv(runtime.sparse, spec, q, k, lengths, **extra)
       stored = t
+    aux_rows = rows
     if keep is not None:
       chex.assert_shape(keep.indices, (n, kv_heads, None))
-      layer = compact(layer, rows, keep.indices, keep.counts, runtime)
+      if compact_rows is None:
+        layer = compact(layer, rows, keep.indices, keep.counts, runtime)
+      else:
+        if not chunked:  # the dense pages' aux entries, reused with them by a later prefix match
+          layer = algo.update_aux(runtime.sparse, spec, layer, rows, jnp.zeros_like(total), total, stored, **extra)
+        layer = compact_into(layer, rows, compact_rows, keep.indices, keep.counts)
+        aux_rows = compact_rows
       counts = keep.counts
       stored = keep.indices.shape[-1]
     if keep is not None or not chunked:
-      layer = algo.update_aux(runtime.sparse, spec, layer, rows, jnp.zeros_like(counts), counts, stored, **extra)
+      layer = algo.update_aux(runtime.sparse, spec, layer, aux_rows, jnp.zeros_like(counts), counts, stored, **extra)
   if runtime.evict:  # fresh pages start with no importance
     imp = layer.aux[IMPORTANCE]
-    ids = jnp.where(rows >= 0, rows, imp.shape[1]).reshape(-1)
+    fresh = rows if compact_rows is None else jnp.concatenate([rows, compact_rows], axis=1)
+    ids = jnp.where(fresh >= 0, fresh, imp.shape[1]).reshape(-1)
     layer = layer.replace(aux={**layer.aux, IMPORTANCE: imp.at[0, ids, 0].set(0.0, mode="drop")})
   return out, layer, counts
 

@@ -377,7 +377,13 @@ def run_point(args: BenchArgs, model, tokenizer, dtype: str, source: Workload | 
     raise ValueError(f"--max_seq_len={max_seq_len} is shorter than the longest request "
                      f"({request_tokens} tokens = prompt + max_tokens)")
   # The whole options file applies (e.g. enable_chunked_prefill); the sizing arguments here win over it.
+  # Chunked sparse prefill runs in chunks of the default 4096 tokens; otherwise every prompt of the
+  # workload is prefilled in one piece, and up to 16384 tokens of short prompts together.
+  chunked = options is not None and options.enable_chunked_prefill
+  longest = max(len(p) for p in workload.prompts)
+  max_num_tokens = 4096 if chunked else max(16384, math.ceil(longest / page) * page)
   common = dict(tokenizer=tokenizer, dtype=dtype, sparse_attention_config=sparse, backend=backend,
+                max_num_tokens=max_num_tokens,
                 max_seq_len=max_seq_len, decode_chunk_size=args.decode_chunk_size, seed=args.seed,
                 extra_llm_api_options=options_name if options is not None else None,
                 tensor_parallel_size=args.tensor_parallel_size)
@@ -404,6 +410,7 @@ def run_point(args: BenchArgs, model, tokenizer, dtype: str, source: Workload | 
   for wave in waves:
     if wave:
       drive(engine, workload.prompts[:wave], workload.max_tokens[:wave], wave)
+  engine.allocator.clear_cache()  # the timed run prefills its prompts: no hits on the warm-up's pages
   warm_s = time.perf_counter() - t0
   c1 = compiles.snapshot()
   engine.peak_pages = 0
@@ -447,7 +454,7 @@ def warmup_waves(engine, workload: Workload, batch: int, in_flight: int) -> list
   prompts are prefilled one at a time: then a single request warms up."""
   from sparse_jax.engine import length_bucket
   padded = length_bucket(max(len(p) for p in workload.prompts))
-  group = max(1, min(len(workload.prompts), batch, in_flight, engine.max_prefill_tokens // padded))
+  group = max(1, min(len(workload.prompts), batch, in_flight, engine.max_num_tokens // padded))
   waves = [1]
   while waves[-1] < group:
     waves.append(min(2 * waves[-1], group))

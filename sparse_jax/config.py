@@ -76,7 +76,10 @@ class KvCacheConfig:
   max_tokens: total tokens the pool holds over all sequences; None sizes the pool from
     `free_gpu_memory_fraction` of the accelerator's free memory (on the CPU: enough for every
     batch slot at max_seq_len).
-  enable_block_reuse: share pages of identical prompt prefixes between requests.
+  enable_block_reuse: prefix caching. Full prompt pages are kept after their request ends,
+    keyed by a hash chain over their token ids, and a later prompt with the same prefix takes
+    them by reference and prefills only the rest. Unheld cached pages are evicted (least
+    recently used first) only when the pool has no free page left.
   dtype: "auto" (the model's dtype), "bfloat16", "float16" or "float32".
   """
   tokens_per_block: int = 32
@@ -101,8 +104,9 @@ class KvCacheConfig:
 class BaseSparseAttentionConfig:
   """Base of every sparse-attention algorithm config; subclasses register a YAML name."""
   algorithm: ClassVar[str] = ""
-  #: whether the algorithm rewrites a request's pages after prefill (prompt compression);
-  #: such algorithms cannot share pages between requests (block reuse).
+  #: whether the algorithm keeps only some prompt tokens after prefill (prompt compression).
+  #: With block reuse the kept tokens are written to pages of the request's own, so the dense
+  #: prompt pages stay shareable; without, they are compacted in place.
   compacts_prompt: ClassVar[bool] = False
   #: whether the algorithm supports chunked prefill.
   supports_chunked_prefill: ClassVar[bool] = False
@@ -134,10 +138,6 @@ class BaseSparseAttentionConfig:
       if get_algorithm(self).page_scores is None:
         fail_field(type(self).__name__, "decode_budget", self.decode_budget,
                    f"algorithm {self.algorithm!r} has no page scores to choose pages to evict")
-    if kv_cache_config.enable_block_reuse and self.compacts_prompt:
-      raise ConfigError(
-          f"sparse_attention_config.algorithm={self.algorithm!r} needs kv_cache_config.enable_block_reuse=False: "
-          "it compacts each request's KV pages after prefill, so pages cannot be shared between requests")
     if isinstance(self.prefill_budget, bool) or not isinstance(self.prefill_budget, int) or self.prefill_budget <= 0:
       fail_field(type(self).__name__, "prefill_budget", self.prefill_budget, "must be a positive integer")
     if not is_int(self.dense_layers) or self.dense_layers < 0:
@@ -149,7 +149,8 @@ class BaseSparseAttentionConfig:
     if enable_chunked_prefill and not self.supports_chunked_prefill:
       raise ConfigError(
           f"sparse_attention_config.algorithm={self.algorithm!r} does not support enable_chunked_prefill=True: "
-          "its prompt compression needs the whole prompt's keys and the last window of queries at once")
+          "it has no chunk scores to choose the earlier tokens a prompt chunk attends to (long prompts are still "
+          "prefilled in chunks of max_num_tokens, each attending to every earlier token)")
 
 
 def keeps_every_prompt_token(cfg: Any, prompt_len: int) -> int:

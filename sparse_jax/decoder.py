@@ -47,24 +47,28 @@ class CachedDecoder:
     return self.lm_head(h).astype(jnp.float32)
 
   def prefill(self, tokens: jax.Array, lengths: jax.Array, slots: jax.Array, cache: PagedKVCache,
-              runtime: Runtime = Runtime(), starts: jax.Array | None = None,
-              final: bool = True) -> tuple[jax.Array, PagedKVCache]:
+              runtime: Runtime = Runtime(), starts: jax.Array | None = None, final: bool = True,
+              compact_table: jax.Array | None = None) -> tuple[jax.Array, PagedKVCache]:
     """tokens: int32[n, T] right-padded fresh prompts for batch slots `slots` (int32[n]) whose
     pages are already in cache.page_table; or, with `starts` (int32[n] tokens already stored),
     the next chunk of each prompt (chunked prefill; `final` marks the last chunk).
+    compact_table: int32[slots, max_pages] or None: per slot, the pages prompt compression
+    writes the kept tokens to (the prompt's own pages stay dense, for the prefix cache).
     Returns (logits of each row's last token of this call float32[n, vocab], cache with
     lengths/positions of those slots set)."""
     n, t = tokens.shape
     chex.assert_shape((lengths, slots), (n,))
     # Padding rows carry an out-of-range slot: they see no pages, so they write nothing.
     rows = jnp.take(cache.page_table, slots, axis=0, mode="fill", fill_value=-1)
+    compact_rows = (None if compact_table is None else
+                    jnp.take(compact_table, slots, axis=0, mode="fill", fill_value=-1))
     h = self.embed_tokens(tokens)
     counts = lengths
     for i, layer in enumerate(self.layers):
       def attend(attn, x, i=i):
         nonlocal cache, counts
         out, new_layer, counts = attn.prefill(x, lengths, cache.layer(i), rows, runtime.for_layer(i), starts,
-                                             final)
+                                              final, compact_rows)
         cache = cache.with_layer(i, new_layer)
         return out
       h = layer(h, attend)

@@ -2,11 +2,30 @@
 
 A fixed number of batch slots (static shapes). Requests wait in a bounded FIFO queue; one is
 admitted when a slot is free and the page pool can hold its prompt plus `max_tokens`
-(admission reserves the worst case, so a running request can never run out of pages).
-Admitted prompts are prefilled between decode chunks, grouped by padded length; sparse
-algorithms compact each request's pages during its prefill, after which the pages no longer
-needed return to the pool at once. Decode runs `decode_chunk_size` steps per host round
-trip in a `lax.while_loop`, sampling on device; finished requests free their pages.
+(admission reserves the worst case, so such a request can never run out of pages). A request
+without `max_tokens` reserves its prompt plus one decode chunk and grows as it generates;
+when the pool runs out, the most recently admitted growing request is preempted: its pages
+return to the pool and it waits again at the head of the queue, to be prefilled anew
+(prompt plus what it generated) when pages free up.
+
+Stall-free scheduling (Sarathi-Serve, vLLM's `max_num_batched_tokens`): each step prefills
+at most `max_num_tokens` prompt tokens, either a group of whole short prompts or one chunk of
+a long prompt, then runs one decode chunk over every request past its prefill, so running
+requests keep decoding while a long prompt is prefilled. A request cancelled mid-prefill stops
+at the next chunk boundary and frees its pages. Chunks attend to all earlier tokens (dense
+attention: the same tokens as a one-shot prefill), or, with `enable_chunked_prefill`, to the
+algorithm's selection of them within its `prefill_budget` (sparse prefill).
+
+Prefix caching (`KvCacheConfig.enable_block_reuse`): the full prompt pages of a prefilled
+request are registered under a hash chain of their token ids; a later prompt with the same
+prefix takes those pages by reference (with their aux entries, which share the page ids) and
+prefills only the rest, at the right RoPE positions. With a prompt-compressing algorithm the
+compaction writes the kept tokens into pages of the request's own, so the dense prompt pages
+stay intact and reusable; they become evictable cache once the prefill is over. Unheld cached
+pages count as free: the allocator evicts the least recently used ones when it needs pages.
+
+Decode runs `decode_chunk_size` steps per host round trip in a `lax.while_loop`, sampling on
+device; finished requests free their pages.
 
 Compiled shapes: prefill per (rows, padded prompt length, page-table width) bucket, decode
 per (page-table width) bucket; widths are powers of two, so a handful of compilations serve
@@ -51,7 +70,8 @@ class RequestError(RuntimeError):
 class SamplingParams:
   """How to generate (TensorRT-LLM / vLLM names).
 
-  max_tokens: new tokens to generate (> 0). temperature: 0 = greedy. top_k: 0 = off.
+  max_tokens: new tokens to generate (> 0); None = until a stop condition or max_seq_len (the
+    request then reserves pages as it grows). temperature: 0 = greedy. top_k: 0 = off.
   top_p: nucleus mass in (0, 1]. seed: per-request sampling seed (None: engine seed + request
   number). stop: strings that end generation (not included in the text). stop_token_ids:
   extra token ids that end generation. ignore_eos: keep going past EOS. n: completions per
@@ -81,8 +101,8 @@ class SamplingParams:
     def bad(field: str, why: str):
       raise ValueError(f"SamplingParams.{field}={getattr(self, field)!r}: {why}")
 
-    if not is_int(self.max_tokens) or not 0 < self.max_tokens <= INT32_MAX:
-      bad("max_tokens", f"must be an integer in [1, {INT32_MAX}]")
+    if self.max_tokens is not None and (not is_int(self.max_tokens) or not 0 < self.max_tokens <= INT32_MAX):
+      bad("max_tokens", f"must be None or an integer in [1, {INT32_MAX}]")
     if not is_real(self.temperature) or self.temperature < 0:
       bad("temperature", "must be a finite number >= 0 (0 = greedy)")
     if not is_int(self.top_k) or not 0 <= self.top_k <= INT32_MAX:
@@ -101,8 +121,8 @@ class SamplingParams:
         bad(name, "must be a number in [-2, 2] (0 = off)")
     if not is_real(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
       bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
-    if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
-      bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
+    if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= (self.max_tokens or INT32_MAX):
+      bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens or INT32_MAX}]")
     if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
       bad("logprobs", f"must be None or an integer in [0, {MAX_TOP_LOGPROBS}]")
     stop = [self.stop] if isinstance(self.stop, str) else self.stop
@@ -112,7 +132,8 @@ class SamplingParams:
     if ids is not None and (not isinstance(ids, (list, tuple, np.ndarray)) or
                             not all(is_int(t) and 0 <= t <= INT32_MAX for t in ids)):
       bad("stop_token_ids", "must be None or a list of non-negative token ids")
-    self.max_tokens, self.top_k, self.ignore_eos = int(self.max_tokens), int(self.top_k), bool(self.ignore_eos)
+    self.max_tokens = None if self.max_tokens is None else int(self.max_tokens)
+    self.top_k, self.ignore_eos = int(self.top_k), bool(self.ignore_eos)
     self.temperature, self.top_p = float(self.temperature), float(self.top_p)
     self.seed = None if self.seed is None else int(self.seed)
     self.stop = [s for s in (stop or []) if s]
@@ -158,15 +179,27 @@ class Request:
   first_token_time: float | None = None
   finish_time: float | None = None
   kept_prompt_tokens: int | None = None
+  cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache (not computed)
   pages_after_prefill: int | None = None
   error: str | None = None  # why the engine failed the request (finish_reason "error")
+  preemptions: int = 0
   on_update: Callable[["Request"], None] | None = None
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   _cancelled: bool = False
+  _prefilled: int = 0  # tokens of `_context` stored in the slot's pages (cached prefix included)
+  _in_prefill: bool = False
+  _admitted: int = 0  # admission order (the latest growing request is preempted first)
+  _compact_pages: list[int] = dataclasses.field(default_factory=list)  # own pages for compaction
 
   @property
   def finished(self) -> bool:
     return self.state is RequestState.FINISHED
+
+  @property
+  def _context(self) -> list[int]:
+    """What a prefill of this request stores: the prompt, plus, after a preemption, every token
+    generated so far (the last one's logits give the next token)."""
+    return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
 
 
 def _free_memory_bytes() -> int | None:
@@ -219,9 +252,9 @@ class Engine:
   def __init__(self, model: nnx.Module, tokenizer=None, *, kv_cache_config: KvCacheConfig | None = None,
                sparse_attention_config: BaseSparseAttentionConfig | None = None, backend: str = "reference",
                max_batch_size: int = 8, max_seq_len: int | None = None, kv_dtype=jnp.float32,
-               decode_chunk_size: int = 16, max_queue_size: int = 1024, max_prefill_tokens: int = 16384,
+               decode_chunk_size: int = 16, max_queue_size: int = 1024, max_num_tokens: int = 4096,
                seed: int = 0, interpret: bool | None = None, tensor_parallel_size: int = 1,
-               enable_chunked_prefill: bool = False, prefill_chunk_size: int = 4096):
+               enable_chunked_prefill: bool = False):
     kv_cache_config = kv_cache_config or KvCacheConfig()
     if max_batch_size <= 0:
       raise ValueError(f"max_batch_size={max_batch_size} must be positive")
@@ -236,7 +269,8 @@ class Engine:
     if self.decode_budget is not None and mesh is not None:
       raise ValueError("decode_budget (eviction) is not supported with tensor_parallel_size > 1 yet")
     self.runtime = Runtime(backend=backend, sparse=sparse_attention_config, interpret=interpret, mesh=mesh,
-                           shard_kv=shard_kv, evict=self.decode_budget is not None)
+                           shard_kv=shard_kv, evict=self.decode_budget is not None,
+                           sparse_prefill=enable_chunked_prefill)
     # Up to this many tokens decode densely, skipping the prediction (the algorithm's dense_below:
     # where it would select everything, or where it keeps its sparse paths off), so short
     # contexts never pay for sparsity.
@@ -248,11 +282,20 @@ class Engine:
     self.max_seq_len = int(max_seq_len or model.config.max_position_embeddings)
     self.decode_chunk_size = decode_chunk_size
     self.max_queue_size = max_queue_size
-    self.max_prefill_tokens = max_prefill_tokens
-    if enable_chunked_prefill and (prefill_chunk_size <= 0 or prefill_chunk_size % kv_cache_config.tokens_per_block):
-      raise ValueError(f"prefill_chunk_size={prefill_chunk_size} must be a positive multiple of "
+    if (not isinstance(max_num_tokens, int) or isinstance(max_num_tokens, bool) or max_num_tokens <= 0
+        or max_num_tokens % kv_cache_config.tokens_per_block):
+      raise ValueError(f"max_num_tokens={max_num_tokens!r} must be a positive multiple of "
                        f"tokens_per_block={kv_cache_config.tokens_per_block}")
-    self.chunk_size = prefill_chunk_size if enable_chunked_prefill else None
+    self.max_num_tokens = max_num_tokens  # prompt tokens prefilled per step
+    sparse = sparse_attention_config
+    # A compressing algorithm scores the prompt with its last queries (its min_final_chunk): the
+    # last chunk of a prefill (and so the part of a prompt not taken from the prefix cache) holds them.
+    algorithm = None if sparse is None else get_algorithm(sparse)
+    self._window = 0 if algorithm is None else algorithm.min_final_chunk(sparse)
+    self._compacts = sparse is not None and type(sparse).compacts_prompt
+    if self._window > max_num_tokens:
+      raise ValueError(f"max_num_tokens={max_num_tokens} must hold the algorithm's query window of {self._window} "
+                       "tokens (the last chunk of a prefill)")
     self.seed = seed
     self.page_size = kv_cache_config.tokens_per_block
     self.layout = model.cache_layout(sparse_attention_config, self.page_size)
@@ -265,7 +308,8 @@ class Engine:
     kv_dtype = kv_dtype if kv_cache_config.dtype == "auto" else jnp.dtype(kv_cache_config.dtype).type
     self.kv_dtype = kv_dtype
     num_pages = self._pool_pages(kv_cache_config, kv_dtype)
-    self.allocator = PageAllocator(num_pages, self.page_size, max_batch_size, self.max_pages_per_seq)
+    self.allocator = PageAllocator(num_pages, self.page_size, max_batch_size, self.max_pages_per_seq,
+                                   enable_reuse=kv_cache_config.enable_block_reuse)
     self._make_cache = self._cache_factory(num_pages, mesh, shard_kv)  # also rebuilds a pool a failed step consumed
     self.cache = self._make_cache()
     if sparse_attention_config is not None:
@@ -279,8 +323,10 @@ class Engine:
     self._lock = threading.Lock()
     self._work = threading.Event()  # set by add_request/abort/wake: lets an idle loop sleep
     self._waiting: collections.deque[Request] = collections.deque()
-    self._running: dict[int, Request] = {}
+    self._running: dict[int, Request] = {}  # every request holding a slot, in prefill or decoding
+    self._prefilling: list[Request] = []    # the ones still in prefill, in admission order
     self._ids = itertools.count()
+    self._admissions = itertools.count()
     self._slot_len = np.zeros(max_batch_size, np.int64)  # host mirror of cache.lengths
     self._last_token = np.zeros(max_batch_size, np.int32)
     self._samp = self._empty_sampling()
@@ -363,11 +409,11 @@ class Engine:
     bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
     if bad:
       raise ValueError(f"{name} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
-    total = len(prompt_ids) + params.max_tokens
+    total = len(prompt_ids) + (params.max_tokens or 1)
     if total > self.max_seq_len:
       raise ValueError(f"{name} has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} that is {total} "
                        f"> max_seq_len={self.max_seq_len}")
-    need = self.allocator.pages_for(total)
+    need = self.allocator.pages_for(self._reserved_tokens(len(prompt_ids), params))
     if need > self.allocator.num_pages:
       raise ValueError(f"{name} needs {need} KV pages ({total} tokens) but the pool holds only "
                        f"{self.allocator.num_pages}; raise kv_cache_config.max_tokens")
@@ -421,7 +467,8 @@ class Engine:
 
   # -- the loop -----------------------------------------------------------------------
   def step(self) -> None:
-    """Admits and prefills what fits, then runs one decode chunk over the running slots.
+    """Frees cancelled requests, admits what fits, prefills up to `max_num_tokens` prompt
+    tokens, then runs one decode chunk over the requests past their prefill.
 
     A request whose work raises finishes with finish_reason "error" (its `error` says why) and
     the others go on: a failing prefill group or decode chunk is retried one request at a time
@@ -429,12 +476,12 @@ class Engine:
     running request failed (their keys and values are gone) and the pool rebuilt.
     """
     self._reap_cancelled()
-    admitted = self._admit()
-    if admitted:
-      self._prefill(admitted)
-    if self._running:
-      self._isolated(self._decode, list(self._running.values()),
-                     lambda req: self._decode(only=[req.slot]), "decode")
+    self._admit()
+    if self._prefilling:
+      self._prefill_step()
+    decoding = [r for r in self._running.values() if not r._in_prefill]
+    if decoding:
+      self._isolated(self._decode, decoding, lambda req: self._decode(only=[req.slot]), "decode")
 
   def fail_all(self, exc: BaseException, where: str = "engine step") -> None:
     """Fails every waiting and running request with `exc` and rebuilds the KV pool if a failed
@@ -503,37 +550,75 @@ class Engine:
     with self._lock:
       for slot, req in list(self._running.items()):
         if req._cancelled:
+          if req._in_prefill:
+            self.stats["prefills_cancelled"] += 1
           self._release(slot)
           self._finish(req, "abort")
 
-  def _admit(self) -> list[Request]:
-    admitted = []
+  def _generation_limit(self, req: Request) -> int:
+    """Tokens the request may generate in all."""
+    if req.params.max_tokens is not None:
+      return req.params.max_tokens
+    return min(self.max_seq_len, self.allocator.num_pages * self.page_size) - len(req.prompt_ids)
+
+  def _reserved_tokens(self, context: int, params: SamplingParams, generated: int = 0) -> int:
+    """Tokens of pages a request reserves at admission for a context of `context` tokens:
+    with max_tokens, the worst case (the rest of max_tokens, at most a decode budget's worth
+    when pages are evicted); without, one decode chunk (it grows later)."""
+    if params.max_tokens is None:
+      room = self.decode_chunk_size + 1
+    else:
+      room = params.max_tokens - generated
+      if self.decode_budget is not None:
+        room = min(room, max(self.decode_budget - context, 0) + self.decode_chunk_size + self.page_size)
+    return min(context + room, self.max_pages_per_seq * self.page_size)
+
+  def _compact_target_tokens(self, context: int, reserved: int) -> int:
+    """Tokens of the own pages a prompt-compressing prefill writes its kept tokens to (with
+    block reuse; 0 when the prompt is short enough to be kept whole, in place)."""
+    if not (self._compacts and self.allocator.enable_reuse):
+      return 0
+    sparse = self.runtime.sparse
+    kept = get_algorithm(sparse).kept_prompt_tokens(sparse, context)
+    if kept >= context:
+      return 0
+    return kept + (reserved - context)
+
+  def _admit(self) -> None:
     with self._lock:
       free_slots = [s for s in range(self.max_batch_size) if s not in self._running]
       while self._waiting and free_slots:
         req = self._waiting[0]
-        need = self.allocator.pages_for(len(req.prompt_ids) + self._generation_tokens(req))
-        if need > self.allocator.free_pages:
+        context = req._context
+        # The part a prefill computes holds at least the last token, and the compression window.
+        shared = self.allocator.match_prefix(context, len(context) - max(1, self._window))
+        reserved = self._reserved_tokens(len(context), req.params, len(req.output_ids))
+        compact_tokens = self._compact_target_tokens(len(context), reserved)
+        row_tokens = len(context) if compact_tokens else reserved
+        need = (self.allocator.pages_for(row_tokens) - len(shared) + self.allocator.pages_for(compact_tokens))
+        unheld = sum(self.allocator.refcount(p) == 0 for p in shared)  # sharing takes them off the free count
+        if need > self.allocator.free_pages - unheld:
           break  # FIFO: wait for pages rather than let later requests overtake
         self._waiting.popleft()
         slot = free_slots.pop(0)
-        self.allocator.ensure(slot, len(req.prompt_ids) + self._generation_tokens(req))
-        req.slot, req.state = slot, RequestState.RUNNING
+        self.allocator.share(slot, shared)
+        self.allocator.ensure(slot, row_tokens)
+        req._compact_pages = self.allocator.take(self.allocator.pages_for(compact_tokens))
+        req._prefilled = len(shared) * self.page_size
+        if not req.output_ids:
+          req.cached_prompt_tokens = req._prefilled
+        if self.allocator.enable_reuse:
+          self.stats["prefix_cache_queries"] += len(context)
+          self.stats["prefix_cache_hits"] += req._prefilled
+        req.slot, req.state, req._in_prefill = slot, RequestState.RUNNING, True
+        req._admitted = next(self._admissions)
         self._running[slot] = req
-        admitted.append(req)
+        self._prefilling.append(req)
+        try:
+          self._set_sampling(slot, req)
+        except Exception as e:  # a seed the PRNG cannot take fails this request alone
+          self._fail_locked(req, e, "sampling setup")
       self.peak_pages = max(self.peak_pages, self.allocator.used_pages)
-    return admitted
-
-  def _generation_tokens(self, req: Request, kept: int | None = None) -> int:
-    """Tokens of room a request reserves beyond its prompt (`kept`: its tokens after prefill).
-
-    Without eviction: all of max_tokens. With a decode budget a sequence never holds more
-    than max(kept, budget) + one decode chunk (evicted pages are recycled, see _evict)."""
-    if self.decode_budget is None:
-      return req.params.max_tokens
-    held = len(req.prompt_ids) if kept is None else kept
-    room = max(self.decode_budget - held, 0) + self.decode_chunk_size + self.page_size
-    return min(req.params.max_tokens, room)
 
   def _set_sampling(self, slot: int, req: Request) -> None:
     p = req.params
@@ -542,7 +627,7 @@ class Engine:
     s["top_k"][slot] = p.top_k
     s["top_p"][slot] = p.top_p
     s["keys"][slot] = np.asarray(jax.random.key_data(jax.random.PRNGKey(req._seed)), np.uint32)
-    s["counters"][slot] = 0
+    s["counters"][slot] = len(req.output_ids)  # a preempted request continues its random stream
     s["presence_penalty"][slot] = p.presence_penalty
     s["frequency_penalty"][slot] = p.frequency_penalty
     s["repetition_penalty"][slot] = p.repetition_penalty
@@ -572,103 +657,164 @@ class Engine:
     pick = (lambda a: a[rows]) if rows is not None else (lambda a: a)
     return SamplingState(**{k: jnp.asarray(pick(v)) for k, v in s.items()})
 
-  def _prefill(self, admitted: list[Request]) -> None:
-    for req in admitted:
-      self._isolated(lambda: self._set_sampling(req.slot, req), [req], None, "sampling setup")
-    admitted = [r for r in admitted if not r.finished]
-    # Group by padded length; cap rows x length at max_prefill_tokens (a long prompt goes alone).
-    if self.chunk_size is not None:
-      for req in [r for r in admitted if len(r.prompt_ids) > self.chunk_size]:
-        self._isolated(lambda: self._prefill_chunked(req), [req], None, "prefill")
-      admitted = [r for r in admitted if len(r.prompt_ids) <= self.chunk_size]
-    admitted = sorted(admitted, key=lambda r: len(r.prompt_ids))
+  def _prefill_step(self) -> None:
+    """Prefills at most `max_num_tokens` prompt tokens, in admission order: whole prompts that
+    fit (one call per group of similar padded length), or one chunk of the first prompt that
+    does not (a long one, or one continuing after a cached prefix or an earlier chunk)."""
+    budget = self.max_num_tokens
+    whole: list[Request] = []
+    for req in list(self._prefilling):
+      left = len(req._context) - req._prefilled
+      if req._prefilled == 0 and left <= budget:
+        whole.append(req)
+        budget -= left
+        continue
+      if budget > 0 and not whole:
+        self._isolated(lambda: self._prefill_chunk(req, budget), [req], None, "prefill")
+      break
+    for group in self._groups(whole):
+      self._isolated(lambda: self._prefill_group(group), group, lambda req: self._prefill_group([req]), "prefill")
+
+  def _groups(self, reqs: list[Request]) -> list[list[Request]]:
+    """Whole prompts grouped by padded length, rows x length at most max_num_tokens (a longer
+    prompt goes alone)."""
     groups, current = [], []
-    for req in admitted:
-      t = length_bucket(len(req.prompt_ids))
-      if current and (t != length_bucket(len(current[0].prompt_ids)) or
-                      pow2_at_least(len(current) + 1) * t > self.max_prefill_tokens):
+    for req in sorted(reqs, key=lambda r: len(r._context)):
+      t = length_bucket(len(req._context))
+      if current and (t != length_bucket(len(current[0]._context)) or
+                      pow2_at_least(len(current) + 1) * t > self.max_num_tokens):
         groups.append(current)
         current = []
       current.append(req)
     if current:
       groups.append(current)
-    for group in groups:
-      self._isolated(lambda: self._prefill_group(group), group, lambda req: self._prefill_group([req]), "prefill")
+    return groups
+
+  def _compact_table(self, reqs: list[Request]) -> jax.Array | None:
+    """Per slot, the own pages a compressing prefill writes to (None when no row has any)."""
+    if not any(r._compact_pages for r in reqs):
+      return None
+    table = np.full((self.max_batch_size, self.max_pages_per_seq), -1, np.int32)
+    for r in reqs:
+      table[r.slot, :len(r._compact_pages)] = r._compact_pages
+    return jnp.asarray(table)
 
   def _prefill_group(self, group: list[Request]) -> None:
-    t = length_bucket(max(len(r.prompt_ids) for r in group))
+    t = length_bucket(max(len(r._context) for r in group))
     rows = pow2_at_least(len(group))
     tokens = np.zeros((rows, t), np.int32)
     lengths = np.zeros(rows, np.int32)
     slots = np.full(rows, self.max_batch_size, np.int32)  # padding rows: out-of-range slot
     for i, req in enumerate(group):
-      tokens[i, :len(req.prompt_ids)] = req.prompt_ids
-      lengths[i] = len(req.prompt_ids)
+      context = req._context
+      tokens[i, :len(context)] = context
+      lengths[i] = len(context)
       slots[i] = req.slot
     samp_rows = np.array([r.slot for r in group] + [group[0].slot] * (rows - len(group)))
     n_pages = self.page_table_width(t)
     self.cache, self.history, first, counts, logprobs = self.prefill_fn(
         self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(tokens), jnp.asarray(lengths),
         jnp.asarray(slots), jnp.zeros(rows, jnp.int32), self.sampling_state(samp_rows), self.history,
-        n_pages=n_pages, chunked=False, final=True, with_logprobs=_wants_logprobs(group))
-    self._after_prefill(group, np.asarray(first), np.asarray(counts), int(lengths.sum()), _host(logprobs))
-
-  def _prefill_chunked(self, req: Request) -> None:
-    """A long prompt in chunks of `chunk_size` tokens; each attends to its stored context
-    (dense, or the algorithm's selection within prefill_budget) and to itself. The last chunk
-    is at least the algorithm's window long (it supplies the compression's queries)."""
-    n, c = len(req.prompt_ids), self.chunk_size
-    bounds = list(range(0, n, c)) + [n]
-    sparse = self.runtime.sparse
-    window = 0 if sparse is None else get_algorithm(sparse).min_final_chunk(sparse)
-    if len(bounds) > 2 and bounds[-1] - bounds[-2] < window:
-      bounds[-2] = max(bounds[-3] + 1, n - window)
-    for i in range(len(bounds) - 1):
-      start, end = bounds[i], bounds[i + 1]
-      tokens = np.zeros((1, c), np.int32)
-      tokens[0, :end - start] = req.prompt_ids[start:end]
-      n_pages = self.page_table_width(max(end, start + c))
-      final = end == n
-      self.cache, self.history, first, counts, logprobs = self.prefill_fn(
-          self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(tokens),
-          jnp.asarray([end - start], jnp.int32), jnp.asarray([req.slot], jnp.int32), jnp.asarray([start], jnp.int32),
-          self.sampling_state(np.array([req.slot])), self.history, n_pages=n_pages, chunked=True, final=final,
-          with_logprobs=final and _wants_logprobs([req]))
-      self.stats["prefill_chunks"] += 1
-      sparse = self.runtime.algorithm
-      if sparse is not None and sparse.chunk_scores is not None and start > self.runtime.sparse.prefill_budget:
-        self.stats["sparse_prefill_chunks"] += 1  # attended to a selection smaller than its stored context
-    self._after_prefill([req], np.asarray(first), np.asarray(counts), n, _host(logprobs))
-
-  def _after_prefill(self, group: list[Request], first: np.ndarray, counts: np.ndarray, tokens: int,
-                     logprobs: SampledLogprobs | None) -> None:
+        self._compact_table(group), n_pages=n_pages, chunked=False, final=True, with_logprobs=_wants_logprobs(group))
     self.stats["prefill_calls"] += 1
-    self.stats["prefill_tokens"] += tokens
+    self.stats["prefill_tokens"] += int(lengths.sum())
+    self._after_prefill(group, np.asarray(first), np.asarray(counts), _host(logprobs))
+
+  def _prefill_chunk(self, req: Request, budget: int) -> None:
+    """The next chunk of a prompt, at most `budget` tokens: it attends to the tokens stored
+    before it (all of them, or the algorithm's selection within prefill_budget) and to
+    itself. A prompt's last chunk is at least the compression window long."""
+    context, start = req._context, req._prefilled
+    n = len(context)
+    end = min(n, start + budget)
+    if end < n and n - end < self._window:
+      end = max(start + 1, n - self._window)
+    t = length_bucket(end - start)
+    tokens = np.zeros((1, t), np.int32)
+    tokens[0, :end - start] = context[start:end]
+    n_pages = self.page_table_width(start + t)
+    final = end == n
+    self.cache, self.history, first, counts, logprobs = self.prefill_fn(
+        self.params, self.cache, jnp.asarray(self.allocator.table()), jnp.asarray(tokens),
+        jnp.asarray([end - start], jnp.int32), jnp.asarray([req.slot], jnp.int32), jnp.asarray([start], jnp.int32),
+        self.sampling_state(np.array([req.slot])), self.history, self._compact_table([req]) if final else None,
+        n_pages=n_pages, chunked=True, final=final, with_logprobs=final and _wants_logprobs([req]))
+    self.stats["prefill_chunks"] += 1
+    self.stats["prefill_tokens"] += end - start
+    algo = self.runtime.algorithm
+    if (self.runtime.sparse_prefill and algo is not None and algo.chunk_scores is not None
+        and start > self.runtime.sparse.prefill_budget):
+      self.stats["sparse_prefill_chunks"] += 1  # attended to a selection smaller than its stored context
+    req._prefilled = end
+    if final:
+      self.stats["prefill_calls"] += 1
+      self._after_prefill([req], np.asarray(first), np.asarray(counts), _host(logprobs))
+
+  def _after_prefill(self, group: list[Request], first: np.ndarray, counts: np.ndarray,
+                     logprobs: SampledLogprobs | None) -> None:
     now = time.perf_counter()
     with self._lock:
       for i, req in enumerate(group):
         slot = req.slot
         kept = int(counts[i])
+        context = req._context
+        req._prefilled = len(context)
+        req._in_prefill = False
+        self._prefilling.remove(req)
         req.kept_prompt_tokens = kept
         self._slot_len[slot] = kept
-        reserve = kept + self._generation_tokens(req, kept)
+        reserve = self._reserved_tokens(kept, req.params, len(req.output_ids))
+        if req._compact_pages:  # the kept tokens live in the request's own pages: the dense ones become cache
+          self.allocator.register(slot, context)
+          self.allocator.replace_row(slot, req._compact_pages)
+          req._compact_pages = []
+        elif kept == len(context):  # (compacted in place: the pages no longer hold the prompt)
+          self.allocator.register(slot, context)
         if reserve < len(self.allocator.pages(slot)) * self.page_size:  # compaction freed the tail
           self.allocator.truncate(slot, reserve)
         req.pages_after_prefill = len(self.allocator.pages(slot))
-        req.first_token_time = now
-        self._samp["counters"][slot] = 1
+        if req.first_token_time is None:
+          req.first_token_time = now
+        self._samp["counters"][slot] = len(req.output_ids) + 1
         self._last_token[slot] = first[i]
         self._emit_isolated(req, [int(first[i])], [_token_logprobs(logprobs, req, i)])
 
+  def _grow(self) -> None:
+    """Gives every request without max_tokens the pages for its next decode chunk, preempting
+    the most recently admitted of them while the pool cannot (its pages return to the pool;
+    it waits again at the head of the queue)."""
+    with self._lock:
+      while True:
+        growing = [r for r in self._running.values() if not r._in_prefill and r.params.max_tokens is None]
+        try:
+          for req in growing:
+            need = min(int(self._slot_len[req.slot]) + self.decode_chunk_size + 1,
+                       self.max_pages_per_seq * self.page_size)
+            self.allocator.ensure(req.slot, need)
+          return
+        except CacheExhaustedError:
+          victim = max(growing, key=lambda r: r._admitted)
+          self._release(victim.slot)
+          victim.slot, victim.state, victim._prefilled = None, RequestState.WAITING, 0
+          victim.preemptions += 1
+          self.stats["preemptions"] += 1
+          self._waiting.appendleft(victim)
+
   def _decode(self, only: list[int] | None = None) -> None:
-    slots = sorted(self._running) if only is None else only
+    if only is None:
+      self._grow()
+      slots = sorted(s for s, r in self._running.items() if not r._in_prefill)
+    else:
+      slots = only
+    if not slots:
+      return
     active = np.zeros(self.max_batch_size, bool)
     remaining = np.zeros(self.max_batch_size, np.int32)
     ignore_eos = np.zeros(self.max_batch_size, bool)
     for s in slots:
       req = self._running[s]
       active[s] = True
-      remaining[s] = req.params.max_tokens - len(req.output_ids)
+      remaining[s] = self._generation_limit(req) - len(req.output_ids)
       ignore_eos[s] = req.params.ignore_eos
     steps = self.decode_chunk_size
     need = max(int(self._slot_len[s]) + steps for s in slots)
@@ -711,7 +857,9 @@ class Engine:
       if length <= self.decode_budget:
         continue
       newest = (length - 1) // ps
-      candidates = list(range(1, newest))
+      row = self.allocator.pages(s)
+      # Pages shared through the prefix cache stay: other sequences read them.
+      candidates = [p for p in range(1, newest) if self.allocator.refcount(row[p]) == 1]
       n = min(len(candidates), -(-(length - self.decode_budget) // ps))
       if n <= 0:
         continue
@@ -754,7 +902,7 @@ class Engine:
         reason = "stop"
         req.stop_reason = tok if tok in params.stop_token_ids else None
         break
-      if len(req.output_ids) >= params.max_tokens:
+      if len(req.output_ids) >= self._generation_limit(req):
         reason = "length"
         break
     if self.tokenizer is not None:
@@ -781,7 +929,13 @@ class Engine:
       self._notify(req)
 
   def _release(self, slot: int) -> None:
-    self._running.pop(slot, None)
+    req = self._running.pop(slot, None)
+    if req is not None:
+      if req._in_prefill:
+        self._prefilling.remove(req)
+        req._in_prefill = False
+      self.allocator.drop(req._compact_pages)
+      req._compact_pages = []
     self.allocator.free(slot)
     self._slot_len[slot] = 0
 
@@ -804,10 +958,12 @@ class Engine:
 
   # -- jitted steps --------------------------------------------------------------------------
   def _prefill_impl(self, params, cache, table, tokens, lengths, slots, starts, samp: SamplingState,
-                    history: TokenHistory, *, n_pages: int, chunked: bool, final: bool, with_logprobs: bool = False):
+                    history: TokenHistory, compact_table=None, *, n_pages: int, chunked: bool, final: bool,
+                    with_logprobs: bool = False):
     model = nnx.merge(self.graphdef, params)
     view = cache.replace(page_table=table[:, :n_pages])
-    logits, view = model.prefill(tokens, lengths, slots, view, self.runtime, starts if chunked else None, final)
+    logits, view = model.prefill(tokens, lengths, slots, view, self.runtime, starts if chunked else None, final,
+                                 compact_table)
     counts = jnp.take(view.lengths, slots, mode="fill", fill_value=0)
     first, logprobs = sample(logits, samp, history.rows(slots), with_logprobs)
     if final:  # padding rows name slot max_batch_size: their counts are dropped

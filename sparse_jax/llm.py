@@ -97,7 +97,8 @@ class RequestOutput:
     streamed snapshot, which the `*_diff` properties are relative to."""
     reqs = [req] if isinstance(req, Request) else list(req)
     first = reqs[0]
-    metrics = dict(kept_prompt_tokens=first.kept_prompt_tokens, pages_after_prefill=first.pages_after_prefill)
+    metrics = dict(kept_prompt_tokens=first.kept_prompt_tokens, pages_after_prefill=first.pages_after_prefill,
+                   cached_prompt_tokens=first.cached_prompt_tokens, preemptions=sum(r.preemptions for r in reqs))
     if all(r.first_token_time is not None for r in reqs):
       metrics["time_to_first_token_s"] = max(r.first_token_time for r in reqs) - first.arrival_time
     if all(r.finish_time is not None for r in reqs):
@@ -145,9 +146,11 @@ class LLM:
     "reference".
   extra_llm_api_options: a YAML path or dict in TensorRT-LLM's layout; explicit arguments win.
   chat_template: a template (or a file holding one) used by `chat` instead of the checkpoint's.
-  enable_chunked_prefill / max_num_tokens: prefill prompts longer than max_num_tokens in chunks
-    of that many tokens; with an algorithm that supports it (RocketKV, Quest) each chunk attends
-    only to the `prefill_budget` most relevant tokens of the earlier chunks (sparse prefill).
+  max_num_tokens: prompt tokens prefilled per engine step (vLLM's max_num_batched_tokens): a
+    longer prompt is prefilled in chunks of that many tokens, with decode steps of the running
+    requests between them. enable_chunked_prefill: with an algorithm that supports it (RocketKV,
+    Quest) each chunk attends only to the `prefill_budget` most relevant tokens of the earlier
+    chunks (sparse prefill) instead of all of them.
   """
 
   def __init__(self, model: Any = None, *, tokenizer: Any = None, dtype: str = "auto",
@@ -211,7 +214,7 @@ class LLM:
                          max_batch_size=max_batch_size, max_seq_len=max_seq_len, kv_dtype=self.dtype,
                          decode_chunk_size=decode_chunk_size, max_queue_size=max_queue_size, seed=seed,
                          interpret=interpret, tensor_parallel_size=tensor_parallel_size,
-                         enable_chunked_prefill=enable_chunked_prefill, prefill_chunk_size=max_num_tokens)
+                         enable_chunked_prefill=enable_chunked_prefill, max_num_tokens=max_num_tokens)
     self._step_lock = threading.Lock()  # one engine step at a time across generate / generate_async callers
 
   @property

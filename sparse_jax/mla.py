@@ -308,14 +308,15 @@ class MLAttention(nnx.Module):
 
   # -- cached ----------------------------------------------------------------------------
   def prefill(self, x: jax.Array, lengths: jax.Array, layer: LayerCache, page_table_rows: jax.Array,
-              runtime: Runtime, starts: jax.Array | None = None,
-              final: bool = True) -> tuple[jax.Array, LayerCache, jax.Array]:
+              runtime: Runtime, starts: jax.Array | None = None, final: bool = True,
+              compact_rows: jax.Array | None = None) -> tuple[jax.Array, LayerCache, jax.Array]:
     """x: [n, T, hidden] right-padded prompts (lengths: int32[n]); page_table_rows: int32[n,
     max_pages] with pages allocated. With `starts` (int32[n] tokens already stored: chunked
     prefill) x holds positions starts.. and attends to everything stored before it too.
     Writes latent, rope key (and indexer keys); returns (out [n, T, hidden], layer, tokens
-    stored int32[n]: DSA evicts nothing). `final` changes nothing here (no prompt compression)."""
-    del final
+    stored int32[n]: DSA evicts nothing). `final` and `compact_rows` change nothing here (no
+    prompt compression)."""
+    del final, compact_rows
     n, t, _ = x.shape
     chex.assert_shape(lengths, (n,))
     chex.assert_shape(page_table_rows, (n, None))

@@ -482,13 +482,13 @@ class Server:
     return await self.encode_text(text, "messages", max_tokens, add_special_tokens=False)
 
   # -- submission -------------------------------------------------------------------------------
-  def sampling_params(self, body: _SamplingFields, max_tokens: int) -> list[SamplingParams]:
+  def sampling_params(self, body: _SamplingFields, max_tokens: int | None) -> list[SamplingParams]:
     """One SamplingParams per completion (`n` of them, split as `LLM.generate` splits them:
     completion i of a seeded request samples with seed + i)."""
     given = body.model_fields_set
     unset = {k: v for k, v in self.sampling_defaults.items() if k in ("temperature", "top_p", "top_k") and k not in given}
     fields = {"temperature": float(body.temperature), "top_p": float(body.top_p), "top_k": body.top_k, **unset}
-    if body.min_tokens > max_tokens:
+    if max_tokens is not None and body.min_tokens > max_tokens:
       raise ApiError(400, f"min_tokens={body.min_tokens} is more than max_tokens={max_tokens}", "min_tokens")
     try:
       params = SamplingParams(max_tokens=max_tokens, n=body.n, seed=body.seed, stop=body.stop,
@@ -532,13 +532,6 @@ class Server:
     if len(ids) > limit:
       raise ApiError(400, f"{field} has {len(ids)} tokens, more than the {max(limit, 0)} allowed "
                      f"(max_seq_len={self.engine.max_seq_len} minus max_tokens={max_tokens})", field)
-
-  def default_max_tokens(self, ids: list[int], field: str) -> int:
-    room = min(self.engine.max_seq_len, self.engine.allocator.num_pages * self.engine.page_size) - len(ids)
-    if room <= 0:
-      raise ApiError(400, f"{field} has {len(ids)} tokens, which leaves no room to generate "
-                     f"(max_seq_len={self.engine.max_seq_len})", field)
-    return room
 
   def submit(self, ids: list[int], params: SamplingParams, prompt: str | None, request_id: str,
              field: str) -> Stream:
@@ -942,10 +935,8 @@ def create_app(llm, served_model_name: str | None = None, *, api_key: str | None
     warn_ignored_fields(body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     ids = await server.encode_chat(body, max_tokens or 1)
-    if max_tokens is None:
-      max_tokens = server.default_max_tokens(ids, "messages")
-    else:
-      server.check_length(ids, max_tokens, "messages")
+    # Without max_tokens the answer may run to the context's end; its pages are reserved as it grows.
+    server.check_length(ids, max_tokens or 1, "messages")
     params = server.sampling_params(body, max_tokens)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     streams = _submit_all(server, [(ids, sp, None, "messages") for sp in params], rid)

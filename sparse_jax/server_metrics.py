@@ -1,8 +1,8 @@
 """What the OpenAI server reports to operators: Prometheus metrics (`GET /metrics`) and a
 periodic one-line stats log.
 
-Gauges are read from the engine at scrape time (running and waiting requests, KV pages used and
-free); histograms and counters are fed once per finished request: time to first token (TTFT),
+Gauges and counters are read from the engine at scrape time (running and waiting requests, KV
+pages used, free and cached; prefix-cache queries and hits in tokens, preemptions); histograms and counters are fed once per finished request: time to first token (TTFT),
 time per output token after the first (TPOT), end-to-end latency, prompt and generated tokens,
 and the fraction of prompt tokens the sparse algorithm kept after prefill (label `algorithm`,
 `dense` without one). Each server has its own registry, so several servers in one process
@@ -15,7 +15,7 @@ import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("sparse_jax.serve")
 
@@ -37,9 +37,18 @@ class _EngineGauges:
         ("num_requests_running", "Requests holding a batch slot.", engine.num_running),
         ("num_requests_waiting", "Requests waiting for a batch slot or KV pages.", engine.num_waiting),
         ("kv_pages_used", "KV cache pages held by requests.", alloc.used_pages),
-        ("kv_pages_free", "KV cache pages free to allocate.", alloc.free_pages),
+        ("kv_pages_free", "KV cache pages free to allocate (cached prefix pages nobody holds included).",
+         alloc.free_pages),
+        ("kv_pages_cached", "Prefix-cache pages nobody holds (evicted when the pool needs them).",
+         alloc.cached_pages),
         ("kv_pages_total", "KV cache pages in the pool.", alloc.num_pages)):
       yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+    stats = engine.stats
+    for name, doc, value in (
+        ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats["prefix_cache_queries"]),
+        ("prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled).", stats["prefix_cache_hits"]),
+        ("num_preemptions", "Requests preempted to give pages to others.", stats["preemptions"])):
+      yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
 
 class ServerMetrics:

@@ -206,11 +206,9 @@ def test_geometry_and_compatibility_errors():
   with pytest.raises(ConfigError, match=r"QuestSparseAttentionConfig.page_size=64 must divide the KV cache page size "
                                         r"\(kv_cache_config.tokens_per_block=32\)"):
     LLM(tiny_llama(0), sparse_attention_config=QuestSparseAttentionConfig(page_size=64))
-  for cfg in (SnapKVSparseAttentionConfig(), StreamingSparseAttentionConfig()):
-    with pytest.raises(ConfigError, match="enable_block_reuse=False: it compacts"):
-      cfg.validate_with(KvCacheConfig(enable_block_reuse=True), False)
-  for cfg in (QuestSparseAttentionConfig(), OracleSparseAttentionConfig(), IndexerSparseAttentionConfig(weights_path="w")):
-    cfg.validate_with(KvCacheConfig(enable_block_reuse=True), False)  # nothing is compacted
+  for cfg in (SnapKVSparseAttentionConfig(), StreamingSparseAttentionConfig(), QuestSparseAttentionConfig(),
+              OracleSparseAttentionConfig(), IndexerSparseAttentionConfig(weights_path="w")):
+    cfg.validate_with(KvCacheConfig(enable_block_reuse=True), False)  # compaction writes into own pages
   QuestSparseAttentionConfig().validate_with(KvCacheConfig(), True)
   with pytest.raises(ConfigError, match="does not support enable_chunked_prefill"):
     SnapKVSparseAttentionConfig().validate_with(KvCacheConfig(), True)

@@ -148,10 +148,12 @@ def test_no_recompilation_between_decode_steps():
   assert llm.engine.decode_fn._cache_size() == compiled, "decode recompiled between steps"
 
 
-def test_rejects_block_reuse_with_reason():
-  rk = RocketSparseAttentionConfig()
-  with pytest.raises(ConfigError, match="enable_block_reuse=False: it compacts"):
-    LLM(tiny_llama(0), sparse_attention_config=rk, kv_cache_config=KvCacheConfig(enable_block_reuse=True))
+def test_block_reuse_is_accepted():
+  """Compaction writes into each request's own pages, so prompt pages can be shared
+  (tests/test_prefix_reuse.py checks the tokens)."""
+  llm = LLM(tiny_llama(0), sparse_attention_config=RocketSparseAttentionConfig(topr=1.0),
+            kv_cache_config=KvCacheConfig(enable_block_reuse=True))
+  assert llm.engine.allocator.enable_reuse
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -179,8 +181,8 @@ def test_yaml_layout_and_unknown_keys(tmp_path):
   bad.write_text("sparse_attention_config:\n  algorithm: rocket\n  prompt_budgt: 10\n")
   with pytest.raises(ConfigError, match=r"unknown key\(s\) \['prompt_budgt'\]"):
     load_sparse_attention_config(str(bad))
-  bad.write_text("sparse_attention_config:\n  algorithm: rocket\nkv_cache_config:\n  enable_block_reuse: true\n")
-  with pytest.raises(ConfigError, match="enable_block_reuse=False"):
+  bad.write_text("sparse_attention_config:\n  algorithm: rocket\nkv_cache_config:\n  enable_block_reuse: 'yes'\n")
+  with pytest.raises(ConfigError, match="enable_block_reuse='yes': must be a bool"):
     load_llm_api_options(str(bad))
   with pytest.raises(ConfigError, match="unknown sparse attention algorithm 'nope'"):
     load_sparse_attention_config({"algorithm": "nope"})

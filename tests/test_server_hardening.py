@@ -248,6 +248,10 @@ def test_metrics_are_scraped_in_prometheus_format(served, caplog):
   assert after["sparse_jax_kv_pages_total[]"] == alloc.num_pages
   assert after["sparse_jax_kv_pages_used[]"] + after["sparse_jax_kv_pages_free[]"] <= alloc.num_pages
   assert after["sparse_jax_num_requests_running[]"] == 0 and after["sparse_jax_num_requests_waiting[]"] == 0
+  stats = served["llm"].engine.stats
+  assert after["sparse_jax_prefix_cache_queries_total[]"] == stats["prefix_cache_queries"]
+  assert after["sparse_jax_prefix_cache_hits_total[]"] == stats["prefix_cache_hits"]
+  assert after["sparse_jax_kv_pages_cached[]"] == alloc.cached_pages
   wait_until(lambda: any("generation throughput" in r.getMessage() for r in caplog.records), 10, "a stats line")
   line = next(r.getMessage() for r in caplog.records if "generation throughput" in r.getMessage())
   assert line.startswith("running: ") and "KV pages used: " in line and "\n" not in line

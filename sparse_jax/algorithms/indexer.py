@@ -208,8 +208,8 @@ def _check_predictor(predictor: Any, spec, what: str) -> None:
                       f"call sees {spec.kv_heads} (tensor-parallel KV sharding is not supported by the indexer)")
 
 
-def predict_kv(cfg: IndexerSparseAttentionConfig, spec, q: jax.Array, k: jax.Array, lengths: jax.Array, *,
-               predictor=None, hidden=None) -> KeepSelection | None:
+def predict_kv(cfg: IndexerSparseAttentionConfig, spec, q: jax.Array, k: jax.Array, lengths: jax.Array,
+               q_start: jax.Array | None = None, *, predictor=None, hidden=None) -> KeepSelection | None:
   """No prompt compression."""
   return None
 

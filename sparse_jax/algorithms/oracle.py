@@ -142,7 +142,7 @@ def aux_spec(cfg: OracleSparseAttentionConfig, spec) -> dict[str, AuxPoolSpec]:
 
 
 def predict_kv(cfg: OracleSparseAttentionConfig, spec, q: jax.Array, k: jax.Array,
-               lengths: jax.Array) -> KeepSelection | None:
+               lengths: jax.Array, q_start: jax.Array | None = None) -> KeepSelection | None:
   """No prompt compression."""
   return None
 

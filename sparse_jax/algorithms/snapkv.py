@@ -98,18 +98,20 @@ def keep_top_prefix_and_window(scores: jax.Array, lengths: jax.Array, budget: in
 
 
 def snapkv_scores(cfg: SnapKVSparseAttentionConfig, q: jax.Array, k: jax.Array, lengths: jax.Array,
-                  scale: float) -> jax.Array:
+                  scale: float, q_start: jax.Array | None = None) -> jax.Array:
   """SnapKV importance of every prefix token per KV head.
 
-  q: [n, T, q_heads, D], k: [n, T, kv_heads, D] (roped); lengths: int32[n].
+  q: [n, Tq, q_heads, D] holding positions q_start.. (0 by default; a chunked prefill passes
+  only its last chunk), k: [n, T, kv_heads, D] (roped, positions 0..); lengths: int32[n].
   Returns float32[n, kv_heads, T]: pooled window- and group-summed attention on the prefix
   [0, length - window_size); -inf elsewhere.
   """
-  n, t, q_heads, d = q.shape
-  kv_heads = k.shape[2]
+  n, tq, q_heads, d = q.shape
+  t, kv_heads = k.shape[1], k.shape[2]
   w = cfg.window_size
   win_pos = lengths[:, None] - w + jnp.arange(w)[None, :]  # [n, W] (negative for short rows)
-  q_win = jnp.take_along_axis(q, jnp.clip(win_pos, 0, t - 1)[:, :, None, None], axis=1)
+  q_idx = win_pos if q_start is None else win_pos - q_start[:, None]
+  q_win = jnp.take_along_axis(q, jnp.clip(q_idx, 0, tq - 1)[:, :, None, None], axis=1)
   q_win = q_win.reshape(n, w, kv_heads, q_heads // kv_heads, d)
   logits = jnp.einsum("nwhgd,nthd->nhgwt", q_win, k, preferred_element_type=jnp.float32) * scale
   key_pos = jnp.arange(t)
@@ -136,16 +138,17 @@ def aux_spec(cfg: SnapKVSparseAttentionConfig, spec) -> dict[str, AuxPoolSpec]:
 
 
 def predict_kv(cfg: SnapKVSparseAttentionConfig, spec, q: jax.Array, k: jax.Array,
-               lengths: jax.Array) -> KeepSelection | None:
+               lengths: jax.Array, q_start: jax.Array | None = None) -> KeepSelection | None:
   """Tokens each KV head keeps after prefill.
 
-  q: [n, T, q_heads, D], k: [n, T, kv_heads, D]; lengths: int32[n]. Returns
+  q: [n, Tq, q_heads, D] holding positions q_start.. (a chunked prefill passes its last chunk,
+  which holds the window), k: [n, T, kv_heads, D]; lengths: int32[n]. Returns
   KeepSelection(int32[n, kv_heads, max_capacity_prompt], int32[n]), or None when no row can
   exceed the budget (T <= max_capacity_prompt).
   """
-  if q.shape[1] <= cfg.max_capacity_prompt:
+  if k.shape[1] <= cfg.max_capacity_prompt:
     return None
-  scores = snapkv_scores(cfg, q, k, lengths, spec.scale)
+  scores = snapkv_scores(cfg, q, k, lengths, spec.scale, q_start)
   return keep_top_prefix_and_window(scores, lengths, cfg.max_capacity_prompt, cfg.window_size)
 
 

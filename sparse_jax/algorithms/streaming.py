@@ -84,13 +84,15 @@ def aux_spec(cfg: StreamingSparseAttentionConfig, spec) -> dict[str, AuxPoolSpec
 
 
 def predict_kv(cfg: StreamingSparseAttentionConfig, spec, q: jax.Array, k: jax.Array,
-               lengths: jax.Array) -> KeepSelection | None:
+               lengths: jax.Array, q_start: jax.Array | None = None) -> KeepSelection | None:
   """Sinks + last `window` tokens of each prompt longer than sink_tokens + window.
 
-  q: [n, T, q_heads, D], k: [n, T, kv_heads, D]; lengths: int32[n]. Returns
-  KeepSelection(int32[n, kv_heads, prompt_budget], int32[n]) or None when T <= prompt_budget.
+  q: [n, Tq, q_heads, D] (unused: the choice depends on positions only; a chunked prefill
+  passes its last chunk, starting at q_start), k: [n, T, kv_heads, D]; lengths: int32[n].
+  Returns KeepSelection(int32[n, kv_heads, prompt_budget], int32[n]) or None when T <= prompt_budget.
   """
-  n, t = q.shape[:2]
+  del q_start
+  n, t = k.shape[:2]
   if t <= cfg.prompt_budget:
     return None
   pos = jnp.arange(t, dtype=jnp.int32)[None, :]
