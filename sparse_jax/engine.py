@@ -9,8 +9,8 @@ return to the pool and it waits again at the head of the queue, to be prefilled 
 (prompt plus what it generated) when pages free up.
 
 Stall-free scheduling (Sarathi-Serve, vLLM's `max_num_batched_tokens`): each step prefills
-at most `max_num_tokens` prompt tokens, either a group of whole short prompts or one chunk of
-a long prompt, then runs one decode chunk over every request past its prefill, so running
+at most `max_num_tokens` prompt tokens (whole short prompts, then one chunk of a long prompt
+in what is left), then runs one decode chunk over every request past its prefill, so running
 requests keep decoding while a long prompt is prefilled. A request cancelled mid-prefill stops
 at the next chunk boundary and frees its pages. Chunks attend to all earlier tokens (dense
 attention: the same tokens as a one-shot prefill), or, with `enable_chunked_prefill`, to the
@@ -659,8 +659,9 @@ class Engine:
 
   def _prefill_step(self) -> None:
     """Prefills at most `max_num_tokens` prompt tokens, in admission order: whole prompts that
-    fit (one call per group of similar padded length), or one chunk of the first prompt that
-    does not (a long one, or one continuing after a cached prefix or an earlier chunk)."""
+    fit (one call per group of similar padded length), then a chunk of the first prompt that
+    does not (a long one, or one continuing after a cached prefix or an earlier chunk) in what
+    is left of the budget."""
     budget = self.max_num_tokens
     whole: list[Request] = []
     for req in list(self._prefilling):
@@ -669,7 +670,7 @@ class Engine:
         whole.append(req)
         budget -= left
         continue
-      if budget > 0 and not whole:
+      if budget >= min(left, self.page_size):
         self._isolated(lambda: self._prefill_chunk(req, budget), [req], None, "prefill")
       break
     for group in self._groups(whole):

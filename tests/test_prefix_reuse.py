@@ -127,6 +127,12 @@ def test_requests_without_max_tokens_grow_and_are_preempted_when_the_pool_runs_o
   rng = np.random.default_rng(3)
   prompts = [rng.integers(0, 97, size=20).tolist() for _ in range(2)]
   params = SamplingParams(max_tokens=None, ignore_eos=True)
+  eng = llm.engine
+  req = eng.add_request(prompts[0], params)
+  eng.step()
+  assert len(eng.allocator.pages(req.slot)) == 4, "prompt + one decode chunk, not the whole 64-token context"
+  eng.abort(req)
+  eng.run_until_done()
   alone = [_ids(llm.generate([p], params))[0] for p in prompts]
   assert all(len(o) == 44 for o in alone)
   outs = llm.generate(prompts, params)
