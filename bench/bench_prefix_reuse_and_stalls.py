@@ -4,7 +4,8 @@ causes with and without chunked prefill.
 1. TTFT of a second request that shares a long prefix (a document) with the first one, with
    block reuse off and on, for dense attention and RocketKV; the prefix-cache hit rate.
 2. Time per output token (median and p99) of running requests while a long prompt arrives and
-   is prefilled, with the prefill in chunks of --max_num_tokens or in one piece.
+   is prefilled, with the prefill in chunks of --max_num_tokens or in one piece; and the TTFT of
+   a short prompt that arrives right behind the long one.
 
 Runs anywhere; on the CPU with the embedded default model:
   python bench/bench_prefix_reuse_and_stalls.py --out=prefix_stalls.json
@@ -25,12 +26,12 @@ from absl import app, flags
 SMOKE = os.environ.get("SMOKE") == "1"
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "", "checkpoint directory; empty: the embedded default model (SMOKE: random tiny-llama)")
-flags.DEFINE_integer("prefix", 256 if SMOKE else 4096, "tokens of the shared prefix (the document)")
+flags.DEFINE_integer("prefix", 128 if SMOKE else 4096, "tokens of the shared prefix (the document)")
 flags.DEFINE_integer("question", 32 if SMOKE else 64, "tokens after the prefix, different per request")
 flags.DEFINE_integer("prompt_budget", 64 if SMOKE else 1024, "RocketKV prompt_budget")
-flags.DEFINE_integer("long_prompt", 512 if SMOKE else 8192, "tokens of the prompt that arrives while others decode")
+flags.DEFINE_integer("long_prompt", 128 if SMOKE else 4096, "tokens of the prompt that arrives while others decode")
 flags.DEFINE_integer("running", 2 if SMOKE else 4, "requests decoding when the long prompt arrives")
-flags.DEFINE_integer("max_num_tokens", 64 if SMOKE else 512, "prefill tokens per engine step when chunked")
+flags.DEFINE_integer("max_num_tokens", 32 if SMOKE else 512, "prefill tokens per engine step when chunked")
 flags.DEFINE_integer("decode_chunk_size", 4, "decode steps per engine step")
 flags.DEFINE_integer("page_size", 16 if SMOKE else 32, "KV page size")
 flags.DEFINE_integer("repeats", 1 if SMOKE else 3, "second requests timed per configuration (median reported)")
@@ -81,12 +82,13 @@ def measure_ttft(model, sparse, reuse: bool, rng, vocab: int) -> dict:
 
 
 def measure_stalls(model, chunked: bool, rng, vocab: int) -> dict:
-  """TPOT of `running` decoding requests from the long prompt's arrival to its first token."""
+  """TPOT of `running` decoding requests from the long prompt's arrival to its first token, and
+  the TTFT of a short prompt submitted right after the long one."""
   from sparse_jax import LLM, KvCacheConfig, SamplingParams
   long_len = FLAGS.long_prompt
   budget = FLAGS.max_num_tokens if chunked else _round_up(long_len, FLAGS.page_size)
   max_seq_len = _round_up(long_len + 64, FLAGS.page_size)
-  llm = LLM(model, dtype="float32", max_batch_size=FLAGS.running + 1, max_seq_len=max_seq_len,
+  llm = LLM(model, dtype="float32", max_batch_size=FLAGS.running + 2, max_seq_len=max_seq_len,
             kv_cache_config=KvCacheConfig(tokens_per_block=FLAGS.page_size), max_num_tokens=budget,
             decode_chunk_size=FLAGS.decode_chunk_size)
   eng = llm.engine
@@ -105,7 +107,9 @@ def measure_stalls(model, chunked: bool, rng, vocab: int) -> dict:
     arrival = time.perf_counter()
     long = eng.add_request([int(t) for t in rng.integers(3, vocab, size=long_len)],
                            SamplingParams(max_tokens=1, ignore_eos=True))
-    while not long.finished:
+    short = eng.add_request([int(t) for t in rng.integers(3, vocab, size=16)],
+                            SamplingParams(max_tokens=1, ignore_eos=True))
+    while not (long.finished and short.finished):
       eng.step()
     done = time.perf_counter()
     for r in runs:
@@ -119,7 +123,8 @@ def measure_stalls(model, chunked: bool, rng, vocab: int) -> dict:
       gaps += [(t1 - t0) / (n1 - n0) for (t0, n0), (t1, n1) in zip(seq, seq[1:]) if n1 > n0]
     gaps.sort()
     result = dict(chunked=chunked, max_num_tokens=budget, long_prompt=long_len, running=FLAGS.running,
-                  long_ttft_s=long.first_token_time - long.arrival_time, tpot_samples=len(gaps),
+                  long_ttft_s=long.first_token_time - long.arrival_time,
+                  short_ttft_s=short.first_token_time - short.arrival_time, tpot_samples=len(gaps),
                   tpot_p50_ms=1e3 * gaps[len(gaps) // 2] if gaps else None,
                   tpot_p99_ms=1e3 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))] if gaps else None,
                   tpot_max_ms=1e3 * gaps[-1] if gaps else None)
@@ -152,11 +157,12 @@ def main(_):
     print(f"| {r['config']} | {'on' if r['block_reuse'] else 'off'} | {r['ttft_first_s']:.3f} | "
           f"{r['ttft_second_s']:.3f} | {r['cached_tokens_second']} | {r['prefix_cache_hit_rate']:.2f} |")
   print(f"\nTPOT of {FLAGS.running} running requests while a {FLAGS.long_prompt}-token prompt prefills")
-  print("| prefill | max_num_tokens | TPOT p50 (ms) | TPOT p99 (ms) | max (ms) | long prompt TTFT (s) |")
-  print("|---|---|---|---|---|---|")
+  print("| prefill | max_num_tokens | TPOT p50 (ms) | TPOT p99 (ms) | max (ms) | long prompt TTFT (s) | "
+        "short prompt behind it: TTFT (s) |")
+  print("|---|---|---|---|---|---|---|")
   for r in rows["stalls"]:
     print(f"| {'chunked' if r['chunked'] else 'one piece'} | {r['max_num_tokens']} | {r['tpot_p50_ms']:.1f} | "
-          f"{r['tpot_p99_ms']:.1f} | {r['tpot_max_ms']:.1f} | {r['long_ttft_s']:.2f} |")
+          f"{r['tpot_p99_ms']:.1f} | {r['tpot_max_ms']:.1f} | {r['long_ttft_s']:.2f} | {r['short_ttft_s']:.2f} |")
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(rows, f, indent=1)

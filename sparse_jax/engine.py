@@ -9,9 +9,10 @@ return to the pool and it waits again at the head of the queue, to be prefilled 
 (prompt plus what it generated) when pages free up.
 
 Stall-free scheduling (Sarathi-Serve, vLLM's `max_num_batched_tokens`): each step prefills
-at most `max_num_tokens` prompt tokens (whole short prompts, then one chunk of a long prompt
-in what is left), then runs one decode chunk over every request past its prefill, so running
-requests keep decoding while a long prompt is prefilled. A request cancelled mid-prefill stops
+at most `max_num_tokens` prompt tokens (the whole short prompts, wherever they are in the
+queue, then one chunk of a long prompt in what is left), then runs one decode chunk over every
+request past its prefill, so running requests keep decoding while a long prompt is prefilled
+and a short prompt behind a long one does not wait for it. A request cancelled mid-prefill stops
 at the next chunk boundary and frees its pages. Chunks attend to all earlier tokens (dense
 attention: the same tokens as a one-shot prefill), or, with `enable_chunked_prefill`, to the
 algorithm's selection of them within its `prefill_budget` (sparse prefill).
@@ -658,23 +659,27 @@ class Engine:
     return SamplingState(**{k: jnp.asarray(pick(v)) for k, v in s.items()})
 
   def _prefill_step(self) -> None:
-    """Prefills at most `max_num_tokens` prompt tokens, in admission order: whole prompts that
-    fit (one call per group of similar padded length), then a chunk of the first prompt that
-    does not (a long one, or one continuing after a cached prefix or an earlier chunk) in what
-    is left of the budget."""
-    budget = self.max_num_tokens
+    """Prefills at most `max_num_tokens` prompt tokens: the whole prompts that fit, in admission
+    order and from anywhere in the queue (one call per group of similar padded length), then a
+    chunk of the earliest prompt that does not go whole (a long one, or one continuing after a
+    cached prefix or an earlier chunk) in what is left of the budget. So a short prompt that
+    arrives behind a long one gets its first token before the long prefill ends; the whole
+    prompts leave the chunk at least one page, so the long prefill always advances."""
+    left = {id(r): len(r._context) - r._prefilled for r in self._prefilling}
+    chunked = next((r for r in self._prefilling if r._prefilled > 0 or left[id(r)] > self.max_num_tokens), None)
+    room = self.max_num_tokens - (min(left[id(chunked)], self.page_size) if chunked is not None else 0)
     whole: list[Request] = []
-    for req in list(self._prefilling):
-      left = len(req._context) - req._prefilled
-      if req._prefilled == 0 and left <= budget:
+    for req in self._prefilling:
+      if req is not chunked and req._prefilled == 0 and left[id(req)] <= room:
         whole.append(req)
-        budget -= left
-        continue
-      if budget >= min(left, self.page_size):
-        self._isolated(lambda: self._prefill_chunk(req, budget), [req], None, "prefill")
-      break
+        room -= left[id(req)]
+    if chunked is None:
+      chunked = next((r for r in self._prefilling if r not in whole), None)
+    budget = self.max_num_tokens - sum(left[id(r)] for r in whole)
     for group in self._groups(whole):
       self._isolated(lambda: self._prefill_group(group), group, lambda req: self._prefill_group([req]), "prefill")
+    if chunked is not None and not chunked.finished and budget >= min(left[id(chunked)], self.page_size):
+      self._isolated(lambda: self._prefill_chunk(chunked, budget), [chunked], None, "prefill")
 
   def _groups(self, reqs: list[Request]) -> list[list[Request]]:
     """Whole prompts grouped by padded length, rows x length at most max_num_tokens (a longer

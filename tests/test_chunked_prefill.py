@@ -14,10 +14,10 @@ from tests.model_fixtures import tiny_llama
 EXACT = dict(window_size=8, kernel_size=5, topr=1.0, page_size=4, kt_cache_dtype="float32")
 
 
-def _generate(sparse=None, chunked=False, prompts=None, max_tokens=8, always_predict=False):
+def _generate(sparse=None, chunked=False, prompts=None, max_tokens=8, always_predict=False, max_num_tokens=64):
   llm = LLM(tiny_llama(9, max_pos=2048), dtype="float32", sparse_attention_config=sparse,
             kv_cache_config=KvCacheConfig(tokens_per_block=16), max_batch_size=2, max_seq_len=1024,
-            enable_chunked_prefill=chunked, max_num_tokens=64)
+            enable_chunked_prefill=chunked, max_num_tokens=max_num_tokens)
   if always_predict:  # decode runs the prediction even where it would select every block
     llm.engine._dense_below = None
   outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
@@ -28,8 +28,9 @@ PROMPTS = [[int(t) for t in np.random.default_rng(i).integers(0, 97, size=n)] fo
 
 
 def test_dense_chunked_equals_one_shot():
-  plain, _ = _generate(prompts=PROMPTS)
-  chunked, llm = _generate(chunked=True, prompts=PROMPTS)
+  plain, one_shot = _generate(prompts=PROMPTS, max_num_tokens=512)  # both prompts in one step
+  assert one_shot.engine.stats["prefill_chunks"] == 0
+  chunked, llm = _generate(prompts=PROMPTS)
   assert chunked == plain
   assert llm.engine.stats["prefill_chunks"] == 5 + 4
 
