@@ -35,6 +35,7 @@ flags.DEFINE_integer("max_num_tokens", 32 if SMOKE else 512, "prefill tokens per
 flags.DEFINE_integer("decode_chunk_size", 4, "decode steps per engine step")
 flags.DEFINE_integer("page_size", 16 if SMOKE else 32, "KV page size")
 flags.DEFINE_integer("repeats", 1 if SMOKE else 3, "second requests timed per configuration (median reported)")
+flags.DEFINE_list("measure", ["ttft", "stalls"], "what to measure: ttft (prefix reuse), stalls (chunked prefill)")
 flags.DEFINE_string("out", "", "JSON output path")
 
 
@@ -141,11 +142,11 @@ def main(_):
   rng = np.random.default_rng(0)
   rocket = RocketSparseAttentionConfig(prompt_budget=FLAGS.prompt_budget, page_size=4, topk=16, topr=1.0)
   rows = {"ttft": [], "stalls": []}
-  for sparse in (None, rocket):
+  for sparse in (None, rocket) if "ttft" in FLAGS.measure else ():
     for reuse in (False, True):
       rows["ttft"].append(measure_ttft(model, sparse, reuse, rng, vocab))
       print(json.dumps(rows["ttft"][-1]), flush=True)
-  for chunked in (False, True):
+  for chunked in (False, True) if "stalls" in FLAGS.measure else ():
     rows["stalls"].append(measure_stalls(model, chunked, rng, vocab))
     print(json.dumps(rows["stalls"][-1]), flush=True)
   rows["device"] = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
