@@ -9,6 +9,7 @@ import pytest
 
 from sparse_jax import LLM, KvCacheConfig, SamplingParams
 from sparse_jax.algorithms import dsa, indexer as indexer_lib
+from sparse_jax.algorithms.hybrid import HybridSparseAttentionConfig
 from sparse_jax.algorithms.oracle import OracleSparseAttentionConfig
 from sparse_jax.algorithms.quest import QuestSparseAttentionConfig
 from sparse_jax.algorithms.rocket import RocketSparseAttentionConfig
@@ -28,6 +29,7 @@ CONFIGS = {
     "snapkv": SnapKVSparseAttentionConfig(max_capacity_prompt=48, window_size=8, kernel_size=5),
     "streaming": StreamingSparseAttentionConfig(sink_tokens=4, window=36, block_size=8),
     "quest": QuestSparseAttentionConfig(topk=6, page_size=4, minmax_dtype="float32"),
+    "hybrid": HybridSparseAttentionConfig(topk=6, page_size=4, sink_blocks=1, recent_blocks=1, minmax_dtype="float32"),
     "oracle": OracleSparseAttentionConfig(topk=5, block_size=6),
     "indexer": indexer_lib.IndexerSparseAttentionConfig(weights_path=INDEXER_WEIGHTS, topk=6, block_size=8,
                                                         index_heads=2, index_head_dim=8, rope_dim=4,
