@@ -215,12 +215,17 @@ def sparse_mla_decode(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array
   _check(q, latent_pool, rope_pool, page_table, token_ids)
   if backend == "reference":
     return sparse_mla_decode_reference(q, latent_pool, rope_pool, page_table, token_ids, scale)
-  interpret = _compat.resolve_interpret(interpret)
-  if num_warps is None:
-    num_warps = 8 if block_h >= 32 else 4
   return _pallas(q, latent_pool, rope_pool, page_table, token_ids.astype(jnp.int32), scale=float(scale),
-                 interpret=interpret, block_h=block_h, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
-                 num_stages=num_stages)
+                 interpret=_compat.resolve_interpret(interpret), block_h=block_h, block_k=block_k,
+                 num_splits=num_splits, num_warps=default_num_warps(num_warps, block_h), num_stages=num_stages)
+
+
+def default_num_warps(num_warps: int | None, block_h: int) -> int:
+  """num_warps, or for None 8 with 32+ heads per program (the [block_h, R] float32 accumulator
+  and the resident query need the registers), else 4."""
+  if num_warps is None:
+    return 8 if block_h >= 32 else 4
+  return num_warps
 
 
 def gather_latents(latent_pool, rope_pool, page_table, token_ids):

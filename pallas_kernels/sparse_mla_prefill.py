@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _compat
 from pallas_kernels.common import check_backend
 
-from pallas_kernels.sparse_mla_decode import attend_tokens, gather_latents
+from pallas_kernels.sparse_mla_decode import attend_tokens, default_num_warps, gather_latents
 
 
 
@@ -83,11 +83,9 @@ def sparse_mla_prefill(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Arra
   _check(q, latent_pool, rope_pool, page_table, token_ids)
   if backend == "reference":
     return sparse_mla_prefill_reference(q, latent_pool, rope_pool, page_table, token_ids, scale)
-  interpret = _compat.resolve_interpret(interpret)
-  if num_warps is None:
-    num_warps = 8 if block_h >= 32 else 4
   return _pallas(q, latent_pool, rope_pool, page_table, token_ids.astype(jnp.int32), scale=float(scale),
-                 interpret=interpret, block_h=block_h, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+                 interpret=_compat.resolve_interpret(interpret), block_h=block_h, block_k=block_k,
+                 num_warps=default_num_warps(num_warps, block_h), num_stages=num_stages)
 
 
 def sparse_mla_prefill_reference(q: jax.Array, latent_pool: jax.Array, rope_pool: jax.Array, page_table: jax.Array,
