@@ -115,12 +115,8 @@ def main(argv=None) -> int:
   bytes_moved = 2 * sum(kept * int(np.prod(p.shape[3:])) * p.dtype.itemsize for p in pools)
   reference = jax.block_until_ready(compact_pages_reference(*case.kernel_args()))
 
-  rows: list[dict] = []
-  payload = dict(info, ceiling_bytes_per_s=ceiling, shape=name, rows=rows)
-
-  def add(row):
-    rows.append(dict(shape=name, **row))
-    common.dump_json("compaction", payload, args.out or None)
+  payload = dict(info, ceiling_bytes_per_s=ceiling, shape=name)
+  rows, add = common.json_rows("compaction", payload, args.out or None, shape=name)
 
   def run(impl, cfg_label, fn):
     step = jax.jit(fn, donate_argnums=0)

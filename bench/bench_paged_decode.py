@@ -190,15 +190,11 @@ def main(argv=None) -> int:
   print(f"# copy ceiling: {ceiling / 1e12:.3f} TB/s", flush=True)
   time_kw = dict(iters=args.iters, loop=not interpret)
 
-  rows: list[dict] = []
   best_by_category: dict[str, dict] = {}
   swept: set[str] = set()
   cudnn_full_cache: dict[int, tuple] = {}
-  payload = dict(info, ceiling_bytes_per_s=ceiling, rows=rows)
-
-  def add(row):
-    rows.append(row)
-    common.dump_json("paged_decode", payload, args.out or None)
+  payload = dict(info, ceiling_bytes_per_s=ceiling)
+  rows, add = common.json_rows("paged_decode", payload, args.out or None)
 
   for name in names:
     shape = ns.DECODE_SHAPES[name]

@@ -109,12 +109,8 @@ def main(argv=None) -> int:
   print(f"# copy ceiling: {ceiling / 1e12:.3f} TB/s", flush=True)
   time_kw = dict(iters=args.iters, loop=not interpret)
 
-  rows: list[dict] = []
-  payload = dict(info, ceiling_bytes_per_s=ceiling, rows=rows)
-
-  def add(row):
-    rows.append(row)
-    common.dump_json("rocket_score", payload, args.out or None)
+  payload = dict(info, ceiling_bytes_per_s=ceiling)
+  rows, add = common.json_rows("rocket_score", payload, args.out or None)
 
   for name in names:
     shape = ns.ROCKET_SHAPES[name]

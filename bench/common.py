@@ -287,6 +287,19 @@ def dump_json(name: str, payload: Any, out_dir: str | None = None) -> str | None
   return path
 
 
+def json_rows(name: str, payload: dict[str, Any], out_dir: str | None, **fields):
+  """(rows, add): rows becomes payload["rows"]; add(row) appends {**fields, **row} and rewrites
+  ``<name>.json`` (dump_json), so a run cut short keeps every row measured so far."""
+  rows: list[dict[str, Any]] = []
+  payload["rows"] = rows
+
+  def add(row: dict[str, Any]) -> None:
+    rows.append({**fields, **row})
+    dump_json(name, payload, out_dir)
+
+  return rows, add
+
+
 def max_abs_error(out, ref) -> float:
   a = jnp.asarray(out, jnp.float32)
   b = jnp.asarray(ref, jnp.float32)
