@@ -60,7 +60,8 @@ def measure_ttft(model, sparse, reuse: bool, rng, vocab: int) -> dict:
   """TTFT of the second of two requests sharing a `prefix`-token document."""
   from sparse_jax import LLM, KvCacheConfig, SamplingParams
   total = FLAGS.prefix + FLAGS.question
-  llm = LLM(model, dtype="float32", sparse_attention_config=sparse, max_batch_size=1,
+  # Two slots' worth of pool: room for a compressing request's dense prompt beside its compacted copy.
+  llm = LLM(model, dtype="float32", sparse_attention_config=sparse, max_batch_size=2,
             kv_cache_config=KvCacheConfig(tokens_per_block=FLAGS.page_size, enable_block_reuse=reuse),
             max_seq_len=_round_up(total + 8, FLAGS.page_size), max_num_tokens=_round_up(total, FLAGS.page_size))
   one = SamplingParams(max_tokens=1, ignore_eos=True)

@@ -581,9 +581,10 @@ class Engine:
       return 0
     sparse = self.runtime.sparse
     kept = get_algorithm(sparse).kept_prompt_tokens(sparse, context)
-    if kept >= context:
-      return 0
-    return kept + (reserved - context)
+    target = kept + (reserved - context)
+    if kept >= context or self.allocator.pages_for(context) + self.allocator.pages_for(target) > self.allocator.num_pages:
+      return 0  # kept whole, or the pool cannot hold the dense prompt beside its copy: compacted in place
+    return target
 
   def _admit(self) -> None:
     with self._lock:
