@@ -77,7 +77,7 @@ MUTATIONS = (
          f"{BEYOND_TESTS}::test_quest_chunked_prefill_at_full_budget_matches_dense")),
     Mutation(
         "snapkv_predict_kv_raises", "sparse_jax/algorithms/snapkv.py",
-        "  scores = snapkv_scores(cfg, q, k, lengths, spec.scale)\n",
+        "  scores = snapkv_scores(cfg, q, k, lengths, spec.scale, q_start)\n",
         RAISE,
         (f"{BEYOND_TESTS}::test_llm_end_to_end_at_full_budget_matches_dense[snapkv]",)),
     Mutation(

@@ -40,7 +40,7 @@ def _check_sparse_paths_ran(llm, outs):
   assert stats["sparse_decode_calls"] == stats["decode_calls"] > 0, dict(stats)
   if cfg.compacts_prompt:
     assert all(o.metrics["kept_prompt_tokens"] < n for o, n in zip(outs, PROMPT_LEN)), [o.metrics for o in outs]
-  if llm.engine.chunk_size is not None:
+  if stats["prefill_chunks"] > 0:
     assert stats["sparse_prefill_chunks"] > 0, dict(stats)
   if getattr(cfg, "decode_budget", None) is not None:
     assert stats["evicted_pages"] > 0, dict(stats)

@@ -28,8 +28,8 @@ def setup():
   return llm, prompts, ids, offline
 
 
-@pytest.fixture(scope="module")
-def client(setup):
+@pytest.fixture
+def client(setup):  # one server at a time drives the shared LLM's engine
   llm = setup[0]
   app = create_app(llm, "tiny")
   with TestClient(app) as c:
