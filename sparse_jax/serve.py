@@ -280,6 +280,10 @@ def _is_type_tag(part: str) -> bool:
 
 # -- the engine thread ----------------------------------------------------------------------------
 
+_DRIVERS: dict[int, "EngineLoop"] = {}  # id(engine) -> the loop stepping it
+_DRIVERS_LOCK = threading.Lock()
+
+
 class EngineLoop:
   """Drives `engine.step()` on one daemon thread; sleeps in `engine.wait_for_work` when idle.
 
@@ -300,6 +304,13 @@ class EngineLoop:
     return self._thread.is_alive()
 
   def start(self) -> "EngineLoop":
+    # One driver per engine: two threads stepping one engine would race on its donated cache.
+    with _DRIVERS_LOCK:
+      other = _DRIVERS.get(id(self.engine))
+      if other is not None and other is not self and other.alive:
+        raise RuntimeError("this LLM's engine is already served by another server; shut that one down first "
+                           "(app.state.server.shutdown()) or serve a second LLM")
+      _DRIVERS[id(self.engine)] = self
     self._thread.start()
     return self
 
@@ -308,6 +319,9 @@ class EngineLoop:
     self.engine.wake()
     if self._thread.is_alive() and threading.current_thread() is not self._thread:
       self._thread.join(timeout)
+    with _DRIVERS_LOCK:
+      if _DRIVERS.get(id(self.engine)) is self and not self._thread.is_alive():
+        del _DRIVERS[id(self.engine)]
 
   def _run(self) -> None:
     while not self._stop.is_set():

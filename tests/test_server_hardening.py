@@ -265,3 +265,19 @@ def test_usage_counts_no_token_past_the_stop_string(served):
   assert r.status_code == 200, r.text
   assert r.json()["choices"][0]["finish_reason"] == "stop"
   assert r.json()["usage"]["completion_tokens"] == k < len(ids)
+
+
+def test_a_second_server_over_a_served_llm_is_refused_until_the_first_shuts_down(served):
+  llm = served["llm"]
+  with pytest.raises(RuntimeError, match="already served by another server"):
+    create_app(llm, "tiny")
+  r = post(served, "/v1/completions", GREEDY)  # the first server is untouched
+  assert r.status_code == 200 and r.json()["choices"][0]["text"] == served["reference"].text
+  other = LLM(tiny_llama(13, vocab=len(VOCAB), max_pos=256), tokenizer=make_tokenizer(), dtype="float32",
+              backend="reference", max_batch_size=1, max_seq_len=MAX_SEQ,
+              kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=256))
+  first = create_app(other, "other", stats_log_interval_s=None)  # a second LLM is served on its own
+  first.state.server.shutdown()
+  second = create_app(other, "other", stats_log_interval_s=None)  # once shut down, it can be served again
+  assert second.state.server.loop.alive
+  second.state.server.shutdown()
