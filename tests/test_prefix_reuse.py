@@ -196,3 +196,25 @@ def test_the_benchmark_runs_under_smoke(tmp_path):
   assert [r["chunked"] for r in rows["stalls"]] == [False, True]
   assert all(r["tpot_samples"] > 0 for r in rows["stalls"])
   assert "TPOT p99 (ms)" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["rocket", "snapkv"])
+def test_a_pool_too_small_for_the_compacted_copy_compacts_in_place(name):
+  """With block reuse a compressing prefill writes its kept tokens to pages of its own beside the
+  dense (cacheable) prompt. A 90-token prompt holds 12 pages and its compacted copy 8 more; in a
+  16-page pool it is compacted in place instead: it is admitted, finishes within a bounded number
+  of steps and gives the tokens of a large pool without reuse."""
+  prompt = np.random.default_rng(1).integers(0, 97, size=90).tolist()
+  params = SamplingParams(max_tokens=10, ignore_eos=True)
+  expected = _ids(_llm(name, kv_cache_config=KvCacheConfig(tokens_per_block=PAGE)).generate([prompt], params))
+  llm = _llm(name, kv_cache_config=KvCacheConfig(tokens_per_block=PAGE, enable_block_reuse=True, max_tokens=16 * PAGE))
+  eng = llm.engine
+  assert eng.allocator.num_pages == 16
+  req = eng.add_request(prompt, params)
+  for _ in range(40):
+    if req.finished:
+      break
+    eng.step()
+  assert req.finished and req.finish_reason == "length", "the request waited for pages the pool cannot give"
+  assert [req.output_ids] == expected
+  assert eng.allocator.used_pages == 0
