@@ -14,7 +14,8 @@ the answers joined by ", ") followed by EOS.
   niah_multivalue    4 values for one key, all are asked for (MV-NIAH)
   niah_multiquery    4 needles, all 4 keys are asked for (MQ-NIAH)
   variable_tracking  one chain "VAR A = 12345 ... VAR B = VAR A" of 4 hops; all names are asked for (VT)
-  common_words       numbered word list, 10 words 30x (6x under 4K tokens), the rest 3x (1x); top 10 (CWE)
+  common_words       numbered word list, 10 words 30x (6x under 4K tokens), the rest 3x (1x); top 10 (CWE),
+                     in the order of their first appearance (num_cw sets how many words are common and asked for)
   kv_lookup          (training) many key-value facts in varied phrasing; one or several questions
 
 Context length is measured in tokens of the model's tokenizer, BOS included: the haystack is
@@ -335,7 +336,8 @@ def tokenizer_corpus(seed: int = 0, num_sentences: int = 60000) -> list[str]:
     texts.append(_NIAH_HEADER[i % 2] + "\n" + _needle(key, value) + " " + _KV_PHRASES[i % len(_KV_PHRASES)].format(
         key=key, value=value) + f" VAR {_random_var(rng)} = {_random_number(rng, 5)}. VAR {_random_var(rng)} = VAR "
                  f"{_random_var(rng)}." + _niah_question([key], i % 2 == 1) + f" {value}" + _kv_question(key) + f" {value}")
-  texts.append(_VT_HEADER + _VT_QUESTION.format(value=12345) + _CWE_HEADER + _CWE_QUESTION + _KV_HEADER)
+  texts.append(_VT_HEADER + _VT_QUESTION.format(value=12345) + _CWE_HEADER + _CWE_QUESTION.format(num_cw=10)
+               + _KV_HEADER)
   texts.append(" ".join(f"{i}. {w}" for i, w in enumerate(vocabulary_words(), 1)))
   return texts
 
@@ -438,7 +440,7 @@ _VT_HEADER = "Memorize and track the chain(s) of variable assignment hidden in t
 _VT_QUESTION = "\nQuestion: Find all variables that are assigned the value {value} in the text above."
 _CWE_HEADER = ("Below is a numbered list of words. In these words, some appear more often than others. "
                "Memorize the ones that appear most often.")
-_CWE_QUESTION = "\nQuestion: What are the 10 most common words in the above list?"
+_CWE_QUESTION = "\nQuestion: What are the {num_cw} most common words in the above list?"
 _KV_HEADER = ("Some keys and their values are hidden within the following text. Make sure to memorize them. "
               "I will ask you about the values afterwards.")
 _KV_PHRASES = ("One of the special magic numbers for {key} is: {value}.", "The value of {key} is {value}.",
@@ -678,11 +680,13 @@ def _build_vt(rng: random.Random, counter: TokenCounter, budget: int, opts: Mapp
 
 def _build_cwe(rng: random.Random, counter: TokenCounter, budget: int, opts: Mapping[str, Any]) -> Built:
   num_cw = int(opts.get("num_cw", 10))
+  if num_cw < 1:
+    raise TaskError(f"num_cw={num_cw} must be at least 1")
   short = budget < 4096
   freq_cw = int(opts.get("freq_cw", 6 if short else 30))
   freq_ucw = int(opts.get("freq_ucw", 1 if short else 3))
   head = _CWE_HEADER + "\n"
-  tail = _CWE_QUESTION + ANSWER_SUFFIX
+  tail = _CWE_QUESTION.format(num_cw=num_cw) + ANSWER_SUFFIX
   pool = list(_CWE_WORDS)
   rng.shuffle(pool)
   # Beyond the built-in forms, compounds keep every word distinct at long contexts.

@@ -98,6 +98,22 @@ def test_common_words_frequencies(tok, length, freq):
   assert sorted(counts.values())[-11] < freq  # exactly 10 words reach the top frequency
 
 
+def test_common_words_count_option(tok):
+  """num_cw sets how many words are common and asked for; the question names that count."""
+  s = tasks.generate_sample("common_words", 1024, _seed(), tok, num_cw=3, freq_cw=8, freq_ucw=2)
+  body = s["prompt"].split("\n")[1]
+  counts = collections.Counter(re.findall(r"\d+\. (\S+)", body))
+  assert len(s["answers"]) == 3 and all(counts[w] == 8 for w in s["answers"])
+  assert sorted(counts.values())[-4] == 2
+  assert "What are the 3 most common words in the above list?" in s["prompt"]
+  first = {w: body.index(f". {w} ") if f". {w} " in body else body.index(f". {w}") for w in s["answers"]}
+  assert s["answers"] == sorted(s["answers"], key=first.get)
+  default = tasks.generate_sample("common_words", 1024, _seed(), tok)
+  assert "What are the 10 most common words in the above list?" in default["prompt"]
+  with pytest.raises(tasks.TaskError, match="num_cw"):
+    tasks.generate_sample("common_words", 1024, _seed(), tok, num_cw=0)
+
+
 def test_kv_lookup_training_turns(tok):
   built = tasks.build("kv_lookup", 3000, _seed(0, "train"), tok, split="train", num_turns=5)
   assert len(built.turns) == 4 and len(built.turn_ids) == 4

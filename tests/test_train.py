@@ -257,3 +257,46 @@ def test_train_step_lowers_to_cudnn_flash_attention_for_cuda(monkeypatch):
   step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, backend="pallas", lm_weight=0.1))
   text = step.trace(state, batch, jax.ShapeDtypeStruct((), jnp.float32)).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("cudnn$fmha") == 2 * TINY.num_layers  # forward + backward per layer
+
+
+def _recipe_config() -> train.TrainConfig:
+  """The TrainConfig of bench/run_train_gpu.sh's flags (those that do not read the environment)."""
+  import re
+  import shlex
+  from absl import flags
+  from sparse_jax.train import config as train_config
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "bench", "run_train_gpu.sh")) as f:
+    script = f.read().replace("\\\n", " ")
+  command = re.search(r"python3 -m sparse_jax\.train (.*)", script).group(1)
+  args = [a for a in shlex.split(command) if a.startswith("--") and "$" not in a]
+  values = flags.FlagValues()
+  train_config.define_flags("recipe", values)
+  values(["prog"] + args)
+  return train_config.config_from_flag_values("out", {n: values[n].value for n in values})
+
+
+def test_gpu_recipe_teaches_tracking_and_aggregation_in_a_gated_phase():
+  """The recipe's third phase (1K) trains mostly variable tracking and common words, in their
+  easy cases too (one-hop chains, fewer common words, whose count the question names), and its
+  gate waits for their held-out exact match beside the needles'."""
+  import re
+  cfg = _recipe_config()
+  lengths = [e[0] for e in cfg.curriculum]
+  phase = lengths.index(1024)
+  mix = dict(cfg.mixture_at(1024))
+  assert mix["variable_tracking"] + mix["common_words"] >= 0.5
+  assert set(cfg.gate_tasks_at(1024)) == {"niah_single", "niah_multikey", "variable_tracking", "common_words"}
+  assert cfg.gate_tasks_at(256) == ("niah_single",)
+  schedule = train.Schedule(cfg.curriculum, cfg.gate_phase, cfg.gate_exact_match, cfg.gate_max_progress,
+                            cfg.gate_from)
+  assert schedule.gated(phase) and schedule.gated(phase - 1) and not schedule.gated(phase + 1)
+  counter = tasks.TokenCounter(tasks.build_tokenizer(cfg.model.vocab_size))
+  rows = train.make_rows(counter, 1024, cfg.slots(1024), list(range(24)), cfg.mixture_at(1024),
+                         pack=1024 >= cfg.pack_min_length)
+  assert rows["samples"].get("variable_tracking", 0) >= 4 and rows["samples"].get("common_words", 0) >= 4
+  text = "".join(counter.tokenizer.decode(r.tolist()) for r in rows["tokens"])
+  counts = {int(n) for n in re.findall(r"What are the (\d+) most common words", text)}
+  assert 10 in counts and min(counts) < 10
+  hops = [len(re.findall(r"VAR [A-Z]{5} = VAR", sample)) for sample in text.split("Memorize and track")[1:]]
+  assert min(hops) < 4

@@ -17,14 +17,27 @@ from sparse_jax.train.config import BOS_ID, EOS_ID, PAD_ID, TrainConfig
 MIN_SAMPLE_TOKENS = 160
 
 
-def _train_options(task: str, rng: random.Random) -> dict[str, Any]:
-  """Training-time variety on top of RULER's defaults (evaluation uses the defaults)."""
+def _train_options(task: str, rng: random.Random, budget: int) -> dict[str, Any]:
+  """Training-time variety on top of RULER's defaults (evaluation uses the defaults), with easy
+  cases of the multi-hop and aggregation tasks beside RULER's own: one-hop chains, and lists with
+  fewer common words (at most one per 64 tokens of the sample: 10 common words in 512 tokens would
+  repeat only 3x against the others' 1x), so short samples keep a clear frequency gap, and both of
+  RULER's frequency ratios at every length."""
   if task in tasks.NEEDLE_TASKS:
     needle_p = 0.25 if task == "niah_multikey" else 0.08
     return {"haystack": rng.choices(("filler", "noise", "needle"), (0.84 - needle_p, 0.16, needle_p))[0]}
   if task == "variable_tracking":
     return {"haystack": rng.choice(("noise", "filler")), "num_chains": rng.choice((1, 1, 2)),
-            "num_hops": rng.choice((2, 3, 4, 4, 4, 5))}
+            "num_hops": rng.choice((1, 2, 3, 4, 4, 4, 5))}
+  if task == "common_words":
+    cap = max(1, min(10, budget // 64))
+    opts = {"num_cw": 10 if cap == 10 and rng.random() < 0.5 else rng.randint(1, cap)}
+    # Half the time RULER's long-context ratio (up to 30x against 3x; below 4K tokens RULER's
+    # defaults are 6x against 1x) where the common words can fill at most half of the sample.
+    freq_cw = min(30, budget // (12 * opts["num_cw"]))
+    if freq_cw >= 9 and rng.random() < 0.5:
+      opts.update(freq_cw=freq_cw, freq_ucw=3)
+    return opts
   if task == "kv_lookup":
     return {"num_turns": rng.randint(1, 8), "haystack": rng.choice(("filler", "filler", "noise"))}
   return {}
@@ -35,7 +48,7 @@ def _build_sample(counter: tasks.TokenCounter, task: str, budget: int, seed: int
   task does not fit; None where nothing fits."""
   try:
     return task, tasks.build(task, budget, seed, None, split="train", counter=counter, _answer_in_budget=True,
-                             **_train_options(task, rng))
+                             **_train_options(task, rng, budget))
   except tasks.TaskError:
     try:
       return "niah_single", tasks.build("niah_single", budget, seed, None, split="train", counter=counter,
