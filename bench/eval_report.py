@@ -7,7 +7,9 @@ algorithm and budget the accuracy of each sweep task, their mean, and that mean 
 dense's (dense over all samples of its point; the sweep's samples are the first of them; the
 budget of 1/16 of the context in bold); points the suite skipped (time limit) are listed, not
 invented. The plot: mean accuracy over the sweep tasks against the token
-budget, one panel per context, one line per algorithm, dense as a horizontal reference line.
+budget (each tick also as its share of the context), one panel per context, one line per
+algorithm, dense as a horizontal reference line, and the band from the oracle's accuracy down to
+99% of it shaded: the goal band for a real predictor.
 """
 from __future__ import annotations
 
@@ -64,7 +66,19 @@ def tables(result: dict) -> str:
   return "\n".join(out)
 
 
-def plot(result: dict, path: str) -> None:
+ORACLE = "oracle"
+ORACLE_SHARE = 0.99
+
+
+def _fraction(budget: int, context: int) -> str:
+  """`budget` as a share of `context`: "1/64" when it divides evenly, else a percentage."""
+  if budget > 0 and context % budget == 0:
+    return f"1/{context // budget}"
+  return f"{100 * budget / context:.2g}%"
+
+
+def plot(result: dict, path: str):
+  """Writes the plot to `path`; returns the matplotlib figure."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -83,19 +97,31 @@ def plot(result: dict, path: str) -> None:
     for p in sweep:
       if p["context_length"] == ctx:
         by[p["algorithm"]].setdefault(p["budget"], []).append(p["accuracy"])
+    budgets = set()
     for algo, per in sorted(by.items()):
       # only budgets where every sweep task was measured, so a line never mixes task sets
       bs = sorted(b for b, v in per.items() if len(v) == len(tasks))
-      if bs:
-        ax.plot(bs, [sum(per[b]) / len(per[b]) for b in bs], marker="o", label=algo, color=colors[algo])
+      if not bs:
+        continue
+      budgets.update(bs)
+      acc = [sum(per[b]) / len(per[b]) for b in bs]
+      ax.plot(bs, acc, marker="o", label=algo, color=colors[algo])
+      if algo == ORACLE:  # the band a predictor must reach: at least ORACLE_SHARE of the oracle's accuracy
+        ax.fill_between(bs, [ORACLE_SHARE * a for a in acc], acc, color=colors[algo], alpha=0.18, lw=0,
+                        label=f">= {ORACLE_SHARE:.0%} of the oracle")
     ax.set_xscale("log", base=2)
+    if budgets:  # each budget also as its share of the context
+      ticks = sorted(budgets)
+      ax.set_xticks(ticks, [f"{b}\n{_fraction(b, ctx)}" for b in ticks], fontsize=7)
+      ax.minorticks_off()
     ax.set_title(f"{ctx // 1024}K context, mean over {', '.join(tasks)}", fontsize=8)
-    ax.set_xlabel("token budget")
+    ax.set_xlabel("token budget (share of the context)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
+  return fig
 
 
 def main(_):
