@@ -5,11 +5,13 @@
 Tables: dense accuracy per task and context; the budget sweep, one table per context: per
 algorithm and budget the accuracy of each sweep task, their mean, and that mean as a share of
 dense's (dense over all samples of its point; the sweep's samples are the first of them; the
-budget of 1/16 of the context in bold); points the suite skipped (time limit) are listed, not
-invented. The plot: mean accuracy over the sweep tasks against the token
-budget (each tick also as its share of the context), one panel per context, one line per
-algorithm, dense as a horizontal reference line, and the band from the oracle's accuracy down to
-99% of it shaded: the goal band for a real predictor.
+budget of 1/16 of the context in bold) and, where the suite recorded it, the attended share of
+the context (`attended_fraction`, mean over the layers: dense first layers count in full, so
+Quest's default of two dense layers on a 4-layer model attends to over half of it at any
+budget); points the suite skipped (time limit) are listed, not invented. The plot: mean accuracy
+over the sweep tasks against the token budget (each tick also as its share of the context), one
+panel per context, one line per algorithm, dense as a horizontal reference line, and the band from
+the oracle's accuracy down to 99% of it shaded: the goal band for a real predictor.
 """
 from __future__ import annotations
 
@@ -41,24 +43,35 @@ def tables(result: dict) -> str:
     short = [t.replace("niah_", "") for t in tasks]
     n = sorted({p["num_samples"] for p in sweep})
     out += ["", f"### Budget sweep ({'/'.join(map(str, n))} samples per point; dense: all samples of the dense point; "
-            "mean over the tasks, and that mean as a share of dense's; '-': not measured)"]
+            + ("attended: the share of the context a decode step attends to, mean over the layers (dense layers "
+               "count in full); " if any("attended_fraction" in p for p in sweep) else "")
+            + "mean over the tasks, and that mean as a share of dense's; '-': not measured)"]
     at = {(p["algorithm"], p["budget"], p["task"], p["context_length"]): p for p in sweep}
+    attended = any("attended_fraction" in p for p in sweep)
     for ctx in sorted({p["context_length"] for p in sweep}):
       d = [dense[(t, ctx)]["accuracy"] if (t, ctx) in dense else float("nan") for t in tasks]
       d_mean = sum(d) / len(d)
+      head = "| algorithm | budget | " + ("attended | " if attended else "") + " | ".join(short) + " | mean | of dense |"
       out += ["", f"**{ctx // 1024}K context** (1/16 of it: budget {ctx // 16})", "",
-              "| algorithm | budget | " + " | ".join(short) + " | mean | of dense |", "|---|---|" + "---|" * (len(tasks) + 2),
-              "| dense | - | " + " | ".join(f"{v:.2f}" for v in d) + f" | {d_mean:.2f} | 100% |"]
+              head, "|---|---|" + "---|" * (len(tasks) + 2 + attended),
+              "| dense | - | " + ("100% | " if attended else "") + " | ".join(f"{v:.2f}" for v in d) +
+              f" | {d_mean:.2f} | 100% |"]
       for algo in dict.fromkeys(p["algorithm"] for p in sweep):
         for budget in sorted({p["budget"] for p in sweep if p["algorithm"] == algo}):
           row = [at.get((algo, budget, t, ctx)) for t in tasks]
           if not any(row):
             continue
           cells = [f"{r['accuracy']:.2f}" if r else "-" for r in row]
-          mean = (f"{sum(r['accuracy'] for r in row) / len(row):.2f} | "
-                  f"{100 * sum(r['accuracy'] for r in row) / len(row) / d_mean:.0f}%") if all(row) else "- | -"
+          mean = "- | -"
+          if all(row):
+            m = sum(r["accuracy"] for r in row) / len(row)
+            mean = f"{m:.2f} | " + (f"{100 * m / d_mean:.0f}%" if d_mean > 0 else "-")  # no share of a dense 0
           mark = "**" if budget == ctx // 16 else ""
-          out.append(f"| {algo} | {mark}{budget}{mark} | " + " | ".join(cells) + f" | {mean} |")
+          share = ""
+          if attended:
+            f = [r["attended_fraction"] for r in row if r and "attended_fraction" in r]
+            share = (f"{100 * sum(f) / len(f):.3g}% | " if f else "- | ")
+          out.append(f"| {algo} | {mark}{budget}{mark} | {share}" + " | ".join(cells) + f" | {mean} |")
   skipped = collections.Counter((s["algorithm"], s["budget"]) for s in result.get("skipped", []))
   if skipped:
     out += ["", "Not measured (the suite's time limit ran out): " +

@@ -6,7 +6,8 @@ compilation is paid once per configuration rather than once per point.
 
 Points run in priority order and the JSON is rewritten after each one; `--time_budget_s` stops
 the suite cleanly (skipped points are listed) so a time limit never loses finished work.
-The per-point logic (samples, scoring, budget rules) is `sparse_jax.eval`'s.
+The per-point logic (samples, scoring, budget rules, the attended fraction that counts dense
+layers at full context) is `sparse_jax.eval`'s.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def main(_):
   from sparse_jax import LLM, SamplingParams, tasks
   from sparse_jax.config import KvCacheConfig, load_llm_api_options
   from sparse_jax.defaults import default_model_path
-  from sparse_jax.eval import default_max_tokens, eval_tokenizer, load_samples, score_sample, with_budget
+  from sparse_jax.eval import (budget_figures, default_max_tokens, eval_tokenizer, load_samples, score_sample,
+                               with_budget)
 
   t_start = time.monotonic()
   model = FLAGS.model or default_model_path()
@@ -62,7 +64,8 @@ def main(_):
   for b in FLAGS.budgets:
     for opts in options:
       cfg = with_budget(opts.sparse_attention_config, int(b))
-      name = cfg.algorithm + ("+chunked_prefill" if opts.enable_chunked_prefill else "")
+      name = (cfg.algorithm + ("+chunked_prefill" if opts.enable_chunked_prefill else "")
+              + (f"+dense_layers={cfg.dense_layers}" if cfg.dense_layers else ""))
       configs.append((name, int(b), cfg, opts.kv_cache_config, opts.enable_chunked_prefill))
   result = dict(device=jax.devices()[0].device_kind, model=model, seed=FLAGS.seed, points=[], skipped=[],
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), argv=" ".join(sys.argv))
@@ -106,7 +109,10 @@ def main(_):
       kept = [o.metrics.get("kept_prompt_tokens") for o in outs]
       point = dict(algorithm=algo, budget=budget, task=task, context_length=ctx, num_samples=len(samples),
                    accuracy=sum(scores) / len(scores), seconds=round(time.monotonic() - t0, 2),
+                   mean_prompt_tokens=sum(len(o.prompt_token_ids) for o in outs) / len(outs),
                    mean_kept_prompt_tokens=sum(kept) / len(kept),
+                   **budget_figures(budget, cfg, llm.engine.layout.num_layers,
+                                    [len(o.prompt_token_ids) for o in outs]),
                    failures=[dict(prediction=o.outputs[0].text, answers=s.answers)
                              for s, o, sc in zip(samples, outs, scores) if sc < 1][:3])
       result["points"].append(point)

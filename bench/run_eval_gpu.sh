@@ -3,7 +3,7 @@
 # stages of under 10 minutes:
 #   grid     bench/eval_suite.py: the dense table (100 samples per point, 4K-32K) and the budget
 #            sweep (25 samples, 8K-32K, budgets 128-2048) of RocketKV, RocketKV with sparse chunked
-#            prefill, Quest, the oracle, SnapKV and StreamingLLM. With two GPUs visible the
+#            prefill, Quest (every layer sparse), the oracle, SnapKV and StreamingLLM. With two GPUs visible the
 #            algorithms are split over them (one process each) and the two JSON files merged;
 #   indexer  distils the lightning indexer onto the default model (sparse_jax.distill, 300 steps
 #            at 1K) and sweeps the `indexer` algorithm with those weights;
@@ -40,8 +40,11 @@ suite() {  # suite NAME [eval_suite args...]: $OUT/NAME.json and $OUT/NAME.log
 }
 case "$STAGE" in
   grid)
+    # Every algorithm with every layer sparse, so a budget is what each layer attends to: Quest's
+    # shipped config keeps its paper's two dense layers, half of the default model's four.
+    sed -E 's/^(  dense_layers:) .*/\1 0/' configs/quest.yaml > "$OUT/quest.yaml"
     FIRST=configs/rocket.yaml,configs/rocket_chunked.yaml
-    REST=configs/quest.yaml,configs/oracle.yaml,configs/snapkv.yaml,configs/streaming.yaml
+    REST=$OUT/quest.yaml,configs/oracle.yaml,configs/snapkv.yaml,configs/streaming.yaml
     if [ "${GPUS:-0}" -ge 2 ]; then
       CUDA_VISIBLE_DEVICES=0 suite eval_grid_0 "${SIZES[@]}" --algorithms=$FIRST & p0=$!
       CUDA_VISIBLE_DEVICES=1 suite eval_grid_1 "${SIZES[@]}" --nodense --algorithms=$REST & p1=$!

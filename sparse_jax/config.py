@@ -122,9 +122,11 @@ class BaseSparseAttentionConfig:
   #: blocks' summed scores: contiguous page-sized gathers and a top-k over fewer scores).
   prefill_granularity: str = dataclasses.field(default="block", kw_only=True)
   #: Layers 0..dense_layers-1 attend densely: no decode-time selection and no chunk selection in
-  #: chunked prefill (Quest's paper keeps the first two layers dense: their attention is not
-  #: sparse). Their aux pools stay current, and an algorithm that compacts the prompt compacts
-  #: them too, since every layer holds the same tokens. 0 = every layer sparse.
+  #: chunked prefill. Their aux pools stay current, and an algorithm that compacts the prompt
+  #: compacts them too, since every layer holds the same tokens. 0 = every layer sparse. Each
+  #: algorithm's config class overrides the default with its paper's setting (Quest: 2, its first
+  #: two layers' attention is not sparse; the others: 0) and says so in its module docstring. The
+  #: engine refuses a value that leaves no layer of the model sparse.
   dense_layers: int = dataclasses.field(default=0, kw_only=True)
 
   def validate_with(self, kv_cache_config: KvCacheConfig, enable_chunked_prefill: bool) -> None:

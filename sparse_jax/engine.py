@@ -243,6 +243,19 @@ def _shard_model(model: nnx.Module, tensor_parallel_size: int):
   return mesh, shard_kv
 
 
+def check_dense_layers(sparse: BaseSparseAttentionConfig | None, num_layers: int) -> None:
+  """Raises ConfigError unless `sparse.dense_layers` leaves at least one of the model's layers
+  sparse: a config whose dense first layers cover the whole model would run dense attention
+  while reporting a sparse algorithm and budget."""
+  if sparse is None or sparse.dense_layers < num_layers:
+    return
+  default = type(sparse).__dataclass_fields__["dense_layers"].default
+  raise ConfigError(
+      f"{type(sparse).__name__}.dense_layers={sparse.dense_layers}: the model has num_layers={num_layers}, so no "
+      f"layer would be sparse (layers 0..dense_layers-1 attend densely; the {sparse.algorithm} default is "
+      f"{default}); set dense_layers to at most {num_layers - 1} (0 = every layer sparse)")
+
+
 class Engine:
   """Owns the model, the paged cache, the allocator and the request queue.
 
@@ -300,9 +313,7 @@ class Engine:
     self.seed = seed
     self.page_size = kv_cache_config.tokens_per_block
     self.layout = model.cache_layout(sparse_attention_config, self.page_size)
-    if sparse_attention_config is not None and sparse_attention_config.dense_layers > self.layout.num_layers:
-      raise ValueError(f"sparse_attention_config.dense_layers={sparse_attention_config.dense_layers} exceeds the "
-                       f"model's {self.layout.num_layers} layers")
+    check_dense_layers(sparse_attention_config, self.layout.num_layers)
     if self.decode_budget is not None:
       self.layout = with_importance_pool(self.layout)
     self.max_pages_per_seq = math.ceil(self.max_seq_len / self.page_size)

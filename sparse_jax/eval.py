@@ -19,8 +19,11 @@ reply, as RULER does. --context_length counts the task text; the template adds i
 Without --sweep_budgets one configuration runs: the YAML's sparse algorithm, or dense
 attention without a YAML. With it, dense runs once as the reference and every algorithm of
 every YAML (comma list) runs at each token budget B, the config scaled by its algorithm's
-`with_budget` hook (RocketKV: prompt_budget=B and topk=B // page_size, ...). Printed: one JSON
-line per point, then (last line) a JSON summary with every point.
+`with_budget` hook (RocketKV: prompt_budget=B and topk=B // page_size, ...). B is what each
+sparse layer attends to; the config's `dense_layers` first layers attend to the whole context, so
+each swept point also reports `dense_layers`, `num_layers` and `attended_fraction`: the share of
+the prompt a decode step attends to, averaged over the layers (dense layers count 1). Printed:
+one JSON line per point, then (last line) a JSON summary with every point.
 """
 from __future__ import annotations
 
@@ -51,6 +54,28 @@ def with_budget(cfg, budget: int):
   if scale is None:
     raise ValueError(f"algorithm {cfg.algorithm!r} ({type(cfg).__name__}) has no token budget to sweep")
   return scale(cfg, budget)
+
+
+def attended_fraction(budget: int | None, prompt_tokens: int, num_layers: int, dense_layers: int) -> float:
+  """The share of a `prompt_tokens`-token prompt that a decode step attends to, averaged over the
+  model's `num_layers` layers: the first `dense_layers` attend to all of it, the others to the
+  token budget (at most the whole prompt). Dense attention (budget None) is 1."""
+  if budget is None or prompt_tokens <= 0:
+    return 1.0
+  sparse = min(budget, prompt_tokens) / prompt_tokens
+  return (dense_layers + (num_layers - dense_layers) * sparse) / num_layers
+
+
+def budget_figures(budget: int | None, sparse_config, num_layers: int, prompt_lengths: Sequence[int]) -> dict:
+  """A point's budget as reported: its dense layers and the attended fraction (`attended_fraction`,
+  mean over the prompts), which counts the dense layers at full context. Empty for a sparse
+  configuration without a swept budget (its budget is the algorithm's own fields)."""
+  if sparse_config is not None and budget is None:
+    return {}
+  dense = 0 if sparse_config is None else sparse_config.dense_layers
+  fractions = [attended_fraction(budget, n, num_layers, dense) for n in prompt_lengths]
+  return {"dense_layers": dense, "num_layers": num_layers,
+          "attended_fraction": round(sum(fractions) / max(1, len(fractions)), 4)}
 
 
 # -- samples --------------------------------------------------------------------------------------
@@ -151,7 +176,9 @@ def run_point(point: Point, samples: list[EvalSample], ids: list[list[int]], *, 
       bar.update(len(chunk))
   summary = {"algorithm": point.algorithm, "budget": point.budget,
              "accuracy": sum(r["score"] for r in records) / max(1, len(records)),
-             "num_samples": len(records), "seconds": round(time.monotonic() - t0, 2)}
+             "num_samples": len(records), "seconds": round(time.monotonic() - t0, 2),
+             **budget_figures(point.budget, point.sparse_config, llm.engine.layout.num_layers,
+                              [r["prompt_tokens"] for r in records])}
   if any(s.kind == "choice" for s in samples):
     summary["categories"] = category_accuracy(records)
   return summary, records

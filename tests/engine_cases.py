@@ -26,11 +26,11 @@ CASES = {
     "rocket_chunked": (RocketSparseAttentionConfig(prompt_budget=96, window_size=16, kernel_size=7, topr=1.0, topk=8,
                                                    page_size=4, prefill_budget=64),
                        dict(enable_chunked_prefill=True, max_num_tokens=64)),
-    "quest": (QuestSparseAttentionConfig(topk=4, page_size=16), {}),
+    "quest": (QuestSparseAttentionConfig(topk=4, page_size=16, dense_layers=0), {}),
     "hybrid": (HybridSparseAttentionConfig(topk=4, page_size=16, sink_blocks=1, recent_blocks=1), {}),
     "quest_dense_layers": (QuestSparseAttentionConfig(topk=4, page_size=16, dense_layers=2), {}),
     # Decode chunks of 4: the sequences are still running after the first one, so eviction runs.
-    "quest_evicting": (QuestSparseAttentionConfig(topk=4, page_size=16, decode_budget=3 * PAGE),
+    "quest_evicting": (QuestSparseAttentionConfig(topk=4, page_size=16, decode_budget=3 * PAGE, dense_layers=0),
                        dict(decode_chunk_size=4)),
     "snapkv": (SnapKVSparseAttentionConfig(max_capacity_prompt=96, window_size=16, kernel_size=7), {}),
     "streaming": (StreamingSparseAttentionConfig(sink_tokens=4, window=60, block_size=16), {}),

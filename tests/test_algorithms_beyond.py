@@ -37,7 +37,7 @@ def full_budget(name, weights_path=None):
   """A config of `name` whose budget covers every prompt and step of the tests below (prompts
   <= 90 tokens + 5 steps): compacting algorithms still run their compaction (identity)."""
   return {
-      "quest": QuestSparseAttentionConfig(topk=64, page_size=4, minmax_dtype="float32"),
+      "quest": QuestSparseAttentionConfig(topk=64, page_size=4, minmax_dtype="float32", dense_layers=0),
       "snapkv": SnapKVSparseAttentionConfig(max_capacity_prompt=91, window_size=8, kernel_size=5),
       "streaming": StreamingSparseAttentionConfig(sink_tokens=4, window=86, block_size=8),
       "oracle": OracleSparseAttentionConfig(topk=64, block_size=6),
@@ -133,7 +133,7 @@ def test_quest_chunked_prefill_at_full_budget_matches_dense(dense_generation):
   Quest pages (prefill_budget covers everything here), then every decode step runs Quest's
   prediction (dense_below switched off), which selects every page."""
   prompts, expected = dense_generation
-  cfg = QuestSparseAttentionConfig(topk=64, page_size=4, minmax_dtype="float32", prefill_budget=256)
+  cfg = QuestSparseAttentionConfig(topk=64, page_size=4, minmax_dtype="float32", prefill_budget=256, dense_layers=0)
   llm = LLM(tiny_llama(4), dtype="float32", sparse_attention_config=cfg, enable_chunked_prefill=True,
             max_num_tokens=16, kv_cache_config=KvCacheConfig(tokens_per_block=PAGE), max_batch_size=2,
             max_seq_len=128, decode_chunk_size=4)

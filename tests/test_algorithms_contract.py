@@ -31,7 +31,7 @@ INDEXER_WEIGHTS = os.path.join(tempfile.mkdtemp(prefix="contract_indexer_"), "in
 CONTRACT_CONFIGS = {
     "rocket": RocketSparseAttentionConfig(prompt_budget=40, window_size=8, kernel_size=5, topr=8, topk=6, page_size=4,
                                           kt_cache_dtype="float32"),
-    "quest": QuestSparseAttentionConfig(topk=6, page_size=4, minmax_dtype="float32"),
+    "quest": QuestSparseAttentionConfig(topk=6, page_size=4, minmax_dtype="float32", dense_layers=0),
     "hybrid": HybridSparseAttentionConfig(topk=6, page_size=4, sink_blocks=1, recent_blocks=2, minmax_dtype="float32"),
     "snapkv": SnapKVSparseAttentionConfig(max_capacity_prompt=40, window_size=8, kernel_size=5),
     "streaming": StreamingSparseAttentionConfig(sink_tokens=4, window=36, block_size=8),

@@ -2,8 +2,9 @@
 Mistral, Qwen2 and Qwen3 families, head sizes 32, 48, 64, 80, 96, 128 and 256, MQA and GQA; DSA
 on an MLA model. The checks that depend on the model (topr against head_dim, page sizes against
 tokens_per_block, aux pools, learned predictors and their weights) all run while the engine is
-built, so each case builds an `LLM` on a one-layer random model; shipped YAMLs are named without a
-path from another working directory. On the head sizes that are not powers of two, every
+built, so each case builds an `LLM` on a three-layer random model (Quest's default keeps the
+first two layers dense, and the engine refuses a config with no sparse layer); shipped YAMLs are
+named without a path from another working directory. On the head sizes that are not powers of two, every
 algorithm's defaults also generate with a prompt longer than the budget, so the sparse path
 (prompt compression, block scoring and selection) runs."""
 import dataclasses
@@ -40,7 +41,7 @@ GQA_YAMLS = [n for n in SHIPPED if n not in ("dsa", "indexer")]
 
 
 def random_model(model_type, heads, kv_heads, head_dim):
-  cfg = dict(model_type=model_type, vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+  cfg = dict(model_type=model_type, vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
              num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=8192,
              rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=model_type == "qwen2")
   return models.build_model(cfg)

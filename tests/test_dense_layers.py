@@ -1,19 +1,22 @@
 """`dense_layers`: layers below it attend densely (no selection), the others run the algorithm's
 selection, for every GQA algorithm; YAML and validation."""
 import dataclasses
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import configs
 from sparse_jax import LLM, KvCacheConfig
 from sparse_jax.algorithms import indexer as indexer_lib
 from sparse_jax.algorithms.dsa import DSASparseAttentionConfig
 from sparse_jax.algorithms.quest import QuestSparseAttentionConfig
 from sparse_jax.attention import Runtime
 from sparse_jax.cache import PageAllocator, create_cache_for
-from sparse_jax.config import ConfigError, _REGISTRY, get_algorithm, load_llm_api_options
+from sparse_jax.config import ConfigError, _REGISTRY, get_algorithm, load_llm_api_options, registered_algorithms
 from tests.model_fixtures import tiny_llama
 from tests.test_algorithms_beyond import attach_predictors
 from tests.test_algorithms_contract import CONTRACT_CONFIGS, PREDICTOR_SETUP
@@ -118,7 +121,48 @@ def test_dense_layers_from_yaml_and_validation():
       load_llm_api_options({"sparse_attention_config": {"algorithm": "quest", "dense_layers": bad}})
   with pytest.raises(ConfigError, match="dense_layers"):
     DSASparseAttentionConfig(dense_layers=1)
-  with pytest.raises(ValueError, match="dense_layers=3 exceeds the model's 2 layers"):
-    LLM(tiny_llama(0), dtype="float32", max_batch_size=1, max_seq_len=64,
-        kv_cache_config=KvCacheConfig(tokens_per_block=PAGE),
-        sparse_attention_config=QuestSparseAttentionConfig(topk=2, page_size=4, dense_layers=3))
+
+
+def _llm(model, cfg):
+  return LLM(model, dtype="float32", max_batch_size=1, max_seq_len=64,
+             kv_cache_config=KvCacheConfig(tokens_per_block=PAGE), sparse_attention_config=cfg)
+
+
+@pytest.mark.parametrize("dense_layers", [2, 3])
+def test_dense_layers_covering_the_model_is_refused(dense_layers):
+  """dense_layers >= num_layers would run every layer densely under a sparse algorithm's name and
+  budget: the engine refuses it, naming the field, the value and num_layers; one layer fewer runs."""
+  with pytest.raises(ConfigError, match=rf"QuestSparseAttentionConfig.dense_layers={dense_layers}: the model has "
+                                        r"num_layers=2, so no layer would be sparse .* at most 1"):
+    _llm(tiny_llama(0), QuestSparseAttentionConfig(topk=2, page_size=4, dense_layers=dense_layers))
+  _llm(tiny_llama(0), QuestSparseAttentionConfig(topk=2, page_size=4, dense_layers=1))
+
+
+def test_quest_default_needs_three_layers():
+  """Quest's paper default (2 dense layers) on a 2-layer model is refused, not run densely; on
+  3 layers the last one selects."""
+  with pytest.raises(ConfigError, match=r"dense_layers=2: the model has num_layers=2.*the quest default is 2"):
+    _llm(tiny_llama(0), QuestSparseAttentionConfig(topk=2, page_size=4))
+  llm = _llm(tiny_llama(0, layers=3), QuestSparseAttentionConfig(topk=2, page_size=4))
+  assert llm.engine.layout.num_layers == 3
+
+
+# The paper's (or, for this project's own algorithms, the chosen) number of dense first layers,
+# as each algorithm's module docstring and shipped YAML state it.
+DOCUMENTED_DENSE_LAYERS = {"quest": 2, "rocket": 0, "snapkv": 0, "streaming": 0, "oracle": 0, "indexer": 0,
+                           "hybrid": 0, "dsa": 0}
+
+
+def test_each_algorithm_default_is_its_documented_value():
+  assert set(DOCUMENTED_DENSE_LAYERS) == set(registered_algorithms())
+  for name, algo in registered_algorithms().items():
+    n = DOCUMENTED_DENSE_LAYERS[name]
+    assert algo.config_cls.__dataclass_fields__["dense_layers"].default == n, name
+    doc = " ".join(sys.modules[algo.config_cls.__module__].__doc__.split())
+    assert f"dense_layers={n}" in doc, name
+  for f in sorted(os.listdir(configs.CONFIG_DIR)):
+    if f.endswith(".yaml"):
+      sparse = load_llm_api_options(os.path.join(configs.CONFIG_DIR, f)).sparse_attention_config
+      with open(os.path.join(configs.CONFIG_DIR, f)) as fh:
+        assert f"dense_layers: {sparse.dense_layers} " in fh.read(), f  # stated, with its source, not implied
+      assert sparse.dense_layers == DOCUMENTED_DENSE_LAYERS[sparse.algorithm], f

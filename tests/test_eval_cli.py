@@ -65,6 +65,47 @@ def test_with_budget_rules():
     eval_lib.with_budget(rocket, 0)
 
 
+def test_attended_fraction_counts_dense_layers_in_full():
+  from sparse_jax.algorithms.quest import QuestSparseAttentionConfig
+  assert eval_lib.attended_fraction(512, 8192, 4, 0) == 512 / 8192
+  assert eval_lib.attended_fraction(512, 8192, 4, 2) == (2 + 2 * 512 / 8192) / 4
+  assert eval_lib.attended_fraction(512, 300, 4, 0) == 1.0  # the budget covers the prompt
+  assert eval_lib.attended_fraction(None, 8192, 4, 0) == 1.0  # dense
+  quest = QuestSparseAttentionConfig(page_size=16, dense_layers=1)
+  figures = eval_lib.budget_figures(64, quest, 2, [256, 128])
+  assert figures == {"dense_layers": 1, "num_layers": 2, "attended_fraction": ((1 + 0.25) / 2 + (1 + 0.5) / 2) / 2}
+  assert eval_lib.budget_figures(None, None, 2, [256])["attended_fraction"] == 1.0
+  assert eval_lib.budget_figures(None, quest, 2, [256]) == {}  # no swept budget: nothing to count
+
+
+def test_eval_suite_and_report_count_dense_layers(checkpoint, tmp_path):
+  """bench/eval_suite.py records each point's dense layers and attended share, and
+  bench/eval_report.py shows that share in the sweep table."""
+  yaml_path = tmp_path / "quest.yaml"
+  yaml_path.write_text("sparse_attention_config:\n  algorithm: quest\n  page_size: 16\n  minmax_dtype: float32\n"
+                       "  dense_layers: 1\nkv_cache_config:\n  tokens_per_block: 16\n")
+  out = tmp_path / "suite.json"
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "bench/eval_suite.py", f"--model={checkpoint}", "--dense_tasks=niah_single",
+         "--dense_contexts=256", "--dense_samples=1", "--sweep_tasks=niah_single", "--sweep_contexts=256",
+         "--sweep_samples=1", "--budgets=64", f"--algorithms={yaml_path}", "--backend=reference",
+         "--max_batch_size=1", f"--out={out}"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  points = {p["algorithm"]: p for p in json.loads(out.read_text())["points"]}
+  quest = points["quest+dense_layers=1"]  # a variant with dense layers is named by them
+  n = quest["mean_prompt_tokens"]
+  assert (quest["dense_layers"], quest["num_layers"]) == (1, 2)
+  assert quest["attended_fraction"] == pytest.approx((1 + 64 / n) / 2, abs=1e-4)  # layer 0 attends to all n
+  assert points["dense"]["attended_fraction"] == 1.0
+  proc = subprocess.run([sys.executable, "bench/eval_report.py", f"--suite={out}"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row = next(l for l in proc.stdout.splitlines() if l.startswith("| quest+dense_layers=1 |"))
+  assert row.startswith(f"| quest+dense_layers=1 | 64 | {100 * quest['attended_fraction']:.3g}% | ")
+  assert "| algorithm | budget | attended |" in proc.stdout
+
+
 def test_cli_sweep_prints_points_and_writes_output_and_plot(checkpoint, rocket_yaml, tmp_path):
   out, png = tmp_path / "res.json", tmp_path / "sweep.png"
   cmd = [sys.executable, "-m", "sparse_jax.eval", f"--model={checkpoint}", "--task=niah_single",
@@ -82,6 +123,10 @@ def test_cli_sweep_prints_points_and_writes_output_and_plot(checkpoint, rocket_y
     assert p["task"] == "niah_single" and p["context_length"] == 256 and p["num_samples"] == 2
     assert 0.0 <= p["accuracy"] <= 1.0
   assert final["points"] == [dense, rocket]
+  # budget figures: RocketKV's every layer sparse (its default), so the attended share is the budget's
+  lengths = [s["prompt_tokens"] for s in json.loads(out.read_text())["samples"] if s["algorithm"] == "rocket"]
+  assert (rocket["dense_layers"], rocket["num_layers"], dense["attended_fraction"]) == (0, 2, 1.0)
+  assert rocket["attended_fraction"] == pytest.approx(sum(64 / n for n in lengths) / len(lengths), abs=1e-4)
   assert {"task", "context_length", "num_samples", "accuracy", "algorithm"} <= set(final)
   result = json.loads(out.read_text())
   assert len(result["samples"]) == 4

@@ -28,7 +28,7 @@ CONFIGS = {
                                           kt_cache_dtype="float32"),
     "snapkv": SnapKVSparseAttentionConfig(max_capacity_prompt=48, window_size=8, kernel_size=5),
     "streaming": StreamingSparseAttentionConfig(sink_tokens=4, window=36, block_size=8),
-    "quest": QuestSparseAttentionConfig(topk=6, page_size=4, minmax_dtype="float32"),
+    "quest": QuestSparseAttentionConfig(topk=6, page_size=4, minmax_dtype="float32", dense_layers=0),
     "hybrid": HybridSparseAttentionConfig(topk=6, page_size=4, sink_blocks=1, recent_blocks=1, minmax_dtype="float32"),
     "oracle": OracleSparseAttentionConfig(topk=5, block_size=6),
     "indexer": indexer_lib.IndexerSparseAttentionConfig(weights_path=INDEXER_WEIGHTS, topk=6, block_size=8,

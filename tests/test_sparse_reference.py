@@ -52,7 +52,7 @@ MLA_ONLY = {"dsa"}  # checked by tests/test_dsa.py against its own token-level r
 DECODE_CONFIGS = {
     "rocket": RocketSparseAttentionConfig(prompt_budget=256, window_size=8, kernel_size=5, topr=8, topk=6, page_size=4,
                                           kt_cache_dtype="float32"),
-    "quest": QuestSparseAttentionConfig(topk=6, page_size=4, minmax_dtype="float32"),
+    "quest": QuestSparseAttentionConfig(topk=6, page_size=4, minmax_dtype="float32", dense_layers=0),
     "hybrid": HybridSparseAttentionConfig(topk=6, page_size=4, sink_blocks=2, recent_blocks=2, minmax_dtype="float32"),
     "oracle": OracleSparseAttentionConfig(topk=5, block_size=6),
     "streaming": StreamingSparseAttentionConfig(sink_tokens=4, window=20, block_size=8),

@@ -35,6 +35,9 @@ and its attention layer (sparse_jax/mla.py, which owns the `LightningIndexer` mo
 the `Algorithm.mla` hooks: `write_aux`, `select_prefill`, `select_decode`. It registers no
 GQA hooks; `aux_spec` with a GQA layer's spec raises, naming the problem (e.g. a Llama
 checkpoint run with `algorithm: dsa`).
+
+dense_layers=0, the only value accepted: DeepSeek-V3.2 runs the indexer and top-k selection in
+every layer.
 """
 from __future__ import annotations
 
@@ -80,6 +83,7 @@ class DSASparseAttentionConfig(BaseSparseAttentionConfig):
   index_topk: int | None = None
   indexer_k_dtype: str = "float8_e4m3fn"
   skip_indexer_for_short_seqs: bool = True
+  dense_layers: int = dataclasses.field(default=0, kw_only=True)  # DeepSeek-V3.2 indexes every MLA layer; nothing else is accepted
 
   def __post_init__(self):
     name = type(self).__name__

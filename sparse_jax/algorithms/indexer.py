@@ -39,7 +39,8 @@ ConfigError naming the problem when the file is missing, unreadable or mis-shape
 
 Defaults: topk=128 blocks of block_size=16 tokens (a 2048-token budget), index_heads=4,
 index_head_dim=64, rope_dim=32 (half, as DeepSeek-V3.2's indexer: 64 of 128),
-rope_theta=10000, index_k_dtype="bfloat16".
+rope_theta=10000, index_k_dtype="bfloat16", dense_layers=0 (DeepSeek-V3.2 runs its indexer and
+token selection in every layer; the distilled indexers cover every layer too).
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class IndexerSparseAttentionConfig(BaseSparseAttentionConfig):
   rope_dim: int = 32
   rope_theta: float = 10000.0
   index_k_dtype: str = "bfloat16"
+  dense_layers: int = dataclasses.field(default=0, kw_only=True)  # every layer sparse, as DeepSeek-V3.2's indexer
 
   def __post_init__(self):
     name = type(self).__name__

@@ -15,7 +15,10 @@ always among them (as every block predictor here does). Prompts are never compre
 (`compacts_prompt = False`, so block reuse is fine).
 
 Defaults: topk=128 blocks of block_size=16 tokens (a 2048-token budget, Quest's default
-geometry). `select_topk_blocks` is the top-k rule every block predictor in this package
+geometry), and dense_layers=0: the oracle is this project's measuring tool, and every layer
+sparse is the setting whose ceiling it measures (the eval grid runs every algorithm that way).
+To bound a predictor run with dense first layers (Quest's default of 2), give the oracle the
+same `dense_layers`. `select_topk_blocks` is the top-k rule every block predictor in this package
 shares (quest, indexer).
 """
 from __future__ import annotations
@@ -45,6 +48,7 @@ class OracleSparseAttentionConfig(BaseSparseAttentionConfig):
 
   topk: int = 128
   block_size: int = 16
+  dense_layers: int = dataclasses.field(default=0, kw_only=True)  # every layer sparse: the ceiling of selection in every layer
 
   def __post_init__(self):
     check_positive_int(self, "topk", "block_size")

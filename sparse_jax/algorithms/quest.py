@@ -24,11 +24,14 @@ always among them. The token budget per decode step is `topk * page_size`.
 Quest compresses no prompt (`predict_kv` returns None; `compacts_prompt = False`, so block
 reuse is fine). `supports_chunked_prefill = True`: its metadata is per page and updated from
 the stored keys, so chunks may arrive in any number (sparse chunked prefill scores through
-the same page bounds). The paper keeps the first two layers dense: `dense_layers: 2` does that
-(the default, 0, makes every layer sparse).
+the same page bounds).
 
 Defaults: page_size=16 (the paper's page size), topk=128 (a 2048-token budget, the middle
-of the paper's 256-4096 range), minmax_dtype="bfloat16" ("float32" for exact tests).
+of the paper's 256-4096 range), minmax_dtype="bfloat16" ("float32" for exact tests),
+dense_layers=2: the paper applies Quest to every layer but the first two, whose attention is
+not sparse (its reference code, evaluation/quest_attention.py, runs dense attention where
+`layer_id < 2`). A model needs at least 3 layers for this default; `dense_layers: 0` makes
+every layer sparse.
 """
 from __future__ import annotations
 
@@ -62,6 +65,7 @@ class QuestSparseAttentionConfig(BaseSparseAttentionConfig):
   topk: int = 128
   page_size: int = 16
   minmax_dtype: str = "bfloat16"
+  dense_layers: int = dataclasses.field(default=2, kw_only=True)  # the paper's: its first two layers dense
 
   def __post_init__(self):
     name = type(self).__name__

@@ -13,6 +13,10 @@ each decode query the group's top-`topr` channels by mean |q| are kept; a block'
 q against max or min per channel by the sign of the group's summed q, scaled by 1/sqrt(d);
 softmax over blocks, averaged over the group; each KV head attends to its top-`topk` blocks
 (the block holding the newest token always among them).
+
+Defaults: TensorRT-LLM's (the config class below), and dense_layers=0: both stages run in every
+layer, as in the paper's reference implementation (`rocket_forward`'s `skip_layers` defaults to
+0) and in TensorRT-LLM, whose RocketKV config has no dense layers.
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ class RocketSparseAttentionConfig(BaseSparseAttentionConfig):
   topk: int = 64
   page_size: int = 4
   kt_cache_dtype: str = "float8_e5m2"
+  dense_layers: int = dataclasses.field(default=0, kw_only=True)  # every layer sparse, as the reference code and TensorRT-LLM
 
   def __post_init__(self):
     name = type(self).__name__

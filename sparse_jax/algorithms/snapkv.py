@@ -18,7 +18,8 @@ maxpool` is the reference code's alternative. The paper selects per query head o
 model; for GQA the group shares one selection (summed scores), so the memory saving is real.
 
 Defaults (the reference `init_snapkv`): max_capacity_prompt=2048, window_size=32,
-kernel_size=5, pooling="avgpool". `prompt_budget` is an alias of max_capacity_prompt (the
+kernel_size=5, pooling="avgpool"; dense_layers=0 (the reference code compresses the cache of every
+layer). `prompt_budget` is an alias of max_capacity_prompt (the
 name every compacting algorithm here answers to).
 
 Eviction during long generations (`decode_budget`): `page_scores` is the decode query's true
@@ -58,6 +59,7 @@ class SnapKVSparseAttentionConfig(BaseSparseAttentionConfig):
   window_size: int = 32
   kernel_size: int = 5
   pooling: str = "avgpool"
+  dense_layers: int = dataclasses.field(default=0, kw_only=True)  # every layer compressed, as the reference code does
 
   def __post_init__(self):
     name = type(self).__name__

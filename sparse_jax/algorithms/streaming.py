@@ -27,7 +27,7 @@ the pre-training length) is not applied.
 
 Defaults (the reference `run_streaming_llama.py`): sink_tokens=4 (its start_size),
 window=2000 (its recent_size); block_size=32 (the default KV page size, so decode gathers
-whole pages).
+whole pages); dense_layers=0 (the reference keeps sinks + window in the cache of every layer).
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ class StreamingSparseAttentionConfig(BaseSparseAttentionConfig):
   sink_tokens: int = 4
   window: int = 2000
   block_size: int = 32
+  dense_layers: int = dataclasses.field(default=0, kw_only=True)  # sinks + window in every layer, as the reference
 
   def __post_init__(self):
     check_positive_int(self, "window", "block_size")
