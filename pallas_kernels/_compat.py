@@ -148,8 +148,9 @@ def attention_with_lse(q, k, v, *, scale: float, is_causal: bool, q_lens, kv_len
   """Attention and its float32 log-sum-exps: q ``[B, T, N, H]``, k, v ``[B, S, K, H]``
   (GQA), q_lens / kv_lens ``int32[B]`` -> (out ``[B, T, N, H]``, lse ``float32[B, T, N]``).
 
-  Rows without a valid key have a log-sum-exp of -inf (cuDNN) or a huge negative number
-  (XLA) and an unspecified output (NaN or garbage): callers test the statistics.
+  Rows without a valid key (padding query rows, a length of 0) have unspecified statistics and
+  output: a huge negative number on XLA; on cuDNN (H100) finite values beside NaN. Callers mask
+  such rows by their lengths.
   """
   if implementation == "cudnn":
     try:

@@ -272,8 +272,11 @@ def chunk_attention_split(q: jax.Array, k: jax.Array, v: jax.Array, chunk_lens: 
   """`chunk_attention` as two flash-attention calls merged by their log-sum-exps: the chunk
   causally over itself, and the chunk over its context with the KV heads folded into the batch
   (each head has its own context). Exactly U * C + C^2 / 2 score pairs, against (U + C)^2 / 2 for
-  `chunk_attention_packed`. Padding query rows and empty contexts give -inf statistics on cuDNN;
-  `merge_by_lse` gives them weight 0. Shapes as `chunk_attention`.
+  `chunk_attention_packed`. Rows without a valid key (padding query rows, empty contexts) are
+  told by the lengths, not by the kernels' statistics, which flash kernels leave unspecified there
+  (cuDNN on an H100 reports finite values beside a NaN output): their log-sum-exps are set to
+  -inf, so `merge_by_lse` gives them weight 0 and padding rows are exactly 0. Shapes as
+  `chunk_attention`.
   """
   n, c, q_heads, d = q.shape
   kv_heads, u = k.shape[2], k_ctx.shape[2]
@@ -289,7 +292,11 @@ def chunk_attention_split(q: jax.Array, k: jax.Array, v: jax.Array, chunk_lens: 
       implementation=implementation)
   unfold = lambda x: jnp.moveaxis(x.reshape(n, kv_heads, c, group, *x.shape[3:]), 1, 2).reshape(
       n, c, q_heads, *x.shape[3:])
-  return merge_by_lse([own, (unfold(out), unfold(lse))]).astype(q.dtype)
+  q_ok = (jnp.arange(c)[None, :] < lens[:, None])[:, :, None]                      # [n, C, 1]
+  ctx_ok = q_ok & jnp.repeat(ctx_lens > 0, group, axis=1)[:, None, :]             # [n, C, q_heads]
+  own = (own[0], jnp.where(q_ok, own[1], -jnp.inf))
+  ctx_part = (unfold(out), jnp.where(ctx_ok, unfold(lse), -jnp.inf))
+  return merge_by_lse([own, ctx_part]).astype(q.dtype)
 
 
 def sparse_chunk_attention(q, k, v, chunk_lens, k_ctx, v_ctx, ctx_lens, scale: float, *,

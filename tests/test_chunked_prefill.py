@@ -67,24 +67,31 @@ def test_algorithms_without_chunk_support_are_rejected():
     NoChunks().validate_with(KvCacheConfig(), enable_chunked_prefill=True)
 
 
-@pytest.mark.parametrize("flash_statistics", ["xla", "cudnn_like"])
+@pytest.mark.parametrize("flash_statistics", ["xla", "cudnn_like", "untrusted"])
 def test_split_chunk_attention_merges_empty_rows_to_zero(flash_statistics, monkeypatch):
   """Two attention calls merged by log-sum-exps equal the reference on every valid query, with
   per-head contexts of 0 tokens, a short chunk (padding query rows) and an empty chunk. Under
-  "cudnn_like" every row without a valid key reports what cuDNN reports (-inf statistics, NaN
-  output): the merge must still give the reference, and exactly 0 on padding rows, never NaN."""
+  "cudnn_like" every row without a valid key reports -inf statistics and a NaN output; under
+  "untrusted" (what cuDNN was seen to do on an H100 for padding rows and empty contexts) such rows
+  report finite, +inf or NaN statistics beside a NaN output: the merge must still give the
+  reference, and exactly 0 on padding rows, never NaN."""
   import jax.numpy as jnp
   from pallas_kernels import _compat
   from sparse_jax.attention import chunk_attention, chunk_attention_split
-  if flash_statistics == "cudnn_like":
+  if flash_statistics != "xla":
     xla = _compat.attention_with_lse
 
-    def cudnn_like(*args, **kwargs):
+    def flash_like(*args, **kwargs):
       out, lse = xla(*args, **kwargs)
       empty = lse < -1e30
-      return jnp.where(empty[..., None], jnp.nan, out), jnp.where(empty, -jnp.inf, lse)
+      if flash_statistics == "cudnn_like":
+        bad = jnp.full_like(lse, -jnp.inf)
+      else:  # 0.0, +inf and NaN in turn along the query rows
+        row = jnp.arange(lse.shape[1])[None, :, None] % 3
+        bad = jnp.where(row == 0, 0.0, jnp.where(row == 1, jnp.inf, jnp.nan)).astype(lse.dtype)
+      return jnp.where(empty[..., None], jnp.nan, out), jnp.where(empty, bad, lse)
 
-    monkeypatch.setattr(_compat, "attention_with_lse", cudnn_like)
+    monkeypatch.setattr(_compat, "attention_with_lse", flash_like)
   rng = np.random.default_rng(0)
   n, c, hq, hkv, d, u = 3, 24, 8, 2, 16, 40
   q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((n, c, hq, d), (n, c, hkv, d), (n, c, hkv, d)))
