@@ -153,11 +153,13 @@ def run_point(point: Point, samples: list[EvalSample], ids: list[list[int]], *, 
   """Generates every sample with one configuration; returns (point summary, per-sample records).
 
   max_seq_len: the engine's per-sequence capacity (longest prompt + max_tokens): the KV cache
-  is sized from it, so it is kept tight rather than the model's max_position_embeddings."""
+  is sized from it, so it is kept tight rather than the model's max_position_embeddings. A task
+  at the model's longest context generates its answer a few positions past them (RULER's
+  prompts fill the context), which is allowed with a warning."""
   from sparse_jax import LLM, SamplingParams
   llm = LLM(model=model, dtype=dtype, kv_cache_config=kv_cache_config, sparse_attention_config=point.sparse_config,
             backend=backend, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-            tensor_parallel_size=tensor_parallel_size)
+            tensor_parallel_size=tensor_parallel_size, allow_long_max_seq_len=True)
   longest = max(len(p) for p in ids)
   if longest + max_tokens > llm.max_seq_len:
     raise ValueError(f"a prompt of {longest} tokens + max_tokens={max_tokens} exceeds max_seq_len={llm.max_seq_len}")

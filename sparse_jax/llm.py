@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import threading
 from typing import Any, AsyncIterator, Awaitable, Sequence
@@ -146,6 +147,8 @@ class LLM:
     "reference".
   extra_llm_api_options: a YAML path or dict in TensorRT-LLM's layout; explicit arguments win.
   chat_template: a template (or a file holding one) used by `chat` instead of the checkpoint's.
+  allow_long_max_seq_len: let max_seq_len exceed the model's max_position_embeddings (RoPE runs
+    past them; what the model does there is its own), with a warning; else that is an error.
   max_num_tokens: prompt tokens prefilled per engine step (vLLM's max_num_batched_tokens): a
     longer prompt is prefilled in chunks of that many tokens, with decode steps of the running
     requests between them. enable_chunked_prefill: with an algorithm that supports it (RocketKV,
@@ -160,7 +163,8 @@ class LLM:
                max_batch_size: int | None = None, max_seq_len: int | None = None,
                tensor_parallel_size: int | None = None, extra_llm_api_options: Any = None,
                decode_chunk_size: int = 16, max_queue_size: int = 1024, seed: int = 0,
-               interpret: bool | None = None, max_num_tokens: int = 4096, chat_template: str | None = None):
+               interpret: bool | None = None, max_num_tokens: int = 4096, chat_template: str | None = None,
+               allow_long_max_seq_len: bool = False):
     import models
     _check_arguments(kv_cache_config=kv_cache_config, enable_chunked_prefill=enable_chunked_prefill, backend=backend,
                      max_batch_size=max_batch_size, max_seq_len=max_seq_len,
@@ -199,7 +203,12 @@ class LLM:
       raise TypeError(f"model must be a checkpoint directory, a model module or None, got {type(model).__name__}")
     positions = self.model.config.max_position_embeddings
     if max_seq_len is not None and max_seq_len > positions:
-      raise ConfigError(f"max_seq_len={max_seq_len} is more than the model's max_position_embeddings={positions}")
+      if not allow_long_max_seq_len:
+        raise ConfigError(f"max_seq_len={max_seq_len} is more than the model's max_position_embeddings={positions} "
+                          "(allow_long_max_seq_len=True runs past them)")
+      logging.getLogger(__name__).warning(
+          "max_seq_len=%d is more than the model's max_position_embeddings=%d: positions past them are "
+          "extrapolated", max_seq_len, positions)
     if chat_template is not None:
       if self.tokenizer is None:
         raise ValueError("chat_template was given but the model has no tokenizer.json")

@@ -8,7 +8,7 @@ import os
 import pytest
 
 import models
-from sparse_jax import ConfigError, KvCacheConfig, LLM, load_llm_api_options
+from sparse_jax import ConfigError, KvCacheConfig, LLM, SamplingParams, load_llm_api_options
 from sparse_jax.defaults import DEFAULT_MODEL_DIR
 from tests.model_fixtures import tiny_llama
 
@@ -74,6 +74,18 @@ def test_llm_arguments_are_checked(kwargs, error, needle):
   with pytest.raises(error) as info:
     LLM(tiny_llama(0, max_pos=256), dtype="float32", **kwargs)
   assert needle in str(info.value)
+
+
+def test_max_seq_len_past_the_model_positions_runs_when_allowed(caplog):
+  """allow_long_max_seq_len turns the error into a warning; generation then runs past the
+  model's positions (RoPE extrapolates) and gives as many tokens as asked."""
+  with caplog.at_level("WARNING"):
+    llm = LLM(tiny_llama(0, max_pos=32), dtype="float32", max_seq_len=64, allow_long_max_seq_len=True,
+              kv_cache_config=KvCacheConfig(tokens_per_block=16, max_tokens=128), max_batch_size=1)
+  assert llm.max_seq_len == 64
+  assert "max_seq_len=64 is more than the model's max_position_embeddings=32" in caplog.text
+  out = llm.generate([list(range(1, 31))], SamplingParams(max_tokens=20, ignore_eos=True))[0].outputs[0]
+  assert len(out.token_ids) == 20
 
 
 def test_llm_rejects_a_model_of_the_wrong_kind():
