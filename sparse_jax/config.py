@@ -123,10 +123,10 @@ class BaseSparseAttentionConfig:
   prefill_granularity: str = dataclasses.field(default="block", kw_only=True)
   #: Layers 0..dense_layers-1 attend densely: no decode-time selection and no chunk selection in
   #: chunked prefill. Their aux pools stay current, and an algorithm that compacts the prompt
-  #: compacts them too, since every layer holds the same tokens. 0 = every layer sparse. Each
-  #: algorithm's config class overrides the default with its paper's setting (Quest: 2, its first
-  #: two layers' attention is not sparse; the others: 0) and says so in its module docstring. The
-  #: engine refuses a value that leaves no layer of the model sparse.
+  #: compacts them too, since every layer holds the same tokens. 0 = every layer sparse. The default
+  #: is each algorithm's paper's setting, stated in its module docstring: 0 here, and Quest's config
+  #: class overrides it with 2 (its first two layers' attention is not sparse). The engine refuses
+  #: a value that leaves no layer of the model sparse.
   dense_layers: int = dataclasses.field(default=0, kw_only=True)
 
   def validate_with(self, kv_cache_config: KvCacheConfig, enable_chunked_prefill: bool) -> None:

@@ -83,7 +83,6 @@ class DSASparseAttentionConfig(BaseSparseAttentionConfig):
   index_topk: int | None = None
   indexer_k_dtype: str = "float8_e4m3fn"
   skip_indexer_for_short_seqs: bool = True
-  dense_layers: int = dataclasses.field(default=0, kw_only=True)  # DeepSeek-V3.2 indexes every MLA layer; nothing else is accepted
 
   def __post_init__(self):
     name = type(self).__name__

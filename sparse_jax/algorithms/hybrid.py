@@ -65,7 +65,6 @@ class HybridSparseAttentionConfig(BaseSparseAttentionConfig):
   sink_blocks: int = 1
   recent_blocks: int = 2
   minmax_dtype: str = "bfloat16"
-  dense_layers: int = dataclasses.field(default=0, kw_only=True)  # every layer sparse, as the oracle it is compared with
 
   def __post_init__(self):
     name = type(self).__name__

@@ -93,7 +93,6 @@ class IndexerSparseAttentionConfig(BaseSparseAttentionConfig):
   rope_dim: int = 32
   rope_theta: float = 10000.0
   index_k_dtype: str = "bfloat16"
-  dense_layers: int = dataclasses.field(default=0, kw_only=True)  # every layer sparse, as DeepSeek-V3.2's indexer
 
   def __post_init__(self):
     name = type(self).__name__

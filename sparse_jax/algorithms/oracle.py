@@ -48,7 +48,6 @@ class OracleSparseAttentionConfig(BaseSparseAttentionConfig):
 
   topk: int = 128
   block_size: int = 16
-  dense_layers: int = dataclasses.field(default=0, kw_only=True)  # every layer sparse: the ceiling of selection in every layer
 
   def __post_init__(self):
     check_positive_int(self, "topk", "block_size")

@@ -60,7 +60,6 @@ class RocketSparseAttentionConfig(BaseSparseAttentionConfig):
   topk: int = 64
   page_size: int = 4
   kt_cache_dtype: str = "float8_e5m2"
-  dense_layers: int = dataclasses.field(default=0, kw_only=True)  # every layer sparse, as the reference code and TensorRT-LLM
 
   def __post_init__(self):
     name = type(self).__name__

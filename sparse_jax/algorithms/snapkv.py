@@ -59,7 +59,6 @@ class SnapKVSparseAttentionConfig(BaseSparseAttentionConfig):
   window_size: int = 32
   kernel_size: int = 5
   pooling: str = "avgpool"
-  dense_layers: int = dataclasses.field(default=0, kw_only=True)  # every layer compressed, as the reference code does
 
   def __post_init__(self):
     name = type(self).__name__

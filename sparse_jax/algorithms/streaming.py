@@ -57,7 +57,6 @@ class StreamingSparseAttentionConfig(BaseSparseAttentionConfig):
   sink_tokens: int = 4
   window: int = 2000
   block_size: int = 32
-  dense_layers: int = dataclasses.field(default=0, kw_only=True)  # sinks + window in every layer, as the reference
 
   def __post_init__(self):
     check_positive_int(self, "window", "block_size")
