@@ -42,12 +42,12 @@ def tables(result: dict) -> str:
     tasks = list(dict.fromkeys(p["task"] for p in sweep))
     short = [t.replace("niah_", "") for t in tasks]
     n = sorted({p["num_samples"] for p in sweep})
+    attended = any("attended_fraction" in p for p in sweep)
     out += ["", f"### Budget sweep ({'/'.join(map(str, n))} samples per point; dense: all samples of the dense point; "
             + ("attended: the share of the context a decode step attends to, mean over the layers (dense layers "
-               "count in full); " if any("attended_fraction" in p for p in sweep) else "")
+               "count in full); " if attended else "")
             + "mean over the tasks, and that mean as a share of dense's; '-': not measured)"]
     at = {(p["algorithm"], p["budget"], p["task"], p["context_length"]): p for p in sweep}
-    attended = any("attended_fraction" in p for p in sweep)
     for ctx in sorted({p["context_length"] for p in sweep}):
       d = [dense[(t, ctx)]["accuracy"] if (t, ctx) in dense else float("nan") for t in tasks]
       d_mean = sum(d) / len(d)

@@ -107,12 +107,12 @@ def main(_):
       outs = llm.generate([s.prompt for s in samples], SamplingParams(max_tokens=max_tokens))
       scores = [score_sample(s, o.outputs[0].text) for s, o in zip(samples, outs)]
       kept = [o.metrics.get("kept_prompt_tokens") for o in outs]
+      prompt_lengths = [len(o.prompt_token_ids) for o in outs]
       point = dict(algorithm=algo, budget=budget, task=task, context_length=ctx, num_samples=len(samples),
                    accuracy=sum(scores) / len(scores), seconds=round(time.monotonic() - t0, 2),
-                   mean_prompt_tokens=sum(len(o.prompt_token_ids) for o in outs) / len(outs),
+                   mean_prompt_tokens=sum(prompt_lengths) / len(prompt_lengths),
                    mean_kept_prompt_tokens=sum(kept) / len(kept),
-                   **budget_figures(budget, cfg, llm.engine.layout.num_layers,
-                                    [len(o.prompt_token_ids) for o in outs]),
+                   **budget_figures(budget, cfg, llm.engine.layout.num_layers, prompt_lengths),
                    failures=[dict(prediction=o.outputs[0].text, answers=s.answers)
                              for s, o, sc in zip(samples, outs, scores) if sc < 1][:3])
       result["points"].append(point)
